@@ -1,1 +1,23 @@
-//! placeholder
+//! What the sluice producer and worker share: the job wire format, configuration, the AMQP
+//! topology, delivery events and telemetry.
+//!
+//! # Layout
+//! - [`config`]: the settings tree, loaded from TOML plus `SLUICE__...` environment variables.
+//! - [`job`]: the job JSON format and its validation (`job.schema.json` beside this crate).
+//! - [`headers`]: AMQP header names sluice reads and writes.
+//! - [`events`]: delivery events published to `<namespace>.events`.
+//! - [`amqp`]: connecting to RabbitMQ; [`amqp::topology`] declares every exchange and queue.
+//! - [`telemetry`]: logging setup.
+//! - [`shutdown`]: the stop signal every task waits on.
+
+pub mod amqp;
+pub mod config;
+pub mod events;
+pub mod headers;
+pub mod job;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use amqp::topology::Topology;
+pub use config::Settings;
+pub use job::Job;

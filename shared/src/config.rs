@@ -1,0 +1,466 @@
+//! The settings tree both binaries load: one TOML file and `SLUICE__SECTION__KEY` overrides.
+//!
+//! The shape of this file is a contract with users (and with the deploy manifests): every
+//! field is documented, has a named default and unknown keys are rejected by name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Environment variable that names the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "SLUICE_CONFIG";
+
+/// Why the settings could not be loaded; the message always names the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything sluice can be told, from a file and/or the environment.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The RabbitMQ broker and the namespace of every exchange and queue.
+    #[serde(default)]
+    pub amqp: AmqpSettings,
+    /// Upstream SMTP relays by name; the name is the jobs' routing key.
+    #[serde(default)]
+    pub relays: BTreeMap<String, RelaySettings>,
+    /// The retry ladder for deferred jobs.
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// Settings that only the worker reads.
+    #[serde(default)]
+    pub worker: WorkerSettings,
+}
+
+/// How to reach RabbitMQ, and the prefix that keeps deployments (and tests) apart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// AMQP 0-9-1 URL; credentials in it are never printed.
+    #[serde(default = "default_amqp_url")]
+    pub url: SecretUrl,
+    /// Prefix of every exchange and queue name.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// CA certificate (PEM) for `amqps://` brokers with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: default_amqp_url(),
+            namespace: default_namespace(),
+            ca_file: None,
+        }
+    }
+}
+
+fn default_amqp_url() -> SecretUrl {
+    SecretUrl("amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn default_namespace() -> String {
+    "sluice".into()
+}
+
+/// How sluice talks to the relay's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain SMTP (a relay on loopback or inside a trusted network).
+    #[default]
+    None,
+    /// STARTTLS, required: a relay that does not offer it is an error.
+    Starttls,
+    /// Implicit TLS from the first byte (usually port 465).
+    Tls,
+}
+
+/// One upstream SMTP relay and the budget it may see from the whole fleet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Host name or address of the relay.
+    #[serde(default = "default_relay_host")]
+    pub host: String,
+    /// TCP port of the relay.
+    #[serde(default = "default_relay_port")]
+    pub port: u16,
+    /// `none`, `starttls` or `tls`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// Concurrent SMTP sessions this relay may see from all workers together.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Accepted messages per second this relay may see from all workers together; 0 = no limit.
+    #[serde(default)]
+    pub max_messages_per_second: u32,
+    /// After this many messages a session is closed and a new one opened.
+    #[serde(default = "default_max_messages_per_connection")]
+    pub max_messages_per_connection: u32,
+    /// How long to wait for the TCP connection and the greeting.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long to wait for any reply to an SMTP command.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Relay that takes this relay's jobs while it is marked down.
+    #[serde(default)]
+    pub failover: Option<String>,
+    /// How long a relay that failed stays marked down before it is probed again.
+    #[serde(default = "default_down_cooloff", with = "humantime_serde")]
+    pub down_cooloff: Duration,
+    /// SMTP AUTH user name (PLAIN or LOGIN).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// SMTP AUTH password; prefer `password_file` in containers.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// File whose content (trailing newline trimmed) is the SMTP AUTH password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for this relay's TLS, for a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification. Dangerous; a warning is logged at start.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
+    /// Name sent in EHLO; defaults to this machine's host name.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        // Deserializing an empty table applies every named default in one place.
+        serde_json::from_str("{}").expect("relay defaults")
+    }
+}
+
+fn default_relay_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_relay_port() -> u16 {
+    25
+}
+fn default_max_connections() -> u32 {
+    4
+}
+fn default_max_messages_per_connection() -> u32 {
+    100
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_down_cooloff() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl RelaySettings {
+    /// The SMTP AUTH password from `password` or `password_file`, if any.
+    pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(Secret(text.trim_end_matches(['\r', '\n']).to_string())));
+        }
+        Ok(self.password.clone())
+    }
+}
+
+/// The retry ladder: N delays mean at most N+1 delivery attempts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Wait before each retry, in order (`"30s"`, `"2m"`, ...).
+    #[serde(default = "default_retry_delays", deserialize_with = "durations")]
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            delays: default_retry_delays(),
+        }
+    }
+}
+
+fn default_retry_delays() -> Vec<Duration> {
+    [30, 120, 600, 3600, 4 * 3600]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+
+fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
+    let texts: Vec<String> = Vec::deserialize(deserializer)?;
+    texts
+        .iter()
+        .map(|text| {
+            humantime::parse_duration(text.trim())
+                .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
+        })
+        .collect()
+}
+
+/// Settings only the worker reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Address of the HTTP server for `/healthz`, `/readyz` and `/metrics`; off when unset.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// How long SIGTERM waits for in-flight jobs before leaving them to other workers.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Jobs larger than this (bytes of JSON) are set aside as invalid.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            shutdown_grace: default_shutdown_grace(),
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_bytes() -> usize {
+    10 * 1024 * 1024
+}
+
+/// A secret string: it can be used, but it never prints.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// A URL that may carry credentials: Debug and Display hide the password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wrap a URL.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The full URL, credentials included, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replace the password of `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let masked = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_string()
+    };
+    format!(
+        "{}://{}{}",
+        &url[..scheme_end],
+        masked,
+        &rest[at..] // "@host..." and everything after
+    )
+}
+
+impl Settings {
+    /// Load the settings: built-in defaults, then the file (`path`, else `$SLUICE_CONFIG`,
+    /// else none), then `SLUICE__SECTION__KEY` environment variables; then check them.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env_path = std::env::var_os(CONFIG_ENV)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path);
+        let mut builder = config::Config::builder();
+        if let Some(path) = &path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SLUICE")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("retry.delays")
+                .try_parsing(true),
+        );
+        let where_from = path
+            .as_ref()
+            .map(|p| format!(" (file {})", p.display()))
+            .unwrap_or_default();
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Invalid(format!("{e}{where_from}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that serde cannot express: names, ranges and references between relays.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if !is_name(&self.amqp.namespace) {
+            return bad(format!(
+                "amqp.namespace {:?}: use letters, digits, '-', '_' and '.'",
+                self.amqp.namespace
+            ));
+        }
+        if !self.amqp.url.expose().starts_with("amqp://")
+            && !self.amqp.url.expose().starts_with("amqps://")
+        {
+            return bad(format!(
+                "amqp.url {}: must start with amqp:// or amqps://",
+                self.amqp.url
+            ));
+        }
+        for (name, relay) in &self.relays {
+            if !is_name(name) || name.contains('.') {
+                return bad(format!(
+                    "relays.{name}: a relay name uses letters, digits, '-' and '_'"
+                ));
+            }
+            if relay.max_connections == 0 {
+                return bad(format!("relays.{name}.max_connections must be at least 1"));
+            }
+            if relay.max_messages_per_connection == 0 {
+                return bad(format!(
+                    "relays.{name}.max_messages_per_connection must be at least 1"
+                ));
+            }
+            if relay.host.trim().is_empty() {
+                return bad(format!("relays.{name}.host is empty"));
+            }
+            if let Some(failover) = &relay.failover {
+                if failover == name || !self.relays.contains_key(failover) {
+                    return bad(format!(
+                        "relays.{name}.failover names {failover:?}, which is not another configured relay"
+                    ));
+                }
+            }
+            if relay.password.is_some() && relay.password_file.is_some() {
+                return bad(format!(
+                    "relays.{name}: set password or password_file, not both"
+                ));
+            }
+        }
+        if self.retry.delays.iter().any(|d| d.is_zero()) {
+            return bad("retry.delays: every delay must be longer than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Names that end up in queue names: short, printable, no spaces.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        let cases = [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
+            ("amqps://user@host/vh", "amqps://user@host/vh"),
+            ("amqp://u:p@ss@h/", "amqp://u:***@h/"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redact_url(url), expected, "{url}");
+        }
+        let secret = SecretUrl::new("amqp://a:topsecret@h/");
+        assert!(!format!("{secret:?} {secret}").contains("topsecret"));
+        assert!(!format!("{:?}", Secret::new("topsecret")).contains("topsecret"));
+    }
+
+    #[test]
+    fn relay_defaults_are_named() {
+        let relay = RelaySettings::default();
+        assert_eq!(relay.max_connections, 4);
+        assert_eq!(relay.port, 25);
+        assert_eq!(relay.tls, TlsMode::None);
+        assert_eq!(relay.command_timeout, Duration::from_secs(30));
+    }
+}
