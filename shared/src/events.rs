@@ -68,3 +68,10 @@ impl DeliveryEvent {
         format!("{}.{}", self.outcome.as_str(), self.campaign)
     }
 }
+
+/// The current UTC time as RFC 3339, as used in events and `x-sluice-*-attempt` headers.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formatting of the current time")
+}

@@ -4,7 +4,7 @@
 //! declarations are idempotent, so the producer may run before any worker exists.
 //!
 //! ```text
-//! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay>
+//! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay> (classic)
 //! worker --deferred--> <ns>.retry.<relay>.<step> --expires--> <ns>.jobs (routing key <relay>)
 //! worker --outcome--> <ns>.events (topic, key <outcome>.<campaign>)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
@@ -145,9 +145,16 @@ impl Topology {
         self.bind(channel, &jobs_queue, &self.jobs_exchange(), relay)
             .await?;
 
+        // Dead: a classic durable queue, not quorum. `sluice-producer dead list` peeks by
+        // consuming without acking and closing the channel; a classic queue puts returned
+        // messages back in their original place, while on RabbitMQ 3.10 a quorum queue
+        // redelivers them ahead of the rest (reordering the list) and counts every peek
+        // towards `x-delivery-count` (RabbitMQ 4 drops messages past its default limit of 20).
         let dead_queue = self.dead_queue(relay);
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), string("classic"));
         channel
-            .queue_declare(dead_queue.as_str().into(), durable, quorum())
+            .queue_declare(dead_queue.as_str().into(), durable, dead_args)
             .await?;
         self.bind(channel, &dead_queue, &self.dead_exchange(), relay)
             .await?;

@@ -1,0 +1,192 @@
+//! The sluice worker: consumes jobs from RabbitMQ and hands them to upstream SMTP relays,
+//! never more at once than each relay allows the whole fleet.
+//!
+//! # Layout
+//! - [`cli`]: command-line arguments.
+//! - [`consumer`]: lanes — slot, session, consume, deliver, settle.
+//! - [`deliver`]: job → MIME message → relay → [`deliver::Outcome`].
+//! - [`outcome`]: outcome → ack / retry step / dead queue / event, in one place.
+//! - [`budget`]: the fleet-wide relay budget (slots as exclusive queues, rate shares).
+//! - [`relay`]: per-relay runtime state, circuit breaking, failover.
+//! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts).
+//! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+
+pub mod budget;
+pub mod cli;
+pub mod consumer;
+pub mod deliver;
+pub mod health;
+pub mod metrics;
+pub mod outcome;
+pub mod relay;
+pub mod smtp;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use sluice_shared::shutdown::Shutdown;
+use sluice_shared::{Settings, Topology};
+use tokio::task::JoinSet;
+
+use crate::budget::Budget;
+use crate::consumer::{run_lane, LaneContext};
+use crate::health::Readiness;
+use crate::metrics::Metrics;
+use crate::relay::{Relay, Relays};
+use crate::smtp::RelayClient;
+
+/// Run the worker until `shutdown`: connect (and reconnect), run the lanes, drain.
+pub async fn run(
+    settings: Settings,
+    only_relays: Vec<String>,
+    listen: Option<String>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let (own, lanes_for) = select_relays(&settings, &only_relays)?;
+    // Build every relay client once up front, so a bad TLS file or password file stops
+    // the worker at start, not at its first job.
+    for name in &lanes_for {
+        RelayClient::new(name, &settings.relays[name])?;
+    }
+    let metrics = Metrics::new();
+    for name in &lanes_for {
+        let relay = &settings.relays[name];
+        metrics.relay_configured(name, relay.max_connections, relay.max_messages_per_second);
+    }
+    let ready = Readiness::default();
+    if let Some(addr) = listen.or_else(|| settings.worker.listen.clone()) {
+        health::serve(&addr, ready.clone(), metrics.clone()).await?;
+    }
+    let topology = Topology::new(&settings.amqp.namespace);
+    let delays: Arc<[Duration]> = settings.retry.delays.clone().into();
+
+    loop {
+        let connection = tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            c = settings.amqp.connect_with_backoff("sluice-worker", Duration::MAX) => c?,
+        };
+        let connection = Arc::new(connection);
+        let relay_names: Vec<&str> = lanes_for.iter().map(String::as_str).collect();
+        let declared = async {
+            let channel = connection.create_channel().await?;
+            topology
+                .declare(&channel, &relay_names, delays.len())
+                .await?;
+            channel.close(200, "declared".into()).await
+        }
+        .await;
+        if let Err(e) = declared {
+            tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+
+        let mut relays = Vec::new();
+        for name in &lanes_for {
+            let client = RelayClient::new(name, &settings.relays[name])?;
+            let budget = Budget::new(
+                connection.clone(),
+                topology.clone(),
+                name,
+                settings.relays[name].max_connections,
+                metrics.clone(),
+            );
+            relays.push(Arc::new(Relay::new(client, budget, metrics.clone(), own.contains(name))));
+        }
+        let relays = Arc::new(Relays { all: relays });
+        let ctx = Arc::new(LaneContext {
+            connection: connection.clone(),
+            topology: topology.clone(),
+            relays: relays.clone(),
+            delays: delays.clone(),
+            max_message_bytes: settings.worker.max_message_bytes,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let mut lanes = JoinSet::new();
+        for relay in &relays.all {
+            for _ in 0..relay.client.settings().max_connections {
+                lanes.spawn(run_lane(ctx.clone(), relay.clone()));
+            }
+        }
+        ready.set(true);
+        tracing::info!(relays = ?lanes_for, lanes = lanes.len(), "consuming");
+
+        // Run until asked to stop or until a lane reports a broken connection.
+        let broken = tokio::select! {
+            _ = shutdown.wait() => None,
+            Some(joined) = lanes.join_next() => Some(match joined {
+                Ok(Ok(())) => anyhow::anyhow!("a lane stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::Error::from(e).context("a lane panicked"),
+            }),
+        };
+        ready.set(false);
+        match broken {
+            None => {
+                drain(&mut lanes, settings.worker.shutdown_grace).await;
+                let _ = connection.close(200, "worker stopping".into()).await;
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            Some(error) => {
+                // Dropping the lanes drops their SMTP sessions: their slots went with the
+                // connection, so no session may outlive it.
+                lanes.abort_all();
+                while lanes.join_next().await.is_some() {}
+                let _ = connection.close(200, "reconnecting".into()).await;
+                tracing::warn!(error = format!("{error:#}"), "lost the broker; reconnecting");
+                if shutdown.is_triggered() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Let lanes finish the jobs in flight, for at most `grace`; what is still unacknowledged
+/// then goes back to the queue for other workers when the connection closes.
+async fn drain(lanes: &mut JoinSet<anyhow::Result<()>>, grace: Duration) {
+    let finished = tokio::time::timeout(grace, async {
+        while lanes.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            still_running = lanes.len(),
+            "grace period over; leaving unfinished jobs to other workers"
+        );
+        lanes.abort_all();
+    }
+}
+
+/// The relays whose queues this worker consumes (`--relay`, default all) and the relays
+/// it needs lanes for (those plus their failover targets).
+fn select_relays(
+    settings: &Settings,
+    only: &[String],
+) -> anyhow::Result<(BTreeSet<String>, BTreeSet<String>)> {
+    if settings.relays.is_empty() {
+        bail!("no relays configured: add a [relays.<name>] table to the config file or set SLUICE__RELAYS__<NAME>__HOST");
+    }
+    let own: BTreeSet<String> = if only.is_empty() {
+        settings.relays.keys().cloned().collect()
+    } else {
+        for name in only {
+            if !settings.relays.contains_key(name) {
+                let known: Vec<&String> = settings.relays.keys().collect();
+                bail!("--relay {name}: no such relay in the configuration (configured: {known:?})");
+            }
+        }
+        only.iter().cloned().collect()
+    };
+    let mut lanes_for = own.clone();
+    for name in &own {
+        if let Some(failover) = &settings.relays[name].failover {
+            lanes_for.insert(failover.clone());
+        }
+    }
+    Ok((own, lanes_for))
+}

@@ -1,0 +1,136 @@
+//! One relay as the worker runs it: its SMTP client, its share of the fleet budget, and
+//! its circuit state (up, or marked down for a cool-off after a relay fault).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::budget::{rate_share, Budget, RateShare};
+use crate::metrics::Metrics;
+use crate::smtp::{OpenError, RelayClient};
+
+/// Everything the worker's lanes need to deliver through one relay.
+pub struct Relay {
+    pub client: RelayClient,
+    pub budget: Budget,
+    pub rate_share: Option<RateShare>,
+    pub health: RelayHealth,
+    /// False when this relay runs only as another's failover target (`--relay` left it
+    /// out): its lanes then serve only the queues of down relays that fail over to it.
+    pub serves_own_queue: bool,
+}
+
+impl Relay {
+    /// Assemble a relay from its client and budget.
+    pub fn new(client: RelayClient, budget: Budget, metrics: Metrics, serves_own_queue: bool) -> Self {
+        let settings = client.settings();
+        let share = rate_share(settings.max_messages_per_second, settings.max_connections);
+        let health = RelayHealth::new(client.name(), settings.down_cooloff, metrics);
+        Self {
+            client,
+            budget,
+            rate_share: share,
+            health,
+            serves_own_queue,
+        }
+    }
+
+    /// The relay's name (also its jobs' routing key).
+    pub fn name(&self) -> &str {
+        self.client.name()
+    }
+}
+
+/// Circuit state of a relay, as this worker has seen it.
+pub struct RelayHealth {
+    relay: String,
+    cooloff: Duration,
+    down_until: Mutex<Option<Instant>>,
+    changes: watch::Sender<u64>,
+    metrics: Metrics,
+}
+
+impl RelayHealth {
+    fn new(relay: &str, cooloff: Duration, metrics: Metrics) -> Self {
+        Self {
+            relay: relay.to_string(),
+            cooloff,
+            down_until: Mutex::new(None),
+            changes: watch::channel(0).0,
+            metrics,
+        }
+    }
+
+    /// True while the relay is in its cool-off. Once it ends, the next session attempt is
+    /// the probe: it either marks the relay up or down again.
+    pub fn is_down(&self) -> bool {
+        matches!(*self.down_until.lock().expect("health lock"), Some(until) if until > Instant::now())
+    }
+
+    /// When the current cool-off ends, if the relay is down.
+    pub fn down_until(&self) -> Option<Instant> {
+        let until = *self.down_until.lock().expect("health lock");
+        until.filter(|u| *u > Instant::now())
+    }
+
+    /// A session could not be opened: the relay is down for the cool-off.
+    pub fn mark_down(&self, error: &OpenError) {
+        let mut down = self.down_until.lock().expect("health lock");
+        let was_up = down.is_none();
+        *down = Some(Instant::now() + self.cooloff);
+        drop(down);
+        if was_up {
+            tracing::warn!(relay = %self.relay, %error, cooloff = ?self.cooloff, "relay marked down");
+            self.metrics.relay_up(&self.relay, false);
+            self.changes.send_modify(|n| *n += 1);
+        } else {
+            tracing::debug!(relay = %self.relay, %error, "relay still down");
+        }
+    }
+
+    /// A session opened: the relay is up.
+    pub fn mark_up(&self) {
+        let mut down = self.down_until.lock().expect("health lock");
+        if down.take().is_some() {
+            drop(down);
+            tracing::info!(relay = %self.relay, "relay answers again");
+            self.metrics.relay_up(&self.relay, true);
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Notified whenever the relay goes down or comes back.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// The relays of one worker, by name, with who fails over to whom.
+pub struct Relays {
+    pub all: Vec<Arc<Relay>>,
+}
+
+impl Relays {
+    /// Find a relay by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Relay>> {
+        self.all.iter().find(|r| r.name() == name)
+    }
+
+    /// The queues (by relay name) whose jobs `relay`'s lanes should take now: its own,
+    /// unless it is down, plus those of down relays that fail over to it.
+    pub fn served_by(&self, relay: &Relay) -> Vec<String> {
+        let mut names = Vec::new();
+        if relay.serves_own_queue && !relay.health.is_down() {
+            names.push(relay.name().to_string());
+        }
+        for other in &self.all {
+            let fails_over_here = other.client.settings().failover.as_deref() == Some(relay.name());
+            if fails_over_here && other.serves_own_queue && other.health.is_down() {
+                names.push(other.name().to_string());
+            }
+        }
+        names
+    }
+}
