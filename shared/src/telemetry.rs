@@ -20,6 +20,8 @@ pub fn init(service: &str) {
     let json = std::env::var("SLUICE_LOG_FORMAT")
         .map(|v| v.eq_ignore_ascii_case("json"))
         .unwrap_or(false);
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {
         registry
@@ -31,7 +33,11 @@ pub fn init(service: &str) {
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     if result.is_ok() {

@@ -1,0 +1,45 @@
+"""Publish one sluice job straight to RabbitMQ with pika, as any service can.
+
+Usage: python3 publish_job.py [TO_ADDRESS]
+Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
+SLUICE_NAMESPACE (default sluice), SLUICE_RELAY (default primary).
+"""
+import json
+import os
+import sys
+import uuid
+
+import pika
+
+namespace = os.environ.get("SLUICE_NAMESPACE", "sluice")
+relay = os.environ.get("SLUICE_RELAY", "primary")
+to = sys.argv[1] if len(sys.argv) > 1 else "ann@example.org"
+
+job = {
+    "id": str(uuid.uuid4()),
+    "campaign": "welcome",
+    "from": "Acme <news@example.com>",
+    "to": to,
+    "subject": "Welcome, Ann",
+    "text": "Hello Ann,\nthanks for signing up.",
+    "html": "<p>Hello Ann,<br>thanks for signing up.</p>",
+    "headers": {"List-Unsubscribe": "<mailto:unsubscribe@example.com>"},
+}
+
+url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+connection = pika.BlockingConnection(pika.URLParameters(url))
+channel = connection.channel()
+channel.confirm_delivery()  # basic_publish raises if the broker does not take the job
+channel.basic_publish(
+    exchange=f"{namespace}.jobs",  # direct exchange; routing key = relay name
+    routing_key=relay,
+    body=json.dumps(job),
+    properties=pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=2,  # persistent
+        message_id=job["id"],
+    ),
+    mandatory=True,  # an unknown relay is an error, not a silent drop
+)
+connection.close()
+print(job["id"])

@@ -1,0 +1,230 @@
+//! The command line: names and meanings here are relied on by users and scripts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, shown at the end of every `--help`.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0   success (send: the broker confirmed every job; watch: every job was delivered)
+  1   runtime error (broker, file, configuration); the message says what failed
+  2   usage error (bad or missing arguments)
+  3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
+  65  invalid input (rows, columns or templates); the problems are listed as
+      'line N: ...' on stderr and nothing was published";
+
+/// Send bulk email through sluice: turn a campaign into jobs on RabbitMQ, follow it, and
+/// manage the jobs that could not be delivered.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-producer", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it: $SLUICE_CONFIG, else built-in defaults;
+    /// SLUICE__SECTION__KEY environment variables override either
+    /// (e.g. SLUICE__AMQP__NAMESPACE=staging).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish one job per recipient row; nothing is published unless every row is valid.
+    #[command(after_help = EXIT_CODES)]
+    Send(SendArgs),
+    /// Follow a campaign until every job has a final outcome, then print a summary.
+    #[command(after_help = EXIT_CODES)]
+    Watch(WatchArgs),
+    /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+/// `send`: a campaign from a recipients file and templates.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Recipients CSV (UTF-8, comma separated) with a header row. It needs an `email`
+    /// column; every column is a template variable, e.g. {{ name }}. The file is read twice
+    /// (validate, then publish), so it must be a regular file.
+    #[arg(long, value_name = "FILE.csv")]
+    pub recipients: PathBuf,
+
+    /// The From header: `news@example.com` or `Example News <news@example.com>`.
+    #[arg(long, value_name = "ADDR")]
+    pub from: String,
+
+    /// Subject template, e.g. "Hello {{ name }}" (rendered as written, no escaping).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub subject: String,
+
+    /// Plain-text body template file (rendered as written, no escaping).
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+
+    /// HTML body template file; variables inserted into it are HTML-escaped.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+
+    /// Extra header, as "Name: TEMPLATE" (repeatable), e.g.
+    /// --header "List-Unsubscribe: <https://example.com/u/{{ token }}>".
+    /// Rendered values must stay on one line.
+    #[arg(long = "header", value_name = "NAME: TEMPLATE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+
+    /// Relay whose queue takes the jobs. Defaults to the only configured relay; required
+    /// when several are configured; `primary` when none is.
+    #[arg(long, value_name = "NAME")]
+    pub relay: Option<String>,
+
+    /// Campaign id (letters, digits, '-', '_'); job ids are <campaign>-<line>.
+    /// Default: generated from the time, e.g. c20261128T112233Z3f9a.
+    #[arg(long, value_name = "ID", value_parser = parse_campaign)]
+    pub campaign: Option<String>,
+
+    /// Envelope sender (bounce address) when it is not the From address.
+    #[arg(long, value_name = "ADDR")]
+    pub return_path: Option<String>,
+
+    /// Publish the valid rows even if some are invalid (those are still listed on stderr).
+    #[arg(long)]
+    pub skip_invalid: bool,
+
+    /// Print one JSON object with the counts instead of text:
+    /// {"published": N, "skipped": M, "campaign": "..."}.
+    #[arg(long)]
+    pub json: bool,
+
+    /// After publishing, follow the campaign like `watch` (same output and exit codes).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `watch`: follow one campaign.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The campaign id `send` printed (or was given).
+    #[arg(long, value_name = "ID", value_parser = parse_campaign)]
+    pub campaign: String,
+
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dead ...`: the dead-letter queues.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead jobs (id, recipient, reason, last SMTP reply, attempts) without removing
+    /// or reordering them.
+    #[command(after_help = EXIT_CODES)]
+    List(DeadListArgs),
+    /// Publish dead jobs back to their relay's queue with a fresh attempt count; a job leaves
+    /// the dead queue only once the broker confirmed its copy.
+    #[command(after_help = EXIT_CODES)]
+    Replay(DeadReplayArgs),
+    /// Delete every dead job of the relay(s).
+    #[command(after_help = EXIT_CODES)]
+    Purge(DeadPurgeArgs),
+}
+
+/// Which relays' dead queues.
+#[derive(Debug, Args)]
+pub struct RelayChoice {
+    /// Only this relay's dead queue. Default: every configured relay (`primary` when none
+    /// is configured).
+    #[arg(long, value_name = "NAME")]
+    pub relay: Option<String>,
+}
+
+/// `dead list`.
+#[derive(Debug, Args)]
+pub struct DeadListArgs {
+    #[command(flatten)]
+    pub relays: RelayChoice,
+
+    /// Show at most this many jobs per relay.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+
+    /// One JSON object per line: id, to, campaign, relay, reason, smtp_code, smtp_reply,
+    /// attempts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dead replay`.
+#[derive(Debug, Args)]
+pub struct DeadReplayArgs {
+    #[command(flatten)]
+    pub relays: RelayChoice,
+
+    /// Replay only the job with this id (repeatable). Default: every dead job.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<String>,
+}
+
+/// `dead purge`.
+#[derive(Debug, Args)]
+pub struct DeadPurgeArgs {
+    #[command(flatten)]
+    pub relays: RelayChoice,
+
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// `Name: TEMPLATE` → (name, template); the name must be one a job may set.
+fn parse_header(spec: &str) -> Result<(String, String), String> {
+    let (name, value) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("{spec:?}: expected \"Name: TEMPLATE\""))?;
+    let name = name.trim();
+    sluice_shared::job::check_header(name, "").map_err(|e| e.to_string())?;
+    Ok((name.to_string(), value.trim_start().to_string()))
+}
+
+fn parse_campaign(id: &str) -> Result<String, String> {
+    crate::campaign::check_campaign_id(id)?;
+    Ok(id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_goes_before_or_after_the_subcommand() {
+        for args in [
+            &["sluice-producer", "--config", "a.toml", "watch", "--campaign", "c1"][..],
+            &["sluice-producer", "watch", "--campaign", "c1", "--config", "a.toml"][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("a.toml")));
+        }
+    }
+
+    #[test]
+    fn headers_are_checked_when_parsed() {
+        assert_eq!(
+            parse_header("List-Unsubscribe: <mailto:u@example.com?s={{ id }}>").unwrap(),
+            (
+                "List-Unsubscribe".to_string(),
+                "<mailto:u@example.com?s={{ id }}>".to_string()
+            )
+        );
+        for bad in ["no colon", "Bcc: x@example.com", "Bad Name: x", ": x"] {
+            assert!(parse_header(bad).is_err(), "{bad}");
+        }
+    }
+}

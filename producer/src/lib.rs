@@ -1,0 +1,39 @@
+//! The sluice producer: turns a campaign into jobs on RabbitMQ, follows it, and tends the
+//! dead-letter queues.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap), the contract with users and scripts.
+//! - [`rows`]: the recipients CSV, record by record, in bounded memory.
+//! - [`campaign`]: CSV rows + templates → validated jobs.
+//! - [`send`]: `send`: validate every row, then publish.
+//! - [`publish`]: confirmed, pipelined publishing that survives a lost connection.
+//! - [`watch`]: `watch` (and `send --wait`): follow a campaign's delivery events.
+//! - [`dead`]: `dead list | replay | purge`.
+//! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
+//! - [`exit`]: outcomes and errors → exit codes.
+
+pub mod campaign;
+pub mod cli;
+pub mod dead;
+pub mod exit;
+pub mod progress;
+pub mod publish;
+pub mod rows;
+pub mod send;
+pub mod watch;
+
+use sluice_shared::Settings;
+
+use crate::cli::{Command, DeadCommand};
+use crate::exit::Status;
+
+/// Run one command with loaded settings.
+pub async fn run(command: Command, settings: Settings) -> anyhow::Result<Status> {
+    match command {
+        Command::Send(args) => send::run(&settings, args).await,
+        Command::Watch(args) => watch::run(&settings, args).await,
+        Command::Dead(DeadCommand::List(args)) => dead::list(&settings, args).await,
+        Command::Dead(DeadCommand::Replay(args)) => dead::replay(&settings, args).await,
+        Command::Dead(DeadCommand::Purge(args)) => dead::purge(&settings, args).await,
+    }
+}

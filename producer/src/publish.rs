@@ -1,0 +1,324 @@
+//! Confirmed, pipelined publishing that survives a lost connection.
+//!
+//! Up to `window` messages are in flight (published, not yet confirmed). Each keeps its body
+//! until the broker confirms it, so that when the connection drops, the publisher reconnects
+//! with back-off and publishes everything unconfirmed again: a job may then arrive twice
+//! (the worker recognises redeliveries by id), but none is lost. A Nack and a message
+//! returned as unroutable are errors of their own: retrying them would not help.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use sluice_shared::config::AmqpSettings;
+use sluice_shared::Topology;
+
+/// How long to keep trying to reach the broker before giving up.
+const RECONNECT_WAIT: Duration = Duration::from_secs(60);
+/// Reconnections in a row without a single confirm in between before giving up.
+const MAX_FRUITLESS_RECONNECTS: u32 = 5;
+
+/// AMQP delivery mode of messages that survive a broker restart.
+pub const PERSISTENT: u8 = 2;
+
+/// One message to publish.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The caller's handle, handed back by [`Publisher::drain_confirmed`].
+    pub tag: u64,
+    /// Job id (or other name) for error messages.
+    pub id: String,
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+/// What to declare on every (re)connection, before anything is published.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Relays whose queues the messages go to.
+    pub relays: Vec<String>,
+    /// Number of retry steps (`retry.delays.len()`).
+    pub retry_steps: usize,
+    /// A campaign whose watch queue must exist before its first job is published.
+    pub watch_campaign: Option<String>,
+}
+
+/// Why publishing stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused the message (for instance a queue over its length limit).
+    #[error("the broker refused {id} (nack)")]
+    Nacked { id: String },
+    /// Nothing was bound to take the message: it was handed back, not stored.
+    #[error(
+        "the broker returned {id} as unroutable ({code} {text}): no queue is bound to \
+         exchange {exchange:?} with routing key {routing_key:?}"
+    )]
+    Returned {
+        id: String,
+        code: u16,
+        text: String,
+        exchange: String,
+        routing_key: String,
+    },
+    /// The broker stayed out of reach.
+    #[error("cannot reach RabbitMQ to publish")]
+    Unreachable(#[source] anyhow::Error),
+}
+
+struct InFlight {
+    message: Outgoing,
+    /// `None` once the channel it was published on failed: it must be published again.
+    confirm: Option<PublisherConfirm>,
+}
+
+/// A connection with a confirm-mode channel, the topology declared, and the window of
+/// messages not yet confirmed.
+pub struct Publisher {
+    amqp: AmqpSettings,
+    topology: Topology,
+    setup: Setup,
+    connection: Connection,
+    channel: Channel,
+    window: VecDeque<InFlight>,
+    window_size: usize,
+    keep_tags: bool,
+    confirmed_tags: Vec<u64>,
+    confirmed: u64,
+    spare_bodies: Vec<Vec<u8>>,
+    fruitless_reconnects: u32,
+}
+
+impl Publisher {
+    /// Connect (with back-off), enable confirms, declare what `setup` asks for.
+    ///
+    /// With `keep_tags`, the tags of confirmed messages are kept for
+    /// [`Publisher::drain_confirmed`]; otherwise they are only counted.
+    pub async fn connect(
+        amqp: &AmqpSettings,
+        topology: Topology,
+        setup: Setup,
+        window_size: usize,
+        keep_tags: bool,
+    ) -> Result<Publisher, PublishError> {
+        let (connection, channel) = open(amqp, &topology, &setup)
+            .await
+            .map_err(PublishError::Unreachable)?;
+        Ok(Publisher {
+            amqp: amqp.clone(),
+            topology,
+            setup,
+            connection,
+            channel,
+            window: VecDeque::with_capacity(window_size),
+            window_size: window_size.max(1),
+            keep_tags,
+            confirmed_tags: Vec::new(),
+            confirmed: 0,
+            spare_bodies: Vec::new(),
+            fruitless_reconnects: 0,
+        })
+    }
+
+    /// An empty buffer for the next body, reusing the bodies of confirmed messages.
+    pub fn buffer(&mut self) -> Vec<u8> {
+        self.spare_bodies.pop().unwrap_or_default()
+    }
+
+    /// Publish one message; waits for the oldest confirm first when the window is full.
+    pub async fn publish(&mut self, message: Outgoing) -> Result<(), PublishError> {
+        while self.window.len() >= self.window_size {
+            self.settle_oldest().await?;
+        }
+        let sent = send(&self.channel, &message).await;
+        match sent {
+            Ok(confirm) => self.window.push_back(InFlight {
+                message,
+                confirm: Some(confirm),
+            }),
+            Err(error) => {
+                self.window.push_back(InFlight {
+                    message,
+                    confirm: None,
+                });
+                self.recover(error.into()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until every message published so far is confirmed.
+    pub async fn flush(&mut self) -> Result<(), PublishError> {
+        while !self.window.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// How many messages the broker confirmed so far.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// Tags of the messages confirmed since the last call (only with `keep_tags`).
+    pub fn drain_confirmed(&mut self) -> std::vec::Drain<'_, u64> {
+        self.confirmed_tags.drain(..)
+    }
+
+    /// Close the connection (call after [`Publisher::flush`]).
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+
+    /// Wait for the oldest message's confirm, reconnecting and republishing as needed.
+    async fn settle_oldest(&mut self) -> Result<(), PublishError> {
+        loop {
+            let Some(front) = self.window.front_mut() else {
+                return Ok(());
+            };
+            let Some(confirm) = front.confirm.take() else {
+                // Left unsent by a failed recovery: only another recovery sends it.
+                self.recover(anyhow::anyhow!("a message is waiting to be published again"))
+                    .await?;
+                continue;
+            };
+            let outcome = confirm.await;
+            match outcome {
+                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                    let message = self.window.pop_front().expect("front exists").message;
+                    self.confirmed += 1;
+                    self.fruitless_reconnects = 0;
+                    if self.keep_tags {
+                        self.confirmed_tags.push(message.tag);
+                    }
+                    let mut body = message.body;
+                    body.clear();
+                    self.spare_bodies.push(body);
+                    return Ok(());
+                }
+                Ok(Confirmation::Ack(Some(returned))) => {
+                    let message = &front.message;
+                    return Err(PublishError::Returned {
+                        id: message.id.clone(),
+                        code: returned.reply_code,
+                        text: returned.reply_text.to_string(),
+                        exchange: message.exchange.to_string(),
+                        routing_key: message.routing_key.to_string(),
+                    });
+                }
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(PublishError::Nacked {
+                        id: front.message.id.clone(),
+                    })
+                }
+                // The connection or channel failed: this message and every later one in the
+                // window are unconfirmed; publish them all again on a fresh connection.
+                Err(error) => self.recover(error.into()).await?,
+            }
+        }
+    }
+
+    /// Reconnect with back-off and publish the whole window again.
+    async fn recover(&mut self, mut cause: anyhow::Error) -> Result<(), PublishError> {
+        loop {
+            self.fruitless_reconnects += 1;
+            if self.fruitless_reconnects > MAX_FRUITLESS_RECONNECTS {
+                return Err(PublishError::Unreachable(cause.context(format!(
+                    "{MAX_FRUITLESS_RECONNECTS} reconnections without a single confirm"
+                ))));
+            }
+            tracing::warn!(
+                error = %format!("{cause:#}"),
+                unconfirmed = self.window.len(),
+                "lost the broker connection; reconnecting to publish the unconfirmed messages again"
+            );
+            let _ = self.connection.close(200, "reconnecting".into()).await;
+            let (connection, channel) = open(&self.amqp, &self.topology, &self.setup)
+                .await
+                .map_err(PublishError::Unreachable)?;
+            self.connection = connection;
+            self.channel = channel;
+            match self.republish().await {
+                Ok(()) => return Ok(()),
+                Err(error) => cause = anyhow::Error::new(error),
+            }
+        }
+    }
+
+    /// Publish every message of the window again, in order, on the current channel.
+    async fn republish(&mut self) -> lapin::Result<()> {
+        for in_flight in self.window.iter_mut() {
+            // An old confirm from the failed channel is dropped here: only the new one counts.
+            in_flight.confirm = None;
+            in_flight.confirm = Some(send(&self.channel, &in_flight.message).await?);
+        }
+        Ok(())
+    }
+}
+
+/// Connect, open a confirm-mode channel and declare what `setup` asks for.
+async fn open(
+    amqp: &AmqpSettings,
+    topology: &Topology,
+    setup: &Setup,
+) -> anyhow::Result<(Connection, Channel)> {
+    use anyhow::Context as _;
+    let connection = amqp
+        .connect_with_backoff("sluice-producer", RECONNECT_WAIT)
+        .await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("cannot enable publisher confirms")?;
+    let relays: Vec<&str> = setup.relays.iter().map(String::as_str).collect();
+    topology
+        .declare(&channel, &relays, setup.retry_steps)
+        .await
+        .with_context(|| format!("cannot declare the topology of namespace {}", topology.namespace()))?;
+    if let Some(campaign) = &setup.watch_campaign {
+        topology
+            .declare_campaign_watch(&channel, campaign)
+            .await
+            .with_context(|| format!("cannot declare the watch queue of campaign {campaign}"))?;
+    }
+    Ok((connection, channel))
+}
+
+async fn send(channel: &Channel, message: &Outgoing) -> lapin::Result<PublisherConfirm> {
+    channel
+        .basic_publish(
+            message.exchange.clone(),
+            message.routing_key.clone(),
+            BasicPublishOptions {
+                // An unroutable job is an error, not a silent loss.
+                mandatory: true,
+                immediate: false,
+            },
+            &message.body,
+            message.properties.clone(),
+        )
+        .await
+}
+
+/// Properties of a job message: JSON, persistent, `message_id` = job id.
+pub fn job_properties(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(id.into())
+}
+
+/// A header table with one integer.
+pub fn int_header(name: &str, value: i64) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(name.into(), AMQPValue::LongLongInt(value));
+    headers
+}

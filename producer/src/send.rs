@@ -1,0 +1,382 @@
+//! `send`: validate every row of a campaign, then publish one job per valid row.
+//!
+//! The file is read twice. The first pass renders and validates every row and lists each
+//! problem as `line N: ...`; unless `--skip-invalid` is given, one problem means nothing is
+//! published. The second pass renders again and publishes, so memory does not grow with
+//! the number of rows. Before the first job, the campaign's watch queue is declared (so
+//! `watch` misses no event); after the last confirm, a `campaign-summary` message tells
+//! `watch` how many jobs to expect.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use lapin::BasicProperties;
+use sluice_shared::{Job, Settings, Topology};
+
+use crate::campaign::{generate_campaign_id, CampaignReader, CampaignSpec, HeaderError, Templates};
+use crate::cli::SendArgs;
+use crate::exit::{InvalidInput, Status, UsageError};
+use crate::progress::Progress;
+use crate::publish::{int_header, job_properties, Outgoing, Publisher, Setup, PERSISTENT};
+use crate::rows::Limits;
+use crate::watch;
+
+/// Relay name used when the configuration names none.
+pub const DEFAULT_RELAY: &str = "primary";
+/// AMQP `type` of the message that tells `watch` how many jobs a campaign has.
+pub const SUMMARY_KIND: &str = "campaign-summary";
+/// Header of the summary message: the number of jobs published.
+pub const EXPECTED_HEADER: &str = "x-sluice-expected";
+/// Messages published and not yet confirmed, at most.
+const CONFIRM_WINDOW: usize = 1000;
+/// Read buffer of the recipients file.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Counts of one `send`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SendReport {
+    pub published: u64,
+    pub skipped: u64,
+    pub campaign: String,
+}
+
+/// Run `send`.
+pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> {
+    let relay = choose_relay(settings, args.relay.as_deref())?;
+    let campaign = args.campaign.clone().unwrap_or_else(|| {
+        let random = (uuid::Uuid::new_v4().as_u128() & 0xffff) as u16;
+        generate_campaign_id(time::OffsetDateTime::now_utc(), random)
+    });
+    check_addresses(&args.from, args.return_path.as_deref())?;
+    let spec = Arc::new(CampaignSpec {
+        campaign: campaign.clone(),
+        from: args.from.clone(),
+        return_path: args.return_path.clone(),
+        subject: args.subject.clone(),
+        text: read_template(&args.text, "--text")?,
+        html: args.html.as_deref().map(|p| read_template(p, "--html")).transpose()?,
+        headers: args.headers.clone(),
+    });
+    let templates =
+        Arc::new(Templates::new(&spec).map_err(|e| InvalidInput(format!("{e}; nothing was published")))?);
+
+    // Pass 1: every row, nothing published.
+    let validation = validate(&args.recipients, &spec, &templates)?;
+    if validation.invalid > 0 && !args.skip_invalid {
+        return Err(InvalidInput(format!(
+            "{} invalid row(s) in {}; nothing was published (fix them, or pass --skip-invalid \
+             to publish the {} valid rows)",
+            validation.invalid,
+            args.recipients.display(),
+            validation.valid
+        ))
+        .into());
+    }
+
+    // Pass 2: publish.
+    let topology = Topology::new(settings.amqp.namespace.clone());
+    let setup = Setup {
+        relays: vec![relay.clone()],
+        retry_steps: settings.retry.delays.len(),
+        watch_campaign: Some(campaign.clone()),
+    };
+    let mut publisher = Publisher::connect(&settings.amqp, topology.clone(), setup, CONFIRM_WINDOW, false)
+        .await
+        .context("cannot start publishing")?;
+    let published = publish_rows(
+        &mut publisher,
+        &topology,
+        &relay,
+        &args.recipients,
+        &spec,
+        &templates,
+        validation.valid,
+        args.skip_invalid,
+    )
+    .await?;
+    publish_summary(&mut publisher, &topology, &campaign, published).await?;
+    publisher.close().await;
+
+    let report = SendReport {
+        published,
+        skipped: validation.invalid,
+        campaign: campaign.clone(),
+    };
+    if validation.invalid > 0 {
+        eprintln!("skipped {} invalid row(s)", validation.invalid);
+    }
+    if args.wait {
+        if !args.json {
+            println!("campaign {campaign}");
+            println!("published {published} jobs");
+        }
+        let summary = watch::follow(settings, &campaign).await?;
+        if args.json {
+            let mut object = serde_json::to_value(&report).expect("report serializes");
+            let watched = serde_json::to_value(&summary).expect("summary serializes");
+            if let (Some(object), Some(watched)) = (object.as_object_mut(), watched.as_object()) {
+                for (key, value) in watched {
+                    object.entry(key.clone()).or_insert(value.clone());
+                }
+            }
+            println!("{object}");
+        } else {
+            println!("{summary}");
+        }
+        return Ok(summary.status());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    } else {
+        println!("campaign {campaign}");
+        println!("published {published} jobs");
+    }
+    Ok(Status::Success)
+}
+
+/// The relay whose queue takes the jobs: `--relay`, else the only configured one, else
+/// `primary` when none is configured.
+pub fn choose_relay(settings: &Settings, asked: Option<&str>) -> Result<String, UsageError> {
+    let configured: Vec<&String> = settings.relays.keys().collect();
+    match (asked, configured.as_slice()) {
+        (Some(name), []) => {
+            crate::dead::check_relay_name(name)?;
+            Ok(name.to_string())
+        }
+        (Some(name), _) if settings.relays.contains_key(name) => Ok(name.to_string()),
+        (Some(name), names) => Err(UsageError(format!(
+            "--relay {name}: no such relay in the configuration (configured: {})",
+            join(names)
+        ))),
+        (None, []) => Ok(DEFAULT_RELAY.to_string()),
+        (None, [only]) => Ok(only.to_string()),
+        (None, names) => Err(UsageError(format!(
+            "several relays are configured ({}): choose one with --relay",
+            join(names)
+        ))),
+    }
+}
+
+fn join(names: &[&String]) -> String {
+    names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// `--from` and `--return-path` are the same for every row: check them once, up front.
+fn check_addresses(from: &str, return_path: Option<&str>) -> Result<(), UsageError> {
+    let probe = Job {
+        id: "probe".into(),
+        campaign: None,
+        from: from.to_string(),
+        return_path: return_path.map(str::to_string),
+        to: "probe@example.com".into(),
+        subject: String::new(),
+        text: Some(String::new()),
+        html: None,
+        headers: Default::default(),
+    };
+    probe
+        .from_mailbox()
+        .map_err(|e| UsageError(format!("--from: {e}")))?;
+    probe
+        .envelope_sender()
+        .map_err(|e| UsageError(format!("--return-path: {e}")))?;
+    Ok(())
+}
+
+fn read_template(path: &Path, flag: &str) -> anyhow::Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {flag} file {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| {
+        InvalidInput(format!(
+            "{flag} file {} is not valid UTF-8 (wrong encoding? save it as UTF-8)",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+fn open_rows(
+    path: &Path,
+    spec: &Arc<CampaignSpec>,
+    templates: &Arc<Templates>,
+) -> anyhow::Result<CampaignReader<BufReader<File>>> {
+    let file = File::open(path)
+        .with_context(|| format!("cannot open the recipients file {}", path.display()))?;
+    let input = BufReader::with_capacity(READ_BUFFER, file);
+    match CampaignReader::new(input, spec.clone(), templates.clone(), Limits::default()) {
+        Ok(reader) => Ok(reader),
+        Err(HeaderError::Invalid(problem)) => {
+            eprintln!("{problem}");
+            Err(InvalidInput(format!(
+                "the header row of {} is not usable; nothing was published",
+                path.display()
+            ))
+            .into())
+        }
+        Err(HeaderError::Io(e)) => {
+            Err(e).with_context(|| format!("cannot read the recipients file {}", path.display()))
+        }
+    }
+}
+
+struct Validation {
+    valid: u64,
+    invalid: u64,
+}
+
+/// Pass 1: render and check every row, listing each problem on stderr.
+fn validate(
+    path: &Path,
+    spec: &Arc<CampaignSpec>,
+    templates: &Arc<Templates>,
+) -> anyhow::Result<Validation> {
+    let mut rows = open_rows(path, spec, templates)?;
+    let mut progress = Progress::new("validated", None);
+    let (mut valid, mut invalid) = (0, 0);
+    while let Some(row) = rows
+        .next_row()
+        .with_context(|| format!("cannot read the recipients file {}", path.display()))?
+    {
+        match row {
+            Ok(_) => valid += 1,
+            Err(problem) => {
+                invalid += 1;
+                progress.finish();
+                eprintln!("{problem}");
+            }
+        }
+        progress.set(valid + invalid);
+    }
+    progress.finish();
+    Ok(Validation { valid, invalid })
+}
+
+/// Pass 2: publish every valid row; returns how many jobs the broker confirmed.
+#[allow(clippy::too_many_arguments)]
+async fn publish_rows(
+    publisher: &mut Publisher,
+    topology: &Topology,
+    relay: &str,
+    path: &Path,
+    spec: &Arc<CampaignSpec>,
+    templates: &Arc<Templates>,
+    expected: u64,
+    skip_invalid: bool,
+) -> anyhow::Result<u64> {
+    let mut rows = open_rows(path, spec, templates)?;
+    let exchange: lapin::types::ShortString = topology.jobs_exchange().into();
+    let routing_key: lapin::types::ShortString = relay.into();
+    let mut progress = Progress::new("published", Some(expected));
+    while let Some(row) = rows
+        .next_row()
+        .with_context(|| format!("cannot read the recipients file {}", path.display()))?
+    {
+        let job = match row {
+            Ok(job) => job,
+            // Listed in pass 1, and skipping was asked for (or there would be no pass 2).
+            Err(_) if skip_invalid => continue,
+            Err(problem) => anyhow::bail!(
+                "{} changed while it was being published ({problem}); {} jobs were published",
+                path.display(),
+                publisher.confirmed()
+            ),
+        };
+        let mut body = publisher.buffer();
+        serde_json::to_writer(&mut body, &job).expect("a job always serializes");
+        let properties = job_properties(&job.id);
+        publisher
+            .publish(Outgoing {
+                tag: 0,
+                id: job.id,
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                properties,
+                body,
+            })
+            .await
+            .with_context(|| format!("while publishing the jobs of {}", path.display()))?;
+        progress.set(publisher.confirmed());
+    }
+    publisher
+        .flush()
+        .await
+        .with_context(|| format!("while publishing the jobs of {}", path.display()))?;
+    progress.set(publisher.confirmed());
+    progress.finish();
+    Ok(publisher.confirmed())
+}
+
+/// Tell `watch` how many jobs the campaign has, on the campaign's own watch queue.
+async fn publish_summary(
+    publisher: &mut Publisher,
+    topology: &Topology,
+    campaign: &str,
+    published: u64,
+) -> anyhow::Result<()> {
+    let queue = topology.campaign_watch_queue(campaign);
+    let properties = BasicProperties::default()
+        .with_type(SUMMARY_KIND.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(int_header(EXPECTED_HEADER, published as i64));
+    publisher
+        .publish(Outgoing {
+            tag: 0,
+            id: format!("the summary of campaign {campaign}"),
+            exchange: "".into(),
+            routing_key: queue.as_str().into(),
+            properties,
+            body: Vec::new(),
+        })
+        .await
+        .context("cannot publish the campaign summary")?;
+    publisher
+        .flush()
+        .await
+        .context("cannot publish the campaign summary")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(relays: &[&str]) -> Settings {
+        let mut settings = Settings::default();
+        for relay in relays {
+            settings.relays.insert(relay.to_string(), Default::default());
+        }
+        settings
+    }
+
+    #[test]
+    fn relay_choice() {
+        let cases: [(&[&str], Option<&str>, Result<&str, &str>); 7] = [
+            (&[], None, Ok("primary")),
+            (&[], Some("backup"), Ok("backup")),
+            (&["mx"], None, Ok("mx")),
+            (&["mx"], Some("mx"), Ok("mx")),
+            (&["mx"], Some("other"), Err("no such relay")),
+            (&["a", "b"], None, Err("choose one with --relay")),
+            (&["a", "b"], Some("b"), Ok("b")),
+        ];
+        for (relays, asked, want) in cases {
+            let got = choose_relay(&settings(relays), asked);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want),
+                (Err(got), Err(want)) => assert!(got.0.contains(want), "{}", got.0),
+                (got, want) => panic!("{relays:?} {asked:?}: {got:?} vs {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sender_addresses_are_checked_once() {
+        assert!(check_addresses("News <news@example.com>", None).is_ok());
+        assert!(check_addresses("news@example.com", Some("bounces@example.com")).is_ok());
+        assert!(check_addresses("not an address", None).is_err());
+        assert!(check_addresses("news@example.com", Some("nope")).is_err());
+    }
+}

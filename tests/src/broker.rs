@@ -1,0 +1,248 @@
+//! A per-test AMQP namespace on the real RabbitMQ, with helpers to look into its queues.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sluice_shared::Topology;
+
+/// The broker every test uses.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A namespace of its own for one test, so tests run in parallel without seeing each
+/// other's queues. Its queues are deleted when it is dropped (best effort).
+pub struct TestNamespace {
+    pub name: String,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+    relays: Vec<String>,
+    retry_steps: usize,
+}
+
+impl TestNamespace {
+    /// A fresh namespace `t-<tag>-<random>`; declares the topology for `relays`.
+    pub async fn new(tag: &str, relays: &[&str], retry_steps: usize) -> Self {
+        let name = format!("t-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must run at 127.0.0.1:5672 (see README: the test command starts it)");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let topology = Topology::new(&name);
+        topology
+            .declare(&channel, relays, retry_steps)
+            .await
+            .expect("declare topology");
+        Self {
+            name,
+            topology,
+            connection,
+            channel,
+            relays: relays.iter().map(|r| r.to_string()).collect(),
+            retry_steps,
+        }
+    }
+
+    /// Ready messages in a queue.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "ok".into()).await;
+        declared.map(|q| q.message_count()).unwrap_or(0)
+    }
+
+    /// Publish a raw body to the jobs exchange for `relay`, as another service would.
+    pub async fn publish_raw(&self, relay: &str, message_id: &str, body: &[u8]) {
+        self.publish_with(relay, body, BasicProperties::default().with_message_id(message_id.into()))
+            .await;
+    }
+
+    /// Publish a body with the given properties (persistent, JSON) and wait for the confirm.
+    pub async fn publish_with(&self, relay: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.jobs_exchange().into(),
+                relay.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker did not confirm the job");
+    }
+
+    /// Take (and ack) every message now in a queue.
+    pub async fn drain(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            message
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push(message);
+        }
+        out
+    }
+
+    /// Collect events of this namespace from now on: bind a private queue to `<ns>.events`.
+    pub async fn events(&self) -> EventTap {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.events_exchange().into(),
+                "#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind events");
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+        EventTap {
+            _channel: channel,
+            consumer,
+            seen: Vec::new(),
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let mut queues = Vec::new();
+        for relay in &self.relays {
+            queues.push(self.topology.jobs_queue(relay));
+            queues.push(self.topology.dead_queue(relay));
+            for step in 1..=self.retry_steps.max(5) {
+                queues.push(self.topology.retry_queue(relay, step));
+            }
+        }
+        // Best effort, from a plain thread: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                for queue in queues {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "cleanup".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Delivery events seen by a test.
+pub struct EventTap {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+    pub seen: Vec<sluice_shared::events::DeliveryEvent>,
+}
+
+impl EventTap {
+    /// Read events until `done(seen)` holds or `timeout` passes; returns whether it held.
+    pub async fn wait_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[sluice_shared::events::DeliveryEvent]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&self.seen) {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
+            match next {
+                Ok(Some(Ok(delivery))) => {
+                    let event = serde_json::from_slice(&delivery.data).expect("event JSON");
+                    self.seen.push(event);
+                }
+                _ => return done(&self.seen),
+            }
+        }
+        true
+    }
+
+    /// Events with a final outcome (delivered, bounced, dead).
+    pub fn finals(&self) -> Vec<&sluice_shared::events::DeliveryEvent> {
+        self.seen.iter().filter(|e| e.outcome.is_final()).collect()
+    }
+}
+
+/// Wait until `condition` holds, polling; false on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
