@@ -890,7 +890,7 @@ impl Session<'_> {
             return Err(End::Hangup);
         }
         if behaviour.mode == Mode::AcceptThenClose {
-            self.inner.records().accepted.push(message);
+            self.inner.records().unanswered.push(message);
             return Err(End::Hangup);
         }
         self.stall(&behaviour, Phase::EndOfData).await?;
