@@ -98,6 +98,45 @@ impl TestNamespace {
         assert!(confirm.is_ack(), "the broker did not confirm the job");
     }
 
+    /// Publish `n` valid jobs for `relay` (ids `<prefix>-<i>`, recipients
+    /// `<prefix>-<i>@example.org`), pipelining confirms; returns the ids.
+    pub async fn publish_jobs(&self, relay: &str, prefix: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        let mut pending = Vec::new();
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            let body = job_json(&id, &format!("{prefix}-{i}@example.org"));
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.topology.jobs_exchange().into(),
+                    relay.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_message_id(id.as_str().into())
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+            pending.push(confirm);
+            ids.push(id);
+            if pending.len() >= 500 {
+                for confirm in pending.drain(..) {
+                    assert!(confirm.await.expect("confirm").is_ack());
+                }
+            }
+        }
+        for confirm in pending {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
+        ids
+    }
+
     /// Take (and ack) every message now in a queue.
     pub async fn drain(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
         let channel = self.connection.create_channel().await.expect("channel");
@@ -245,4 +284,13 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A valid job body (campaign `test`).
+pub fn job_json(id: &str, to: &str) -> String {
+    serde_json::json!({
+        "id": id, "campaign": "test", "from": "news@example.com", "to": to,
+        "subject": format!("Hello {id}"), "text": format!("Body of {id}")
+    })
+    .to_string()
 }
