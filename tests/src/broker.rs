@@ -98,6 +98,39 @@ impl TestNamespace {
         assert!(confirm.is_ack(), "the broker did not confirm the job");
     }
 
+    /// Publish raw bodies `(message_id, body)` for `relay`, pipelining confirms.
+    pub async fn publish_bodies(&self, relay: &str, bodies: &[(String, Vec<u8>)]) {
+        let mut pending = Vec::new();
+        for (id, body) in bodies {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.topology.jobs_exchange().into(),
+                    relay.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default()
+                        .with_message_id(id.as_str().into())
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+            pending.push(confirm);
+            if pending.len() >= 500 {
+                for confirm in pending.drain(..) {
+                    assert!(confirm.await.expect("confirm").is_ack());
+                }
+            }
+        }
+        for confirm in pending {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
+    }
+
     /// Publish `n` valid jobs for `relay` (ids `<prefix>-<i>`, recipients
     /// `<prefix>-<i>@example.org`), pipelining confirms; returns the ids.
     pub async fn publish_jobs(&self, relay: &str, prefix: &str, n: usize) -> Vec<String> {
