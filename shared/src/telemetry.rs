@@ -26,7 +26,14 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Targets whose debug output may carry credentials or message content: always capped.
-const QUIET_TARGETS: &[&str] = &["lettre", "lapin", "amq_protocol"];
+/// lapin is silenced altogether: it logs an ERROR for every channel the broker closes,
+/// which is how a budget slot held by another worker is refused; sluice logs the broker
+/// errors that matter itself.
+const QUIET_TARGETS: &[(&str, &str)] = &[
+    ("lettre", "warn"),
+    ("lapin", "off"),
+    ("amq_protocol", "off"),
+];
 
 /// Targets of the export machinery: capped at `warn` unless `RUST_LOG` names them, so that
 /// a debug log does not drown in HTTP/2 frames and export failures still show.
@@ -195,7 +202,14 @@ fn init_logs(service: &str) {
         .unwrap_or(false);
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    let registry = tracing_subscriber::registry().with(filter);
+    // EnvFilter lets a more specific directive (`RUST_LOG=amq_protocol_tcp=trace`, which
+    // would print the broker URL with its password) win over the caps above: this filter
+    // holds them whatever RUST_LOG says.
+    let cap = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::WARN
+            || !QUIET_TARGETS.iter().any(|t| meta.target().starts_with(t))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(cap);
     let result = if json {
         registry
             .with(
