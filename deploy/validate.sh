@@ -18,7 +18,11 @@
 #             each of $K8S_VERSIONS; CRD kinds (KEDA) against
 #             deploy/schemas/<group>-<version>-<Kind>.json with check-jsonschema.
 #             A kind with neither schema FAILS - nothing is skipped.
-#   toml      every *.toml key of a ConfigMap parses as TOML
+#   config    every *.toml key of a ConfigMap parses and matches
+#             schemas/sluice-config.json (the settings in shared/src/config.rs,
+#             which reject unknown keys); failover names another relay; every
+#             SLUICE__SECTION__KEY variable in compose.yaml and k8s/ names a
+#             known setting, and the relays it names are defined
 #   compose   compose.yaml against the compose specification (vendored in
 #             check-jsonschema) + the local files it mounts/builds exist
 #   rabbitmq  definitions.json is strict JSON and matches
@@ -56,10 +60,14 @@ ensure_venv() {
         return 0
     fi
     printf 'validate: installing tools into %s (once)\n' "$VENV" >&2
+    # Only ever delete a directory that is (or was meant to be) our venv.
+    if [[ -e "$VENV" && ! -f "$VENV/pyvenv.cfg" && -n "$(ls -A "$VENV" 2>/dev/null)" ]]; then
+        die "$VENV exists and is not a venv; set SLUICE_VALIDATE_VENV to another path"
+    fi
     rm -rf "$VENV"
     mkdir -p "$(dirname "$VENV")"
     local log
-    log="$(mktemp)"
+    log="$(mktemp "${TMPDIR:-/tmp}/sluice-validate-pip.XXXXXX")"
     local -a pip
     if "$PYTHON" -m venv "$VENV" >"$log" 2>&1; then
         pip=("$VENV/bin/python" -m pip)
@@ -68,12 +76,13 @@ ensure_venv() {
         # make a pip-less venv and install into it with the system pip.
         rm -rf "$VENV"
         "$PYTHON" -m venv --without-pip "$VENV" >>"$log" 2>&1 \
-            || { cat "$log" >&2; die "cannot create a venv (apt-get install python3-venv)"; }
+            || { cat "$log" >&2; rm -f "$log"; die "cannot create a venv (apt-get install python3-venv)"; }
         pip=("$PYTHON" -m pip --python "$VENV/bin/python")
     fi
     if ! "${pip[@]}" install --disable-pip-version-check --no-input --quiet \
             -r "$REQUIREMENTS" >>"$log" 2>&1; then
         cat "$log" >&2
+        rm -f "$log"
         rm -rf "$VENV"
         die "pip install -r $REQUIREMENTS failed"
     fi
@@ -87,7 +96,7 @@ BIN="$VENV/bin"
 
 # Small helpers in Python (PyYAML from the venv). Written to a temp file so
 # that stdin stays free.
-HELPER="$(mktemp --suffix=.py)"
+HELPER="$(mktemp "${TMPDIR:-/tmp}/sluice-validate-helper.XXXXXX")"
 trap 'rm -f "$HELPER"' EXIT
 cat >"$HELPER" <<'PY'
 import csv, io, json, os, re, sys, tomllib
@@ -114,8 +123,11 @@ StrictLoader.add_constructor(
 
 
 def load_docs(path):
-    with open(path, encoding="utf-8") as f:
-        return [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+    except yaml.YAMLError as e:
+        sys.exit(f"{path}: {e}")
 
 
 def one_object(path):
@@ -138,24 +150,146 @@ def cmd_kind(path):
     print(doc["apiVersion"], doc["kind"])
 
 
+def try_one_object(path):
+    """The file's object, or None if it is broken (the k8s check reports that)."""
+    try:
+        return one_object(path)
+    except SystemExit:
+        return None
+
+
 def configmap_entries(path, suffix):
-    doc = one_object(path)
-    if doc["kind"] != "ConfigMap":
+    doc = try_one_object(path)
+    if doc is None or doc["kind"] != "ConfigMap":
         return []
     return [(k, v) for k, v in (doc.get("data") or {}).items() if k.endswith(suffix)]
 
 
-def cmd_toml(*paths):
-    n = 0
+def load_schema(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cmd_toml(schema_path, *paths):
+    """Every *.toml entry of a ConfigMap parses and matches the sluice config schema."""
+    import jsonschema
+    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    errors, n = [], 0
     for path in paths:
         for key, text in configmap_entries(path, ".toml"):
-            try:
-                tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                sys.exit(f"{path}: data.{key}: {e}")
             n += 1
+            where = f"{path}: data.{key}"
+            try:
+                conf = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                errors.append(f"{where}: {e}")
+                continue
+            for err in validator.iter_errors(conf):
+                loc = ".".join(str(p) for p in err.absolute_path) or "(top)"
+                errors.append(f"{where}: {loc}: {err.message}")
+            relays = conf.get("relays", {})
+            for name, relay in relays.items():
+                target = relay.get("failover") if isinstance(relay, dict) else None
+                if target is not None and (target == name or target not in relays):
+                    errors.append(f"{where}: relays.{name}.failover = {target!r} "
+                                  "is not another configured relay")
     if n == 0:
-        sys.exit("no *.toml entry found in any ConfigMap")
+        errors.append("no *.toml entry found in any ConfigMap")
+    if errors:
+        sys.exit("\n".join(errors))
+
+
+def env_names_compose(path):
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    for name, svc in (doc.get("services") or {}).items():
+        env = svc.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+        yield f"{path}: services.{name}", env
+
+
+def env_names_k8s(path):
+    doc = try_one_object(path)
+    if doc is None:
+        return
+    spec = doc.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or {}
+    if doc["kind"] == "CronJob":
+        pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+    for c in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+        env = {e["name"]: e.get("value") for e in c.get("env") or []}
+        yield f"{path}: container {c.get('name')}", env
+
+
+def cmd_env(schema_path, compose, *k8s_paths):
+    """SLUICE__SECTION__KEY variables name keys that exist; relays they name are defined."""
+    root = load_schema(schema_path)
+    toml_relays, toml_ok = set(), True
+    for path in k8s_paths:
+        for _, text in configmap_entries(path, ".toml"):
+            try:
+                toml_relays |= set(tomllib.loads(text).get("relays", {}))
+            except tomllib.TOMLDecodeError:
+                toml_ok = False  # reported by the toml check
+    errors, n = [], 0
+    sources = [(w, e, "compose") for w, e in env_names_compose(compose)]
+    for path in k8s_paths:
+        sources += [(w, e, "k8s") for w, e in env_names_k8s(path)]
+    for where, env, kind in sources:
+        relays_in_env = {}
+        for var in env:
+            if not var.startswith("SLUICE__"):
+                continue
+            n += 1
+            keys = var[len("SLUICE__"):].lower().split("__")
+            problem = walk(root, keys)
+            if problem:
+                errors.append(f"{where}: {var}: {problem}")
+            if len(keys) >= 3 and keys[0] == "relays":
+                relays_in_env.setdefault(keys[1], set()).add(keys[2])
+        for relay, keys in relays_in_env.items():
+            if kind == "k8s" and toml_ok and relay not in toml_relays:
+                errors.append(f"{where}: SLUICE__RELAYS__{relay.upper()}__* names relay "
+                              f"{relay!r}, which no ConfigMap sluice.toml defines")
+            if kind == "compose" and "host" not in keys:
+                errors.append(f"{where}: relay {relay!r} has no SLUICE__RELAYS__"
+                              f"{relay.upper()}__HOST (it would default to 127.0.0.1)")
+    if n == 0:
+        errors.append("no SLUICE__* variable found")
+    if errors:
+        sys.exit("\n".join(errors))
+
+
+def resolve(root, node):
+    """Follow local `$ref`s ("#/$defs/...")."""
+    while isinstance(node, dict) and "$ref" in node:
+        target = root
+        for part in node_ref_parts(node):
+            target = target[part]
+        node = target
+    return node
+
+
+def node_ref_parts(node):
+    ref = node["$ref"]
+    if not ref.startswith("#/"):
+        raise ValueError(f"unsupported $ref {ref!r}")
+    return ref[2:].split("/")
+
+
+def walk(root, keys):
+    """Follow `keys` through the schema; None if they name a setting, else the problem."""
+    node = resolve(root, root)
+    for i, key in enumerate(keys):
+        props = node.get("properties", {})
+        if key in props:
+            node = resolve(root, props[key])
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = resolve(root, node["additionalProperties"])
+        else:
+            return f"no such setting {'.'.join(keys[:i + 1])!r}"
+    return None
 
 
 def strict_json(path):
@@ -323,7 +457,10 @@ for f in "${k8s_files[@]}"; do
     fi
 done
 
-check "toml      ConfigMap *.toml entries parse" helper toml "${k8s_files[@]}"
+check "config    ConfigMap sluice.toml  (TOML, schemas/sluice-config.json, failover targets)" \
+    helper toml "$DEPLOY_DIR/schemas/sluice-config.json" "${k8s_files[@]}"
+check "config    SLUICE__* variables in compose.yaml and k8s/  (known keys, defined relays)" \
+    helper env "$DEPLOY_DIR/schemas/sluice-config.json" "$DEPLOY_DIR/compose.yaml" "${k8s_files[@]}"
 
 check "compose   compose.yaml  (compose-spec)" \
     "$BIN/check-jsonschema" --builtin-schema vendor.compose-spec "$DEPLOY_DIR/compose.yaml"
@@ -355,5 +492,5 @@ check "schemas   schemas/*.json are valid JSON Schemas" \
 check "samples   recipients only at reserved example domains" \
     helper samples "$DEPLOY_DIR/sample/recipients.csv" "${k8s_files[@]}"
 
-printf 'validate: %d passed, %d failed\n' "$passed" "$failed"
+printf 'deploy checks: %d ok, %d failing\n' "$passed" "$failed"
 [[ "$failed" -eq 0 ]]

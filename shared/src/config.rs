@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "SLUICE_CONFIG";
@@ -26,7 +26,7 @@ pub enum ConfigError {
 }
 
 /// Everything sluice can be told, from a file and/or the environment.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The RabbitMQ broker and the namespace of every exchange and queue.
@@ -44,7 +44,7 @@ pub struct Settings {
 }
 
 /// How to reach RabbitMQ, and the prefix that keeps deployments (and tests) apart.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     /// AMQP 0-9-1 URL; credentials in it are never printed.
@@ -77,7 +77,7 @@ fn default_namespace() -> String {
 }
 
 /// How sluice talks to the relay's port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Plain SMTP (a relay on loopback or inside a trusted network).
@@ -90,7 +90,7 @@ pub enum TlsMode {
 }
 
 /// One upstream SMTP relay and the budget it may see from the whole fleet.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySettings {
     /// Host name or address of the relay.
@@ -187,11 +187,15 @@ impl RelaySettings {
 }
 
 /// The retry ladder: N delays mean at most N+1 delivery attempts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     /// Wait before each retry, in order (`"30s"`, `"2m"`, ...).
-    #[serde(default = "default_retry_delays", deserialize_with = "durations")]
+    #[serde(
+        default = "default_retry_delays",
+        deserialize_with = "durations",
+        serialize_with = "serialize_durations"
+    )]
     pub delays: Vec<Duration>,
 }
 
@@ -210,6 +214,10 @@ fn default_retry_delays() -> Vec<Duration> {
         .collect()
 }
 
+fn serialize_durations<S: Serializer>(delays: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(delays.iter().map(|d| humantime::format_duration(*d).to_string()))
+}
+
 fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
     let texts: Vec<String> = Vec::deserialize(deserializer)?;
     texts
@@ -222,7 +230,7 @@ fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>
 }
 
 /// Settings only the worker reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     /// Address of the HTTP server for `/healthz`, `/readyz` and `/metrics`; off when unset.
@@ -269,6 +277,13 @@ impl Secret {
     }
 }
 
+/// A printed config shows that a secret is set, never its value.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"***\"")
@@ -295,6 +310,13 @@ impl SecretUrl {
     }
 }
 
+/// A printed config shows the URL without its password.
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.redacted())
@@ -309,10 +331,11 @@ impl fmt::Display for SecretUrl {
 
 /// Replace the password of `scheme://user:password@host/...` with `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+    // Without a scheme (`user:password@host`, a typo), the whole text is the authority.
+    let (scheme, rest) = match url.find("://") {
+        Some(end) => url.split_at(end + 3),
+        None => ("", url),
     };
-    let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
@@ -326,9 +349,7 @@ pub fn redact_url(url: &str) -> String {
         user.to_string()
     };
     format!(
-        "{}://{}{}",
-        &url[..scheme_end],
-        masked,
+        "{scheme}{masked}{}",
         &rest[at..] // "@host..." and everything after
     )
 }
@@ -347,6 +368,7 @@ impl Settings {
                 path: path.clone(),
                 source,
             })?;
+            check_toml_syntax(&text, path)?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder = builder.add_source(
@@ -423,6 +445,29 @@ impl Settings {
     }
 }
 
+/// Report a TOML syntax error by line and column only: the parser's own message (which
+/// `config` passes on) quotes the offending line, and that may be the one with a password.
+fn check_toml_syntax(text: &str, path: &Path) -> Result<(), ConfigError> {
+    let Err(e) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let at = e
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| {
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
+            format!(" at line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    Err(ConfigError::Invalid(format!(
+        "TOML syntax error{at} (file {}): {}",
+        path.display(),
+        e.message().trim()
+    )))
+}
+
 /// Names that end up in queue names: short, printable, no spaces.
 fn is_name(name: &str) -> bool {
     !name.is_empty()
@@ -446,6 +491,8 @@ mod tests {
             ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
             ("amqps://user@host/vh", "amqps://user@host/vh"),
             ("amqp://u:p@ss@h/", "amqp://u:***@h/"),
+            ("guest:pw@127.0.0.1:5672/%2f", "guest:***@127.0.0.1:5672/%2f"),
+            ("127.0.0.1:5672/a@b", "127.0.0.1:5672/a@b"),
         ];
         for (url, expected) in cases {
             assert_eq!(redact_url(url), expected, "{url}");
@@ -453,6 +500,15 @@ mod tests {
         let secret = SecretUrl::new("amqp://a:topsecret@h/");
         assert!(!format!("{secret:?} {secret}").contains("topsecret"));
         assert!(!format!("{:?}", Secret::new("topsecret")).contains("topsecret"));
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line_but_does_not_quote_it() {
+        let text = "[relays.primary]\nusername = \"u\"\npassword = \"topsecret\" port = 25\n";
+        let e = check_toml_syntax(text, Path::new("/etc/sluice.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("/etc/sluice.toml"), "{e}");
+        assert!(!e.contains("topsecret"), "{e}");
+        assert!(check_toml_syntax("[amqp]\nnamespace = \"x\"\n", Path::new("f")).is_ok());
     }
 
     #[test]

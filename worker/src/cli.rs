@@ -35,6 +35,9 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
         url: String,
     },
+    /// Print the effective configuration (file + environment + defaults) as JSON, with
+    /// secrets masked, and exit; a bad key or value fails as it would at start.
+    PrintConfig,
 }
 
 const AFTER_HELP: &str = "\

@@ -8,7 +8,8 @@ use sluice_worker::cli::{Cli, Command};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    sluice_shared::telemetry::init("sluice-worker");
+    // Kept until `main` returns: dropping it flushes the spans not yet exported.
+    let _telemetry = sluice_shared::telemetry::init("sluice-worker");
     if let Some(Command::Healthcheck { url }) = &cli.command {
         return match sluice_worker::health::check(url).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -25,6 +26,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::PrintConfig) = &cli.command {
+        // Secrets print as "***" and URL passwords are masked (see shared::config).
+        let json = serde_json::to_string_pretty(&settings).expect("settings serialize");
+        println!("{json}");
+        return ExitCode::SUCCESS;
+    }
     let shutdown = sluice_shared::shutdown::Shutdown::on_signals();
     match sluice_worker::run(settings, cli.relays, cli.listen, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
