@@ -18,6 +18,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    sluice_shared::telemetry::init("sluice-producer");
-    exit::report(sluice_producer::run(cli.command, settings).await)
+    let mut telemetry = sluice_shared::telemetry::init("sluice-producer");
+    let code = exit::report(sluice_producer::run(cli.command, settings).await);
+    // Flush the spans not yet exported before the process exits.
+    telemetry.shutdown();
+    code
 }

@@ -20,7 +20,9 @@ use crate::campaign::{generate_campaign_id, CampaignReader, CampaignSpec, Header
 use crate::cli::SendArgs;
 use crate::exit::{InvalidInput, Status, UsageError};
 use crate::progress::Progress;
-use crate::publish::{int_header, job_properties, Outgoing, Publisher, Setup, PERSISTENT};
+use crate::publish::{
+    int_header, job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT,
+};
 use crate::rows::Limits;
 use crate::watch;
 
@@ -286,8 +288,14 @@ async fn publish_rows(
         };
         let mut body = publisher.buffer();
         serde_json::to_writer(&mut body, &job).expect("a job always serializes");
-        let properties = job_properties(&job.id);
-        publisher
+        let (properties, span) = PublishSpan::start(
+            job_properties(&job.id),
+            exchange.as_str(),
+            routing_key.as_str(),
+            &job.id,
+            job.campaign_or_default(),
+        );
+        let published = publisher
             .publish(Outgoing {
                 tag: 0,
                 id: job.id,
@@ -296,8 +304,9 @@ async fn publish_rows(
                 properties,
                 body,
             })
-            .await
-            .with_context(|| format!("while publishing the jobs of {}", path.display()))?;
+            .await;
+        span.end(published.as_ref().err());
+        published.with_context(|| format!("while publishing the jobs of {}", path.display()))?;
         progress.set(publisher.confirmed());
     }
     publisher

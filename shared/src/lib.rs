@@ -7,7 +7,8 @@
 //! - [`headers`]: AMQP header names sluice reads and writes.
 //! - [`events`]: delivery events published to `<namespace>.events`.
 //! - [`amqp`]: connecting to RabbitMQ; [`amqp::topology`] declares every exchange and queue.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP.
+//! - [`trace_context`]: W3C `traceparent` in and out of AMQP headers.
 //! - [`shutdown`]: the stop signal every task waits on.
 
 pub mod amqp;
@@ -17,6 +18,7 @@ pub mod headers;
 pub mod job;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use amqp::topology::Topology;
 pub use config::Settings;

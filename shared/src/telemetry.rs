@@ -206,8 +206,14 @@ fn init_logs(service: &str) {
     // would print the broker URL with its password) win over the caps above: this filter
     // holds them whatever RUST_LOG says.
     let cap = tracing_subscriber::filter::filter_fn(|meta| {
-        *meta.level() <= tracing::Level::WARN
-            || !QUIET_TARGETS.iter().any(|t| meta.target().starts_with(t))
+        QUIET_TARGETS
+            .iter()
+            .find(|(target, _)| meta.target().starts_with(target))
+            .is_none_or(|(_, level)| {
+                level
+                    .parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_ok_and(|max| *meta.level() <= max)
+            })
     });
     let registry = tracing_subscriber::registry().with(filter).with(cap);
     let result = if json {

@@ -3,9 +3,14 @@
 //! - [`broker`]: a namespace of its own on the real RabbitMQ, and ways to look into it.
 //! - [`processes`]: the real binaries and per-test config files.
 //! - [`smtp_sink`]: Postfix's `smtp-sink`, dumping what it accepts.
+//! - [`aiosmtpd`] and [`tls`]: a TLS/AUTH SMTP server and throwaway certificates for it.
 //! - [`scripted_smtp`]: our own scriptable SMTP server for fault injection.
+//! - [`otlp_receiver`]: an OTLP (gRPC and HTTP) receiver recording spans and metrics.
 
+pub mod aiosmtpd;
 pub mod broker;
+pub mod otlp_receiver;
 pub mod processes;
 pub mod scripted_smtp;
 pub mod smtp_sink;
+pub mod tls;

@@ -75,11 +75,17 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Start a worker with `--config <path>` plus `args`; its logs go to the test's stderr.
     pub fn start(config: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(config, args, &[])
+    }
+
+    /// Like [`WorkerProcess::start`], with extra environment variables (`OTEL_*`...).
+    pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = Command::new(bin("sluice-worker"))
             .arg("--config")
             .arg(config)
             .args(args)
             .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("start sluice-worker");
@@ -113,7 +119,13 @@ impl Drop for WorkerProcess {
 
 /// Run `sluice-producer` with `--config <path>` and `args` to completion.
 pub fn run_producer(config: &Path, args: &[&str]) -> Output {
+    run_producer_with_env(config, args, &[])
+}
+
+/// Like [`run_producer`], with extra environment variables (`OTEL_*`...).
+pub fn run_producer_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(bin("sluice-producer"))
+        .envs(env.iter().copied())
         .args(args)
         .arg("--config")
         .arg(config)

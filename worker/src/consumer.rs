@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::outcome::{AttemptInfo, Settler};
 use crate::relay::{Relay, Relays};
 use crate::smtp::SmtpSession;
+use crate::tracing_spans::{DeliverAttributes, DeliverSpan};
 
 /// A lane gives its slot back after its queues have been empty this long.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
@@ -183,6 +184,23 @@ async fn deliver_one(
         .as_ref()
         .map(|id| id.to_string())
         .unwrap_or_else(|| format!("unknown-{}", delivery.delivery_tag));
+    let incoming = delivery.properties.headers().as_ref();
+    // Builds nothing (the closure is not even called) when tracing is off.
+    let span = DeliverSpan::start(incoming, || DeliverAttributes {
+        queue: ctx.topology.jobs_queue(&source_relay).into(),
+        message_id: job
+            .as_ref()
+            .map_or(fallback_id.as_str(), |job| job.id.as_str()),
+        routing_key: delivery.routing_key.as_str(),
+        relay: relay.name(),
+        campaign: job
+            .as_ref()
+            .map_or("default", |job| job.campaign_or_default()),
+        attempt: sluice_shared::headers::get_int(incoming, sluice_shared::headers::ATTEMPT)
+            .unwrap_or(1)
+            .max(1),
+    });
+    let relay_settings = relay.client.settings();
 
     let outcome = match prepared {
         Err(reason) => {
@@ -198,10 +216,19 @@ async fn deliver_one(
                 if let Some(old) = session.take() {
                     close_session(ctx, relay, old).await;
                 }
-                match open_session(ctx, relay).await {
+                let connect = span.child(
+                    "smtp.connect",
+                    relay.name(),
+                    &relay_settings.host,
+                    relay_settings.port,
+                );
+                let opened = open_session(ctx, relay).await;
+                connect.end(None, opened.is_some(), "cannot open an SMTP session");
+                match opened {
                     Some(new) => *session = Some(new),
                     None => {
                         // Not attempted: the job goes back to its queue untouched.
+                        span.requeued("no SMTP session to the relay; requeued untouched");
                         delivery
                             .nack(BasicNackOptions {
                                 requeue: true,
@@ -214,8 +241,19 @@ async fn deliver_one(
             }
             let live = session.as_mut().expect("a session is open");
             pacer.wait_turn().await;
+            let send = span.child(
+                "smtp.send",
+                relay.name(),
+                &relay_settings.host,
+                relay_settings.port,
+            );
             let started = std::time::Instant::now();
             let outcome = deliver::attempt(live, &message).await;
+            send.end(
+                outcome.smtp_code(),
+                matches!(outcome, Outcome::Delivered { .. }),
+                outcome.reply(),
+            );
             ctx.metrics
                 .send_seconds(relay.name(), started.elapsed().as_secs_f64());
             if !live.is_usable() {
@@ -252,11 +290,14 @@ async fn deliver_one(
         job_id,
         campaign,
         to,
+        span: &span,
     };
-    settler
-        .settle(&delivery, &info, &outcome)
-        .await
-        .with_context(|| format!("settling job {job_id}"))?;
+    let settled = settler.settle(&delivery, &info, &outcome).await;
+    match &settled {
+        Ok(()) => span.finish(&outcome),
+        Err(e) => span.failed(e),
+    }
+    settled.with_context(|| format!("settling job {job_id}"))?;
     Ok(true)
 }
 

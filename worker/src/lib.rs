@@ -10,6 +10,8 @@
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
 //! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts).
 //! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`deliver`, `smtp.send`).
+//! - [`otel_metrics`]: the same metrics over OTLP, when an endpoint is configured.
 
 pub mod budget;
 pub mod cli;
@@ -17,9 +19,11 @@ pub mod consumer;
 pub mod deliver;
 pub mod health;
 pub mod metrics;
+pub mod otel_metrics;
 pub mod outcome;
 pub mod relay;
 pub mod smtp;
+pub mod tracing_spans;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -55,6 +59,7 @@ pub async fn run(
         let relay = &settings.relays[name];
         metrics.relay_configured(name, relay.max_connections, relay.max_messages_per_second);
     }
+    otel_metrics::install(&metrics);
     let ready = Readiness::default();
     if let Some(addr) = listen.or_else(|| settings.worker.listen.clone()) {
         health::serve(&addr, ready.clone(), metrics.clone()).await?;

@@ -27,6 +27,8 @@ struct Inner {
     max_connections: IntGaugeVec,
     max_rate: IntGaugeVec,
     relay_up: IntGaugeVec,
+    /// The same histogram over OTLP, once `otel_metrics::install` set it.
+    otel_send_seconds: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
 
 impl Default for Metrics {
@@ -61,7 +63,7 @@ impl Metrics {
         let relay_up = gauge("sluice_relay_up", "1 while the relay is usable, 0 while it is marked down");
         let send_seconds = HistogramVec::new(
             HistogramOpts::new("sluice_smtp_send_seconds", "Time to hand one message to the relay")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                .buckets(Self::SEND_SECONDS_BUCKETS.to_vec()),
             &["relay"],
         )
         .expect("metric");
@@ -80,6 +82,7 @@ impl Metrics {
                 max_connections,
                 max_rate,
                 relay_up,
+                otel_send_seconds: Default::default(),
             }),
         }
     }
@@ -114,6 +117,12 @@ impl Metrics {
     }
     pub fn send_seconds(&self, relay: &str, seconds: f64) {
         self.inner.send_seconds.with_label_values(&[relay]).observe(seconds);
+        if let Some(histogram) = self.inner.otel_send_seconds.get() {
+            histogram.record(
+                seconds,
+                &[opentelemetry::KeyValue::new("relay", relay.to_string())],
+            );
+        }
     }
     pub fn sessions_open(&self, relay: &str) -> IntGauge {
         self.inner.sessions_open.with_label_values(&[relay])
@@ -123,6 +132,21 @@ impl Metrics {
     }
     pub fn relay_up(&self, relay: &str, up: bool) {
         self.inner.relay_up.with_label_values(&[relay]).set(up.into());
+    }
+
+    /// Every metric family as gathered now (those with at least one relay).
+    pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.inner.registry.gather()
+    }
+
+    /// The buckets of `sluice_smtp_send_seconds`.
+    pub const SEND_SECONDS_BUCKETS: [f64; 14] = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+
+    /// Also record send latencies into `histogram` (an OTLP instrument); set once.
+    pub fn mirror_send_seconds(&self, histogram: opentelemetry::metrics::Histogram<f64>) {
+        let _ = self.inner.otel_send_seconds.set(histogram);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -15,10 +15,11 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use sluice_shared::events::{now_rfc3339, DeliveryEvent, EventOutcome};
 use sluice_shared::headers;
-use sluice_shared::Topology;
+use sluice_shared::{trace_context, Topology};
 
 use crate::deliver::Outcome;
 use crate::metrics::Metrics;
+use crate::tracing_spans::{event_trace_id, DeliverSpan};
 
 /// What the broker must do with a delivery after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,8 @@ pub struct AttemptInfo<'a> {
     pub job_id: &'a str,
     pub campaign: &'a str,
     pub to: &'a str,
+    /// The attempt's span: its trace id goes into the event.
+    pub span: &'a DeliverSpan,
 }
 
 /// Why a delivery could not be settled; it stays unacknowledged and comes back.
@@ -128,6 +131,14 @@ impl Settler {
         if let Some(code) = outcome.smtp_code() {
             headers::set_int(&mut carried, headers::SMTP_CODE, code.into());
         }
+        // The incoming `traceparent` (the publisher's span) is carried as is, so every
+        // attempt is a sibling under it. A job that came without one gets this attempt's,
+        // so that its later attempts still join this trace.
+        if !carried.contains_key(trace_context::TRACEPARENT) {
+            if let Some(cx) = info.span.context() {
+                trace_context::inject(cx, &mut carried);
+            }
+        }
 
         let action = decide(outcome, last_step, &self.delays);
         let event = match &action {
@@ -158,7 +169,10 @@ impl Settler {
             EventOutcome::Bounced => self.metrics.bounced(info.via_relay),
             EventOutcome::Dead => self.metrics.dead(info.via_relay),
         }
-        self.publish_event(info, event, attempt, outcome, now).await?;
+        info.span.record_outcome(event);
+        let trace_id = event_trace_id(info.span, incoming);
+        self.publish_event(info, event, attempt, outcome, now, trace_id)
+            .await?;
         delivery.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
@@ -214,6 +228,7 @@ impl Settler {
         attempt: i64,
         result: &Outcome,
         at: String,
+        trace_id: Option<String>,
     ) -> lapin::Result<()> {
         let event = DeliveryEvent {
             id: info.job_id.to_string(),
@@ -225,7 +240,7 @@ impl Settler {
             smtp_code: result.smtp_code(),
             smtp_reply: Some(result.reply().to_string()),
             at,
-            trace_id: None,
+            trace_id,
         };
         let body = serde_json::to_vec(&event).expect("events serialize");
         // Events are informational: published on the confirm channel but not awaited, so

@@ -1,9 +1,11 @@
-//! Connecting to RabbitMQ: credentials never printed, back-off while the broker is away.
+//! Connecting to RabbitMQ: credentials never printed, back-off while the broker is away,
+//! `amqps://` verified against the webpki roots plus `amqp.ca_file`.
 
 pub mod topology;
 
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::LongString;
 use lapin::{Connection, ConnectionProperties};
 
@@ -17,6 +19,8 @@ pub struct ConnectError {
     pub url: String,
     /// What lapin said, with any credentials masked.
     pub reason: String,
+    /// A fault of the settings (`amqp.ca_file`), not of the broker: retrying cannot help.
+    pub permanent: bool,
 }
 
 /// Heartbeat asked of the broker unless the URL names one: it bounds how long a vanished
@@ -31,14 +35,51 @@ impl AmqpSettings {
             url.push(if url.contains('?') { '&' } else { '?' });
             url.push_str(&format!("heartbeat={DEFAULT_HEARTBEAT_SECS}"));
         }
+        let tls = self.tls_config()?;
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(name.to_string()));
-        Connection::connect(&url, properties)
+        let failed = |e: lapin::Error| ConnectError {
+            url: self.url.redacted(),
+            reason: mask_secret(&e.to_string(), self.url.expose()),
+            permanent: false,
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(failed)?;
+        Connection::connect_with_config(&url, properties, tls, runtime)
             .await
-            .map_err(|e| ConnectError {
-                url: self.url.redacted(),
-                reason: mask_secret(&e.to_string(), self.url.expose()),
-            })
+            .map_err(failed)
+    }
+
+    /// TLS settings for `amqps://`: the webpki roots, plus the CA certificates of
+    /// `amqp.ca_file` when it is set. Read at every connect, so a renewed CA file is picked
+    /// up on reconnection.
+    fn tls_config(&self) -> Result<OwnedTLSConfig, ConnectError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let Some(path) = &self.ca_file else {
+            return Ok(OwnedTLSConfig::default());
+        };
+        let bad = |reason: String| ConnectError {
+            url: self.url.redacted(),
+            reason,
+            permanent: true,
+        };
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read amqp.ca_file {}: {e}", path.display())))?;
+        // lapin skips what it cannot parse: check here, so that a wrong file is an error
+        // naming it rather than a certificate failure at every connection.
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("amqp.ca_file {} is not valid PEM: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(bad(format!(
+                "amqp.ca_file {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        Ok(OwnedTLSConfig {
+            cert_chain: Some(pem),
+            ..OwnedTLSConfig::default()
+        })
     }
 
     /// Connect, retrying with exponential back-off (up to `max_wait` in total).
@@ -52,7 +93,7 @@ impl AmqpSettings {
         loop {
             match self.connect(name).await {
                 Ok(connection) => return Ok(connection),
-                Err(e) if started.elapsed() + delay < max_wait => {
+                Err(e) if !e.permanent && started.elapsed() + delay < max_wait => {
                     tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ not reachable");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -80,4 +121,45 @@ fn password_of(url: &str) -> Option<&str> {
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let userinfo = &authority[..authority.rfind('@')?];
     userinfo.split_once(':').map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(ca_file: &str) -> AmqpSettings {
+        AmqpSettings {
+            url: crate::config::SecretUrl::new("amqps://sluice:S3cr3tPw@127.0.0.1:1/%2f"),
+            ca_file: Some(ca_file.into()),
+            ..AmqpSettings::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_ca_file_is_a_permanent_error_naming_the_file() {
+        let path = "/nonexistent/sluice-test/broker-ca.pem";
+        let e = settings(path)
+            .connect_with_backoff("test", Duration::from_secs(60))
+            .await
+            .expect_err("no CA file, no connection");
+        let text = e.to_string();
+        assert!(e.permanent);
+        assert!(text.contains("amqp.ca_file") && text.contains(path), "{text}");
+        assert!(!text.contains("S3cr3tPw"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_ca_file_without_certificates_is_an_error_naming_the_file() {
+        let path = std::env::temp_dir().join(format!("sluice-not-a-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "this is not a certificate\n").unwrap();
+        let e = settings(path.to_str().unwrap())
+            .connect("test")
+            .await
+            .expect_err("no certificate, no connection");
+        let _ = std::fs::remove_file(&path);
+        let text = e.to_string();
+        assert!(e.permanent);
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("no PEM certificate"), "{text}");
+    }
 }

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# The benchmark: one command, one table of medians, every figure beside its target and the
+# SMTP ceiling measured in the same run.
+#
+#   bash deploy/bench.sh [--size small|full] [--reps N]
+#
+# It builds the release binaries, starts RabbitMQ (deploy/services.sh) and Postfix's
+# smtp-sink on a free loopback port (no dumping: it only accepts), then for each repetition:
+#   1. SMTP ceiling   smtp-source -> smtp-sink, 8 sessions (= the relay's max_connections),
+#                     messages of 2 KB, sessions reused (-d); wall time.
+#   2. Drain          N jobs of about 2 KB queued first (sluice-bench-load queue), then two
+#                     sluice-worker processes, no rate limit; from the workers' start to
+#                     the last acceptance (the sum of sluice_jobs_delivered_total over both
+#                     workers' /metrics reaching N, polled every 50 ms).
+#   3. End to end     two idle workers running, then `sluice-producer send` of an N-row CSV;
+#                     from the producer's start (it validates the file, connects, publishes)
+#                     to the last acceptance.
+#   4. Producer alone `sluice-producer send` of a large CSV with confirms, no workers;
+#                     rows / wall time, and its peak RSS (/usr/bin/time -v).
+#   5. Worker memory  peak RSS (VmHWM) of each worker just before it is stopped after the
+#                     drain, and idle RSS (VmRSS) of the idle workers before phase 3.
+# Sizes: full = 20,000 jobs for 2 and 3, 1,000,000 producer rows, 3 reps by default;
+#        small = 2,000 jobs, 20,000 producer rows, 1 rep (a smoke test).
+#
+# Every repetition and phase uses a namespace of its own (bench-<run>-<rep>-<phase>),
+# deleted afterwards; every process started here is stopped on exit; every wait is
+# bounded (a drain that does not finish in 120 s is reported as failed, not waited for).
+# Only 127.0.0.1 is ever targeted.
+#
+# Output: progress on stderr, the table on stdout.
+# Exit: 0 when every measurement ran (PASS or MISS), 1 when one failed, 2 on bad usage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+SIZE=full
+REPS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) SIZE="${2:-}"; shift 2 || usage ;;
+    --reps) REPS="${2:-}"; shift 2 || usage ;;
+    -h|--help) usage ;;
+    *) echo "bench.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+case "$SIZE" in
+  full)  JOBS=20000; PRODUCER_ROWS=1000000; CEILING_MSGS=20000; DEFAULT_REPS=3 ;;
+  small) JOBS=2000;  PRODUCER_ROWS=20000;   CEILING_MSGS=2000;  DEFAULT_REPS=1 ;;
+  *) echo "bench.sh: --size must be small or full" >&2; usage ;;
+esac
+REPS="${REPS:-$DEFAULT_REPS}"
+[[ "$REPS" =~ ^[1-9][0-9]?$ ]] || { echo "bench.sh: --reps must be 1..99" >&2; usage; }
+
+# The relay as the benchmark configures it.
+SESSIONS=8                 # relays.bench.max_connections, and smtp-source's -s
+BODY_BYTES=2048            # message text, smtp-source's -l
+WORKERS=2
+# Bounds (seconds).
+CEILING_TIMEOUT=120
+DRAIN_TIMEOUT=120
+PRODUCER_TIMEOUT=300
+READY_TIMEOUT=30
+STOP_TIMEOUT=15
+# Targets.
+TARGET_DRAIN=6000          # msgs/s, at least
+TARGET_E2E=4000            # msgs/s, at least
+TARGET_PRODUCER=20000      # jobs/s, at least
+TARGET_PRODUCER_RSS=64     # MiB, at most
+TARGET_WORKER_RSS=64       # MiB, at most
+TARGET_WORKER_IDLE=16      # MiB, at most
+
+AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f"
+BIN="$PWD/target/release"
+RUN_ID="$(date +%H%M%S)-$$"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
+PIDS=()          # every background process started here
+NAMESPACES=()    # "namespace campaign" pairs to delete at the end
+FAILED=0
+
+say() { echo "bench: $*" >&2; }
+
+stop_pid() {     # SIGTERM, bounded wait, then SIGKILL; only our own processes
+  local pid="$1"
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 $((STOP_TIMEOUT * 10))); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup_namespace() {   # namespace [campaign]
+  local args=(cleanup --url "$AMQP_URL" --namespace "$1" --relay bench)
+  [ -n "${2:-}" ] && args+=(--campaign "$2")
+  timeout 120 "$BIN/sluice-bench-load" "${args[@]}" >/dev/null 2>&1 \
+    || say "could not delete every queue of namespace $1"
+}
+
+on_exit() {
+  local status=$?
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  if [ -x "$BIN/sluice-bench-load" ]; then
+    for entry in "${NAMESPACES[@]}"; do
+      # shellcheck disable=SC2086
+      cleanup_namespace $entry
+    done
+  fi
+  rm -rf "$WORK"
+  exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+now_ns() { date +%s%N; }
+rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { d = (b - a) / 1e9; if (d <= 0) print 0; else printf "%.0f", n / d }'; }
+kib_of() { awk '$1 == "'"$1"':" { print $2 }' "/proc/$2/status" 2>/dev/null || true; }   # field pid
+record() { echo "$2" >>"$WORK/fig.$1"; }   # figure value
+
+# --- Build and services --------------------------------------------------------------
+say "building (cargo build --release --workspace --bins)"
+cargo build --release --workspace --bins --quiet
+for b in sluice-worker sluice-producer sluice-bench-load; do
+  [ -x "$BIN/$b" ] || { say "missing $BIN/$b after the build"; exit 1; }
+done
+bash deploy/services.sh
+if [ ! -x /usr/bin/time ]; then
+  say "installing GNU time (for the producer's peak RSS)"
+  if [ "$(id -u)" -eq 0 ]; then apt-get install -y -qq time >/dev/null; else sudo apt-get install -y -qq time >/dev/null; fi
+fi
+SMTP_SINK=/usr/sbin/smtp-sink; SMTP_SOURCE=/usr/sbin/smtp-source
+[ -x "$SMTP_SINK" ] || SMTP_SINK="$(command -v smtp-sink)"
+[ -x "$SMTP_SOURCE" ] || SMTP_SOURCE="$(command -v smtp-source)"
+
+SINK_PORT="$(free_port)"
+sink_user=(); [ "$(id -u)" -eq 0 ] && sink_user=(-u root)
+# No -d: smtp-sink accepts and forgets, so disk I/O is not part of any figure.
+"$SMTP_SINK" "${sink_user[@]}" "127.0.0.1:$SINK_PORT" 1024 >"$WORK/smtp-sink.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null && break; sleep 0.05; done
+(exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null || { say "smtp-sink did not start"; exit 1; }
+
+# --- Inputs ----------------------------------------------------------------------------
+LOREM="Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm"
+{ printf 'Hello {{ name }},\n\n'
+  while :; do printf '%s\n' "$LOREM"; done | head -n $(( (BODY_BYTES - 20) / ${#LOREM} - 1 ))
+} >"$WORK/body.txt"
+make_csv() { awk -v n="$1" 'BEGIN { print "email,name"; for (i = 1; i <= n; i++) printf "user%d@example.org,User %d\n", i, i }' >"$2"; }
+make_csv "$JOBS" "$WORK/e2e.csv"
+make_csv "$PRODUCER_ROWS" "$WORK/producer.csv"
+
+write_config() {   # namespace -> path
+  local path="$WORK/$1.toml"
+  cat >"$path" <<EOF
+[amqp]
+url = "$AMQP_URL"
+namespace = "$1"
+
+[relays.bench]
+host = "127.0.0.1"
+port = $SINK_PORT
+max_connections = $SESSIONS
+max_messages_per_second = 0
+max_messages_per_connection = 100000
+EOF
+  echo "$path"
+}
+
+WORKER_PIDS=(); WORKER_PORTS=()
+start_workers() {   # config tag
+  WORKER_PIDS=(); WORKER_PORTS=()
+  local i port
+  for i in $(seq 1 "$WORKERS"); do
+    port="$(free_port)"
+    RUST_LOG=warn "$BIN/sluice-worker" --config "$1" --listen "127.0.0.1:$port" \
+      >"$WORK/$2-worker$i.log" 2>&1 &
+    PIDS+=($!); WORKER_PIDS+=($!); WORKER_PORTS+=("$port")
+  done
+}
+metrics_list() { local IFS=,; local a=(); for p in "${WORKER_PORTS[@]}"; do a+=("127.0.0.1:$p"); done; echo "${a[*]}"; }
+stop_workers() { for pid in "${WORKER_PIDS[@]}"; do stop_pid "$pid"; done; }
+wait_ready() {
+  local port deadline=$((SECONDS + READY_TIMEOUT))
+  for port in "${WORKER_PORTS[@]}"; do
+    until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do
+      [ $SECONDS -lt $deadline ] || return 1
+      sleep 0.1
+    done
+  done
+}
+max_kib() {   # field -> the largest value over the workers, in KiB
+  local pid v best=0
+  for pid in "${WORKER_PIDS[@]}"; do
+    v="$(kib_of "$1" "$pid")"; [ -n "$v" ] && [ "$v" -gt "$best" ] && best="$v"
+  done
+  echo "$best"
+}
+
+# --- One repetition of each phase ------------------------------------------------------
+ceiling() {
+  local t0 t1
+  t0="$(now_ns)"
+  if timeout "$CEILING_TIMEOUT" "$SMTP_SOURCE" -s "$SESSIONS" -m "$CEILING_MSGS" -l "$BODY_BYTES" -d \
+       -f bench@example.com -t rcpt@example.org -M bench.example.com \
+       "127.0.0.1:$SINK_PORT" >"$WORK/smtp-source.log" 2>&1; then
+    t1="$(now_ns)"
+    record ceiling "$(rate "$CEILING_MSGS" "$t0" "$t1")"
+  else
+    say "smtp-source failed or took over ${CEILING_TIMEOUT}s: $(tail -n 3 "$WORK/smtp-source.log")"
+    record ceiling 0; FAILED=1
+  fi
+}
+
+drain() {   # rep
+  local ns="bench-$RUN_ID-$1-drain" campaign="drain$1" cfg t0 out
+  NAMESPACES+=("$ns $campaign")
+  cfg="$(write_config "$ns")"
+  if ! timeout "$DRAIN_TIMEOUT" "$BIN/sluice-bench-load" queue --url "$AMQP_URL" --namespace "$ns" \
+       --relay bench --campaign "$campaign" --count "$JOBS" --body-bytes "$BODY_BYTES" \
+       >"$WORK/queue-$1.out" 2>&1; then
+    say "queueing the drain's jobs failed: $(tail -n 3 "$WORK/queue-$1.out")"
+    record drain 0; record ratio 0; FAILED=1; return
+  fi
+  t0="$(now_ns)"
+  start_workers "$cfg" "drain$1"
+  if out="$("$BIN/sluice-bench-load" wait --metrics "$(metrics_list)" --count "$JOBS" \
+         --timeout-secs "$DRAIN_TIMEOUT" --interval-ms 50 2>"$WORK/wait-drain-$1.err")"; then
+    local last r
+    last="$(sed -n 's/^last_accepted_ns=//p' <<<"$out")"
+    r="$(rate "$JOBS" "$t0" "$last")"
+    record drain "$r"
+    record ratio "$(awk -v a="$r" -v b="$(tail -n 1 "$WORK/fig.ceiling")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print 0 }')"
+  else
+    say "drain $1 failed: $(cat "$WORK/wait-drain-$1.err") $out"
+    record drain 0; record ratio 0; FAILED=1
+  fi
+  record worker_peak "$(max_kib VmHWM)"
+  stop_workers
+  cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
+}
+
+end_to_end() {   # rep
+  local ns="bench-$RUN_ID-$1-e2e" campaign="e2e$1" cfg t0 out producer_pid
+  NAMESPACES+=("$ns $campaign")
+  cfg="$(write_config "$ns")"
+  start_workers "$cfg" "e2e$1"
+  if ! wait_ready; then
+    say "workers not ready within ${READY_TIMEOUT}s"; record e2e 0; FAILED=1; stop_workers; return
+  fi
+  sleep 1   # idle: connected, consuming nothing
+  record worker_idle "$(max_kib VmRSS)"
+  t0="$(now_ns)"
+  timeout "$DRAIN_TIMEOUT" "$BIN/sluice-producer" send --config "$cfg" --recipients "$WORK/e2e.csv" \
+    --from "Bench <bench@example.com>" --subject "Hello {{ name }}" --text "$WORK/body.txt" \
+    --relay bench --campaign "$campaign" --json >"$WORK/e2e-producer-$1.out" 2>&1 &
+  producer_pid=$!; PIDS+=("$producer_pid")
+  if out="$("$BIN/sluice-bench-load" wait --metrics "$(metrics_list)" --count "$JOBS" \
+         --timeout-secs "$DRAIN_TIMEOUT" --interval-ms 50 2>"$WORK/wait-e2e-$1.err")"; then
+    record e2e "$(rate "$JOBS" "$t0" "$(sed -n 's/^last_accepted_ns=//p' <<<"$out")")"
+  else
+    say "end to end $1 failed: $(cat "$WORK/wait-e2e-$1.err") $(tail -n 3 "$WORK/e2e-producer-$1.out")"
+    record e2e 0; FAILED=1
+  fi
+  if ! wait "$producer_pid"; then
+    say "the producer failed: $(tail -n 3 "$WORK/e2e-producer-$1.out")"; FAILED=1
+  fi
+  record worker_peak_e2e "$(max_kib VmHWM)"
+  stop_workers
+  cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
+}
+
+producer_alone() {   # rep
+  local ns="bench-$RUN_ID-$1-producer" campaign="producer$1" cfg t0 t1 kib
+  NAMESPACES+=("$ns $campaign")
+  cfg="$(write_config "$ns")"
+  t0="$(now_ns)"
+  if timeout "$PRODUCER_TIMEOUT" /usr/bin/time -v -o "$WORK/producer-time-$1.txt" \
+       "$BIN/sluice-producer" send --config "$cfg" --recipients "$WORK/producer.csv" \
+       --from "Bench <bench@example.com>" --subject "Hello {{ name }}" --text "$WORK/body.txt" \
+       --relay bench --campaign "$campaign" --json >"$WORK/producer-$1.out" 2>&1; then
+    t1="$(now_ns)"
+    record producer "$(rate "$PRODUCER_ROWS" "$t0" "$t1")"
+    kib="$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$WORK/producer-time-$1.txt")"
+    record producer_rss "${kib:-0}"
+  else
+    say "producer alone $1 failed or took over ${PRODUCER_TIMEOUT}s: $(tail -n 3 "$WORK/producer-$1.out")"
+    record producer 0; FAILED=1
+  fi
+  cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
+}
+
+say "run $RUN_ID: size $SIZE, $REPS rep(s); $JOBS jobs, $PRODUCER_ROWS producer rows; smtp-sink on 127.0.0.1:$SINK_PORT"
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+for rep in $(seq 1 "$REPS"); do
+  ceiling;            say "rep $rep/$REPS: SMTP ceiling $(tail -n 1 "$WORK/fig.ceiling") msg/s"
+  drain "$rep";       say "rep $rep/$REPS: drain $(tail -n 1 "$WORK/fig.drain") msg/s"
+  end_to_end "$rep";  say "rep $rep/$REPS: end to end $(tail -n 1 "$WORK/fig.e2e") msg/s"
+  producer_alone "$rep"; say "rep $rep/$REPS: producer $(tail -n 1 "$WORK/fig.producer") jobs/s"
+done
+
+# --- The table -----------------------------------------------------------------------
+median() {   # figure -> median of the recorded values ("NA" if none)
+  [ -s "$WORK/fig.$1" ] || { echo NA; return; }
+  sort -g "$WORK/fig.$1" | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+runs() { [ -s "$WORK/fig.$1" ] && paste -sd/ "$WORK/fig.$1" || echo -; }
+mib() { awk -v k="$1" 'BEGIN { if (k == "NA") print "NA"; else printf "%.1f", k / 1024 }'; }
+runs_mib() { [ -s "$WORK/fig.$1" ] && awk '{ printf "%s%.1f", (NR > 1 ? "/" : ""), $1 / 1024 } END { print "" }' "$WORK/fig.$1" || echo -; }
+verdict() {   # value op target
+  awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
+    if (v == "NA") { print "MISS"; exit }
+    ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 <= t + 0); print (ok ? "PASS" : "MISS") }'
+}
+row() { printf '%-44s %12s %-9s %-26s %-12s %s\n' "$@"; }
+
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
+echo
+echo "sluice benchmark: size $SIZE, medians of $REPS rep(s); commit $commit; $(nproc) CPUs; load average at start $LOAD_START"
+row "figure" "median" "unit" "runs" "target" "result"
+row "1. SMTP ceiling (smtp-source, $SESSIONS sessions)" "$(median ceiling)" "msg/s" "$(runs ceiling)" "-" "-"
+d="$(median drain)"
+row "2. Drain, $WORKERS workers, $JOBS jobs" "$d" "msg/s" "$(runs drain)" ">= $TARGET_DRAIN" "$(verdict "$d" '>=' $TARGET_DRAIN)"
+row "   drain / SMTP ceiling" "$(median ratio)" "" "$(runs ratio)" "-" "-"
+e="$(median e2e)"
+row "3. End to end, $JOBS rows" "$e" "msg/s" "$(runs e2e)" ">= $TARGET_E2E" "$(verdict "$e" '>=' $TARGET_E2E)"
+p="$(median producer)"
+row "4. Producer alone, $PRODUCER_ROWS rows" "$p" "jobs/s" "$(runs producer)" ">= $TARGET_PRODUCER" "$(verdict "$p" '>=' $TARGET_PRODUCER)"
+pr="$(mib "$(median producer_rss)")"
+row "   producer peak RSS" "$pr" "MiB" "$(runs_mib producer_rss)" "<= $TARGET_PRODUCER_RSS" "$(verdict "$pr" '<=' $TARGET_PRODUCER_RSS)"
+wp="$(mib "$(median worker_peak)")"
+row "5. Worker peak RSS (drain, larger of $WORKERS)" "$wp" "MiB" "$(runs_mib worker_peak)" "<= $TARGET_WORKER_RSS" "$(verdict "$wp" '<=' $TARGET_WORKER_RSS)"
+wi="$(mib "$(median worker_idle)")"
+row "   worker idle RSS (larger of $WORKERS)" "$wi" "MiB" "$(runs_mib worker_idle)" "<= $TARGET_WORKER_IDLE" "$(verdict "$wi" '<=' $TARGET_WORKER_IDLE)"
+row "   worker peak RSS (end to end)" "$(mib "$(median worker_peak_e2e)")" "MiB" "$(runs_mib worker_peak_e2e)" "-" "-"
+if [ "$FAILED" -ne 0 ]; then
+  echo "some measurements failed (recorded as 0); see the messages above"
+  exit 1
+fi

@@ -1,0 +1,330 @@
+//! `sluice-bench-load`: the parts of `deploy/bench.sh` that a shell does badly.
+//!
+//! - `queue`: put N jobs of about B bytes on a relay's jobs queue, as the producer would
+//!   (same topology, same job JSON and properties, the campaign's watch queue declared
+//!   first), with pipelined publisher confirms, so the drain starts from a full queue.
+//! - `wait`: poll the workers' `/metrics` until their `sluice_jobs_delivered_total` adds up
+//!   to N, and print when that was seen (the last acceptance, to within one poll).
+//! - `cleanup`: delete every queue and exchange of a benchmark namespace.
+//!
+//! Every loop is bounded in count and time; only loopback addresses are meant as targets.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use sluice_shared::{Job, Topology};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USAGE: &str = "\
+usage:
+  sluice-bench-load queue   --url URL --namespace NS --relay NAME --campaign ID --count N
+                            [--body-bytes 2048] [--window 2000] [--retry-steps 5]
+  sluice-bench-load wait    --metrics HOST:PORT[,HOST:PORT...] --count N
+                            [--timeout-secs 120] [--interval-ms 50]
+  sluice-bench-load cleanup --url URL --namespace NS --relay NAME [--campaign ID]...
+                            [--retry-steps 5]
+Times are printed as Unix nanoseconds (key=value lines on stdout).";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("queue") => queue(&Args::parse(&args[1..])).await,
+        Some("wait") => wait(&Args::parse(&args[1..])).await,
+        Some("cleanup") => cleanup(&Args::parse(&args[1..])).await,
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("sluice-bench-load: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `--key value` pairs; a key may repeat.
+struct Args(Vec<(String, String)>);
+
+impl Args {
+    fn parse(raw: &[String]) -> Self {
+        let mut pairs = Vec::new();
+        let mut it = raw.iter();
+        while let Some(key) = it.next() {
+            let Some(key) = key.strip_prefix("--") else {
+                eprintln!("unexpected argument {key:?}\n{USAGE}");
+                std::process::exit(2);
+            };
+            let Some(value) = it.next() else {
+                eprintln!("--{key} needs a value\n{USAGE}");
+                std::process::exit(2);
+            };
+            pairs.push((key.to_string(), value.clone()));
+        }
+        Self(pairs)
+    }
+
+    fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn get(&self, key: &str) -> anyhow::Result<&str> {
+        self.all(key)
+            .last()
+            .copied()
+            .with_context(|| format!("--{key} is required\n{USAGE}"))
+    }
+
+    fn num<T: std::str::FromStr>(&self, key: &str, default: Option<T>) -> anyhow::Result<T> {
+        match (self.all(key).last(), default) {
+            (Some(text), _) => text
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--{key} {text:?} is not a number")),
+            (None, Some(default)) => Ok(default),
+            (None, None) => bail!("--{key} is required\n{USAGE}"),
+        }
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+}
+
+/// A plain-text body of about `bytes` bytes, in 7-bit lines of 70 characters (so the
+/// worker sends it as is, with no quoted-printable or base64 step).
+fn body_text(bytes: usize, seq: u64) -> String {
+    const LINE: &str = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm";
+    let mut text = format!("Hello user {seq},\n\n");
+    while text.len() + LINE.len() + 1 <= bytes {
+        text.push_str(LINE);
+        text.push('\n');
+    }
+    text
+}
+
+async fn queue(args: &Args) -> anyhow::Result<()> {
+    let url = args.get("url")?;
+    let topology = Topology::new(args.get("namespace")?);
+    let relay = args.get("relay")?;
+    let campaign = args.get("campaign")?;
+    let count: u64 = args.num("count", None)?;
+    let body_bytes: usize = args.num("body-bytes", Some(2048))?;
+    let window: usize = args.num("window", Some(2000))?;
+    let retry_steps: usize = args.num("retry-steps", Some(5))?;
+
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology.declare(&channel, &[relay], retry_steps).await?;
+    // As `sluice-producer send` does: the campaign's events have a queue to go to.
+    topology.declare_campaign_watch(&channel, campaign).await?;
+
+    let exchange = topology.jobs_exchange();
+    let started = Instant::now();
+    let mut in_flight = VecDeque::with_capacity(window);
+    let mut confirmed = 0u64;
+    let text = body_text(body_bytes, 0);
+    for seq in 1..=count {
+        let id = format!("{campaign}-{seq}");
+        let job = Job {
+            id: id.clone(),
+            campaign: Some(campaign.to_string()),
+            from: "Bench <bench@example.com>".into(),
+            return_path: None,
+            to: format!("user{seq}@example.org"),
+            subject: format!("Benchmark message {seq}"),
+            text: Some(text.clone()),
+            html: None,
+            headers: Default::default(),
+        };
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(id.into());
+        if in_flight.len() >= window {
+            settle(in_flight.pop_front().expect("window is full")).await?;
+            confirmed += 1;
+        }
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                relay.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &job.to_bytes(),
+                properties,
+            )
+            .await?;
+        in_flight.push_back(confirm);
+    }
+    while let Some(confirm) = in_flight.pop_front() {
+        settle(confirm).await?;
+        confirmed += 1;
+    }
+    let elapsed = started.elapsed();
+    let _ = connection.close(200, "queued".into()).await;
+    println!("queued={confirmed}");
+    println!("seconds={:.3}", elapsed.as_secs_f64());
+    Ok(())
+}
+
+async fn settle(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
+    match confirm.await? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => bail!("a job was returned as unroutable"),
+        Confirmation::Nack(_) => bail!("the broker refused a job (nack)"),
+    }
+}
+
+/// The sum of `sluice_jobs_delivered_total` over every relay in one `/metrics` text.
+fn delivered_in(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with("sluice_jobs_delivered_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// GET `/metrics` over HTTP/1.0 (no client library needed for a loopback scrape).
+async fn scrape(addr: &str) -> anyhow::Result<u64> {
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::with_capacity(16 * 1024);
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .with_context(|| format!("{addr}/metrics did not answer within 2 s"))??;
+    Ok(delivered_in(&String::from_utf8_lossy(&response)))
+}
+
+async fn wait(args: &Args) -> anyhow::Result<()> {
+    let addrs: Vec<String> = args
+        .get("metrics")?
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let count: u64 = args.num("count", None)?;
+    let timeout = Duration::from_secs(args.num("timeout-secs", Some(120))?);
+    let interval = Duration::from_millis(args.num("interval-ms", Some(50))?);
+    let started = Instant::now();
+    let mut first_seen: Option<u128> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = 0;
+    while started.elapsed() < timeout {
+        ticker.tick().await;
+        let polled = futures_util::future::join_all(addrs.iter().map(|a| scrape(a))).await;
+        let seen_at = now_ns();
+        // A worker whose endpoint is not up yet counts as zero delivered.
+        let total: u64 = polled.iter().map(|r| *r.as_ref().unwrap_or(&0)).sum();
+        if total > 0 && first_seen.is_none() {
+            first_seen = Some(seen_at);
+        }
+        last = total;
+        if total >= count {
+            println!("delivered={total}");
+            println!("first_delivered_ns={}", first_seen.unwrap_or(seen_at));
+            println!("last_accepted_ns={seen_at}");
+            return Ok(());
+        }
+    }
+    println!("delivered={last}");
+    bail!(
+        "only {last} of {count} jobs delivered after {} s",
+        timeout.as_secs()
+    )
+}
+
+async fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let url = args.get("url")?;
+    let topology = Topology::new(args.get("namespace")?);
+    let retry_steps: usize = args.num("retry-steps", Some(5))?;
+    let mut queues = Vec::new();
+    for relay in args.all("relay") {
+        queues.push(topology.jobs_queue(relay));
+        queues.push(topology.dead_queue(relay));
+        for step in 1..=retry_steps {
+            queues.push(topology.retry_queue(relay, step));
+        }
+    }
+    for campaign in args.all("campaign") {
+        queues.push(topology.campaign_watch_queue(campaign));
+    }
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let mut deleted = 0;
+    for queue in queues {
+        // A failed delete (no such queue) closes the channel: one channel per attempt.
+        let channel = connection.create_channel().await?;
+        if channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .is_ok()
+        {
+            deleted += 1;
+            let _ = channel.close(200, "deleted".into()).await;
+        }
+    }
+    for exchange in [
+        topology.jobs_exchange(),
+        topology.dead_exchange(),
+        topology.events_exchange(),
+    ] {
+        let channel = connection.create_channel().await?;
+        if channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .is_ok()
+        {
+            let _ = channel.close(200, "deleted".into()).await;
+        }
+    }
+    let _ = connection.close(200, "cleaned up".into()).await;
+    println!("deleted_queues={deleted}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_counts_add_up_over_relays() {
+        let text = "# HELP sluice_jobs_delivered_total x\n\
+                    sluice_jobs_delivered_total{relay=\"a\"} 12\n\
+                    sluice_jobs_delivered_total{relay=\"b\"} 30\n\
+                    sluice_jobs_received_total{relay=\"a\"} 99\n";
+        assert_eq!(delivered_in(text), 42);
+    }
+
+    #[test]
+    fn bodies_are_about_the_size_asked_for() {
+        let text = body_text(2048, 7);
+        assert!(text.len() <= 2048 && text.len() > 1900, "{}", text.len());
+        assert!(text.lines().all(|l| l.len() <= 76));
+    }
+}

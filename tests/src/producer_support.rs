@@ -1,0 +1,378 @@
+//! Helpers for the `sluice-producer` tests: a namespace with a config file, the producer
+//! run as a user would, a look into queues, and a TCP proxy that can cut connections.
+//!
+//! The test files include it with `#[path = "../src/producer_support.rs"] mod ...;`, so it
+//! needs no entry in `lib.rs` (it only uses the public helpers of this crate).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sluice_tests::broker::{TestNamespace, AMQP_URL};
+use sluice_tests::processes::{bin, config_toml, ConfigFile};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A namespace of its own, a config file naming it (relay `primary`), and a scratch
+/// directory for CSV and template files. Everything it created on the broker is deleted
+/// when it is dropped (best effort), watch queues and exchanges included.
+pub struct ProducerEnv {
+    pub ns: TestNamespace,
+    pub config: ConfigFile,
+    campaigns: std::sync::Mutex<Vec<String>>,
+}
+
+impl ProducerEnv {
+    /// A fresh namespace `t-<tag>-<random>` with relay `primary` configured.
+    pub async fn new(tag: &str) -> ProducerEnv {
+        let ns = TestNamespace::new(tag, &["primary"], 2).await;
+        let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", 2525, "")], &["1s", "2s"]));
+        ProducerEnv {
+            ns,
+            config,
+            campaigns: Default::default(),
+        }
+    }
+
+    /// Remember a campaign id, so that its watch queue is deleted with the namespace;
+    /// returns it.
+    pub fn campaign(&self, id: &str) -> String {
+        self.campaigns.lock().expect("lock").push(id.to_string());
+        id.to_string()
+    }
+
+    /// The name of a campaign's watch queue.
+    pub fn watch_queue(&self, campaign: &str) -> String {
+        self.ns.topology.campaign_watch_queue(campaign)
+    }
+
+    /// Write a file next to the config; returns its path as a string for arguments.
+    pub fn file(&self, name: &str, content: impl AsRef<[u8]>) -> String {
+        self.config.write(name, content).display().to_string()
+    }
+
+    /// Run `sluice-producer <args> --config <file>` to completion.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_with_env(args, &[])
+    }
+
+    /// Like [`ProducerEnv::run`] with extra environment variables.
+    pub fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let output = producer()
+            .args(args)
+            .arg("--config")
+            .arg(&self.config.path)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run sluice-producer");
+        Run::from(output)
+    }
+
+    /// Start `sluice-producer <args> --config <file>` and wait for it in a blocking task.
+    pub fn spawn(&self, args: &[&str]) -> tokio::task::JoinHandle<Run> {
+        let mut command = producer();
+        command.args(args).arg("--config").arg(&self.config.path);
+        tokio::task::spawn_blocking(move || Run::from(command.output().expect("run sluice-producer")))
+    }
+
+    /// The name of the jobs queue of `primary`.
+    pub fn jobs_queue(&self) -> String {
+        self.ns.topology.jobs_queue("primary")
+    }
+
+    /// The name of the dead queue of `primary`.
+    pub fn dead_queue(&self) -> String {
+        self.ns.topology.dead_queue("primary")
+    }
+
+    /// True when `queue` exists.
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let channel = self.ns.connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(queue.into(), QueueDeclareOptions::default().passive(), FieldTable::default())
+            .await;
+        let _ = channel.close(200, "ok".into()).await;
+        declared.is_ok()
+    }
+
+    /// Take and acknowledge every message of `queue`, in queue order.
+    pub async fn take_all(&self, queue: &str) -> Vec<Message> {
+        let channel = self.ns.connection.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(got) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            got.delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push(Message {
+                properties: got.delivery.properties.clone(),
+                body: got.delivery.data.clone(),
+            });
+        }
+        let _ = channel.close(200, "ok".into()).await;
+        out
+    }
+
+    /// Publish to the default exchange straight into `queue` and wait for the confirm.
+    pub async fn put(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .ns
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack() && confirm.take_message().is_none(), "not stored in {queue}");
+    }
+
+    /// Publish a delivery event to `<ns>.events` with routing key `<outcome>.<campaign>`.
+    pub async fn event(&self, campaign: &str, id: &str, outcome: &str) {
+        let body = serde_json::json!({
+            "id": id, "campaign": campaign, "to": "someone@example.org", "relay": "primary",
+            "outcome": outcome, "attempt": 1, "smtp_code": 250, "smtp_reply": "250 ok",
+            "at": "2026-11-28T11:22:33Z"
+        });
+        let confirm = self
+            .ns
+            .channel
+            .basic_publish(
+                self.ns.topology.events_exchange().into(),
+                format!("{outcome}.{campaign}").into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await
+            .expect("publish event")
+            .await
+            .expect("confirm event");
+        assert!(confirm.is_ack());
+    }
+
+    /// Wait until `queue` holds at least `n` ready messages.
+    pub async fn wait_for_messages(&self, queue: &str, n: u32, timeout: Duration) -> bool {
+        sluice_tests::broker::eventually(timeout, || async { self.ns.queue_len(queue).await >= n }).await
+    }
+}
+
+impl Drop for ProducerEnv {
+    fn drop(&mut self) {
+        // TestNamespace deletes the jobs, retry and dead queues; the watch queues and the
+        // exchanges are ours to delete.
+        let topology = self.ns.topology.clone();
+        let watch_queues: Vec<String> = self
+            .campaigns
+            .lock()
+            .map(|c| c.iter().map(|id| topology.campaign_watch_queue(id)).collect())
+            .unwrap_or_default();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                for queue in watch_queues {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+                }
+                for exchange in [
+                    topology.jobs_exchange(),
+                    topology.dead_exchange(),
+                    topology.events_exchange(),
+                ] {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "cleanup".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+fn producer() -> Command {
+    let mut command = Command::new(bin("sluice-producer"));
+    command
+        .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env_remove("SLUICE_CONFIG")
+        .stdin(Stdio::null());
+    command
+}
+
+/// `sluice-producer` with `args` exactly as given (for `--config` before the subcommand).
+pub fn run_producer_raw(args: &[&str]) -> Run {
+    Run::from(producer().args(args).output().expect("run sluice-producer"))
+}
+
+/// One message taken from a queue.
+pub struct Message {
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// A header's value as text (strings and integers).
+    pub fn header(&self, name: &str) -> Option<String> {
+        sluice_shared::headers::get_str(self.properties.headers().as_ref(), name)
+    }
+
+    /// Names of all headers.
+    pub fn header_names(&self) -> Vec<String> {
+        self.properties
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `message_id`.
+    pub fn message_id(&self) -> Option<String> {
+        self.properties.message_id().as_ref().map(|m| m.to_string())
+    }
+}
+
+/// A finished producer run.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Panics with both outputs unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// The last line of stdout.
+    pub fn last_line(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+
+    /// stdout's last line as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.last_line())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}\n{}", self.last_line(), self.stderr))
+    }
+
+    /// The `line N` numbers stderr reports.
+    pub fn reported_lines(&self) -> Vec<u64> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("line "))
+            .filter_map(|rest| rest.split(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// The stderr line that reports `line`.
+    pub fn problem_on(&self, line: u64) -> &str {
+        let prefix = format!("line {line}: ");
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no problem reported on line {line}:\n{}", self.stderr))
+    }
+}
+
+/// A TCP proxy to RabbitMQ whose connections can all be cut at once (the listener stays, so
+/// clients can reconnect through it).
+pub struct CuttingProxy {
+    pub port: u16,
+    cut: watch::Sender<u64>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    /// Listen on a free port and forward to 127.0.0.1:5672.
+    pub async fn start() -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (cut, _) = watch::channel(0u64);
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cut_rx = cut.subscribe();
+        let count = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut cut_rx = cut_rx.clone();
+                let generation = *cut_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.wait_for(|g| *g != generation) => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy {
+            port,
+            cut,
+            connections,
+        }
+    }
+
+    /// Drop every connection open now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// AMQP URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// A path under the test's scratch directory, for files that must not exist.
+pub fn missing_path(env: &ProducerEnv, name: &str) -> PathBuf {
+    env.config.dir.join(name)
+}

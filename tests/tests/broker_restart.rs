@@ -1,0 +1,168 @@
+//! The worker's `/readyz` follows the broker: unready while RabbitMQ is stopped, ready
+//! again (and delivering) once it is back.
+//!
+//! Stopping the broker breaks every other test running at the same time, so the tests here
+//! are `#[ignore]`d: `deploy/test.sh` runs them alone, after the main suite, with
+//! `cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1`.
+//! They need `rabbitmqctl` (and the rights to stop and start the local node).
+
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::broker::{eventually, TestNamespace, AMQP_URL};
+use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
+use sluice_tests::smtp_sink::{free_port, SmtpSink};
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map(|o| {
+            if !o.status.success() {
+                eprintln!(
+                    "rabbitmqctl {args:?} failed: {}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            o.status.success()
+        })
+        .unwrap_or(false)
+}
+
+/// Stops the RabbitMQ application; starts it again when dropped, so that a failing test
+/// never leaves the broker down for the tests that follow.
+struct StoppedBroker {
+    started: bool,
+}
+
+impl StoppedBroker {
+    fn stop() -> Self {
+        assert!(rabbitmqctl(&["stop_app"]), "rabbitmqctl stop_app failed");
+        StoppedBroker { started: false }
+    }
+
+    fn start(&mut self) {
+        self.started = true;
+        assert!(rabbitmqctl(&["start_app"]), "rabbitmqctl start_app failed");
+        assert!(
+            rabbitmqctl(&["await_startup", "--timeout", "120"]),
+            "RabbitMQ did not come back"
+        );
+    }
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        if !self.started {
+            rabbitmqctl(&["start_app"]);
+            rabbitmqctl(&["await_startup", "--timeout", "120"]);
+        }
+    }
+}
+
+async fn publish_job(ns: &TestNamespace, id: &str, to: &str) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect after the restart");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = serde_json::json!({
+        "id": id, "from": "news@example.com", "to": to, "subject": "back", "text": "back"
+    })
+    .to_string();
+    let confirm = channel
+        .basic_publish(
+            ns.topology.jobs_exchange().into(),
+            "primary".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// The status code of `GET http://{addr}{path}`, `None` when nothing answers.
+async fn status_of(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "stops the shared broker: deploy/test.sh runs it alone after the main suite"]
+async fn readyz_follows_the_broker_going_away_and_coming_back() {
+    let ns = TestNamespace::new("restart", &["primary"], 1).await;
+    let sink = SmtpSink::start().await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", sink.port, "")],
+        &["1s"],
+    ));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut worker = WorkerProcess::start(&config.path, &["--listen", &listen]);
+
+    let ready = |want: u16| {
+        let listen = listen.clone();
+        async move { status_of(&listen, "/readyz").await == Some(want) }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || ready(200)).await,
+        "the worker never became ready"
+    );
+
+    let mut broker = StoppedBroker::stop();
+    assert!(
+        eventually(Duration::from_secs(30), || ready(503)).await,
+        "/readyz still answers {:?} with the broker stopped",
+        status_of(&listen, "/readyz").await
+    );
+    assert_eq!(
+        status_of(&listen, "/healthz").await,
+        Some(200),
+        "the worker is alive while it waits for the broker"
+    );
+    assert_eq!(
+        worker.child.try_wait().ok().flatten(),
+        None,
+        "the worker exited"
+    );
+
+    broker.start();
+    assert!(
+        eventually(Duration::from_secs(90), || ready(200)).await,
+        "/readyz did not come back with the broker"
+    );
+
+    // And it consumes again: a job published now (on a new connection: the namespace's
+    // own went down with the broker) is delivered.
+    publish_job(&ns, "after-restart", "back@example.org").await;
+    assert!(
+        eventually(Duration::from_secs(60), || async { sink.count() == 1 }).await,
+        "nothing delivered after the broker came back"
+    );
+    assert!(worker.terminate().success());
+}

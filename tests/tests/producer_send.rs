@@ -1,0 +1,340 @@
+//! `sluice-producer send` against the real RabbitMQ: what lands in the jobs queue, what is
+//! refused, and what the command prints.
+
+#[path = "../src/producer_support.rs"]
+mod producer_support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use producer_support::{run_producer_raw, CuttingProxy, ProducerEnv};
+use sluice_shared::Job;
+
+const FROM: &str = "Example News <news@example.com>";
+
+/// A campaign's template files; returns the arguments naming them.
+fn templates(env: &ProducerEnv) -> Vec<String> {
+    let text = env.file("body.txt", "Dear {{ name }},\nyour code is {{ code }}.\n");
+    let html = env.file("body.html", "<p>Dear {{ name }}</p>\n");
+    vec![
+        "--from".into(),
+        FROM.into(),
+        "--subject".into(),
+        "Hello {{ name }}".into(),
+        "--text".into(),
+        text,
+        "--html".into(),
+        html,
+        "--header".into(),
+        "List-Unsubscribe: <https://example.com/u/{{ code }}>".into(),
+    ]
+}
+
+fn send_args<'a>(recipients: &'a str, campaign: &'a str, templates: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec!["send", "--recipients", recipients, "--campaign", campaign];
+    args.extend(templates.iter().map(String::as_str));
+    args
+}
+
+fn jobs_of(messages: &[producer_support::Message]) -> Vec<Job> {
+    messages
+        .iter()
+        .map(|m| Job::from_bytes(&m.body, 1 << 20).expect("every message is a valid job"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
+    let env = ProducerEnv::new("psend").await;
+    let campaign = env.campaign("spring");
+    let mut csv = String::from("email,name,code\n");
+    for i in 0..1000 {
+        let name = if i == 7 { "O'Brien, Zoë <&>".to_string() } else { format!("Reader {i}") };
+        csv.push_str(&format!("reader{i}@example.org,\"{name}\",K{i}\n"));
+    }
+    let recipients = env.file("recipients.csv", csv);
+    let templates = templates(&env);
+
+    let run = env.run(&send_args(&recipients, &campaign, &templates));
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), "published 1000 jobs");
+    let messages = env.take_all(&env.jobs_queue()).await;
+    assert_eq!(messages.len(), 1000);
+    let jobs = jobs_of(&messages);
+    let ids: BTreeSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let expected: BTreeSet<String> = (2..=1001).map(|line| format!("spring-{line}")).collect();
+    assert_eq!(ids, expected.iter().map(String::as_str).collect());
+    for (message, job) in messages.iter().zip(&jobs) {
+        let line: usize = job.id.trim_start_matches("spring-").parse().unwrap();
+        let i = line - 2;
+        assert_eq!(message.message_id().as_deref(), Some(job.id.as_str()));
+        assert_eq!(
+            message.properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(message.properties.delivery_mode(), &Some(2));
+        assert_eq!(job.to, format!("reader{i}@example.org"));
+        assert_eq!(job.campaign.as_deref(), Some("spring"));
+        assert_eq!(job.from, FROM);
+        assert_eq!(job.headers["List-Unsubscribe"], format!("<https://example.com/u/K{i}>"));
+        if i == 7 {
+            // Verbatim in the subject, text and headers; escaped in HTML only.
+            assert_eq!(job.subject, "Hello O'Brien, Zoë <&>");
+            assert_eq!(
+                job.text.as_deref(),
+                Some("Dear O'Brien, Zoë <&>,\nyour code is K7.\n")
+            );
+            assert_eq!(job.html.as_deref(), Some("<p>Dear O&#x27;Brien, Zoë &lt;&amp;&gt;</p>\n"));
+        } else {
+            assert_eq!(job.subject, format!("Hello Reader {i}"));
+            assert_eq!(job.html.as_deref(), Some(format!("<p>Dear Reader {i}</p>\n").as_str()));
+        }
+    }
+    // `watch` learns the total from the campaign's watch queue.
+    let summary = env.take_all(&env.watch_queue(&campaign)).await;
+    assert_eq!(summary.len(), 1);
+    assert_eq!(
+        summary[0].properties.kind().as_ref().map(|k| k.as_str()),
+        Some("campaign-summary")
+    );
+    assert_eq!(summary[0].header("x-sluice-expected").as_deref(), Some("1000"));
+}
+
+/// Lines 3..8 are each wrong in their own way; 2, 9-10 and 11 are fine.
+fn mixed_csv() -> Vec<u8> {
+    let mut csv = b"email,name,code,vip\n".to_vec();
+    csv.extend_from_slice(b"ann@example.org,Ann,A1,no\n"); // 2
+    csv.extend_from_slice(b"not-an-address,Bob,B1,no\n"); // 3: bad address
+    csv.extend_from_slice(b"cy@example.org,Cy,C1,yes\n"); // 4: {{ vip_note }} missing
+    csv.extend_from_slice(b"dee@example.org,Dee,\"D1\r\nBcc: victim@example.com\",no\n"); // 5-6: CR/LF
+    csv.extend_from_slice(b"eve@example.org,Eve\n"); // 7: ragged
+    csv.extend_from_slice(b"fay@example.org,F\xe9e,F1,no\n"); // 8: Latin-1, not UTF-8
+    csv.extend_from_slice(b"gus@example.org,Gus,G1,\"no,\nreally\"\n"); // 9-10: fine
+    csv.extend_from_slice(b"hal@example.org,Hal,H1,no\n"); // 11
+    csv
+}
+
+fn mixed_templates(env: &ProducerEnv) -> Vec<String> {
+    let text = env.file(
+        "mixed.txt",
+        "Hi {{ name }}{% if vip == 'yes' %}, {{ vip_note }}{% endif %}\n",
+    );
+    vec![
+        "--from".into(),
+        FROM.into(),
+        "--subject".into(),
+        "Hello {{ name }}".into(),
+        "--text".into(),
+        text,
+        "--header".into(),
+        "X-Code: {{ code }}".into(),
+    ]
+}
+
+#[tokio::test]
+async fn invalid_rows_are_listed_by_line_and_nothing_is_published() {
+    let env = ProducerEnv::new("pinvalid").await;
+    let campaign = env.campaign("mixed");
+    let recipients = env.file("mixed.csv", mixed_csv());
+    let templates = mixed_templates(&env);
+
+    let run = env.run(&send_args(&recipients, &campaign, &templates));
+
+    run.expect_code(65);
+    assert_eq!(run.reported_lines(), vec![3, 4, 5, 7, 8], "{}", run.stderr);
+    assert!(run.problem_on(3).contains("not-an-address"), "{}", run.problem_on(3));
+    assert!(run.problem_on(4).contains("vip_note"), "{}", run.problem_on(4));
+    assert!(run.problem_on(5).contains("CR or LF"), "{}", run.problem_on(5));
+    assert!(run.problem_on(7).contains("wrong number of fields"), "{}", run.problem_on(7));
+    assert!(run.problem_on(8).contains("UTF-8"), "{}", run.problem_on(8));
+    assert!(!run.stdout.contains("published"), "{}", run.stdout);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+    assert!(
+        !env.queue_exists(&env.watch_queue(&campaign)).await,
+        "nothing is declared for a refused campaign"
+    );
+}
+
+#[tokio::test]
+async fn skip_invalid_publishes_the_valid_rows_and_still_lists_the_others() {
+    let env = ProducerEnv::new("pskip").await;
+    let campaign = env.campaign("mixed");
+    let recipients = env.file("mixed.csv", mixed_csv());
+    let templates = mixed_templates(&env);
+    let mut args = send_args(&recipients, &campaign, &templates);
+    args.extend(["--skip-invalid", "--json"]);
+
+    let run = env.run(&args);
+
+    run.expect_code(0);
+    assert_eq!(run.reported_lines(), vec![3, 4, 5, 7, 8], "{}", run.stderr);
+    assert_eq!(
+        run.json(),
+        serde_json::json!({"published": 3, "skipped": 5, "campaign": "mixed"})
+    );
+    assert_eq!(run.stdout.lines().count(), 1, "--json prints one object: {}", run.stdout);
+    let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
+    let ids: BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(
+        ids,
+        ["mixed-2", "mixed-9", "mixed-11"].map(String::from).into()
+    );
+}
+
+#[tokio::test]
+async fn a_file_without_an_email_column_is_refused_on_line_1() {
+    let env = ProducerEnv::new("pnoemail").await;
+    let recipients = env.file("r.csv", "name,address\nAnn,ann@example.org\n");
+    let templates = templates(&env);
+    let campaign = env.campaign("noemail");
+
+    let run = env.run(&send_args(&recipients, &campaign, &templates));
+
+    run.expect_code(65);
+    assert!(run.problem_on(1).contains("email"), "{}", run.stderr);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
+
+#[tokio::test]
+async fn config_is_accepted_before_or_after_the_subcommand() {
+    let env = ProducerEnv::new("pconfig").await;
+    let recipients = env.file("r.csv", "email,name,code\nann@example.org,Ann,A1\n");
+    let templates = templates(&env);
+    let config = env.config.path.display().to_string();
+
+    let before = {
+        let mut args = vec!["--config", config.as_str()];
+        args.extend(send_args(&recipients, "before", &templates));
+        args.push("--json");
+        run_producer_raw(&args)
+    };
+    env.campaign("before");
+    let after = env.run(&send_args(&recipients, &env.campaign("after"), &templates));
+
+    before.expect_code(0);
+    assert_eq!(
+        before.json(),
+        serde_json::json!({"published": 1, "skipped": 0, "campaign": "before"})
+    );
+    after.expect_code(0);
+    assert_eq!(after.last_line(), "published 1 jobs");
+    let ids: BTreeSet<String> = jobs_of(&env.take_all(&env.jobs_queue()).await)
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, ["after-2", "before-2"].map(String::from).into());
+}
+
+#[tokio::test]
+async fn a_generated_campaign_id_names_the_jobs_and_return_path_is_the_envelope() {
+    let env = ProducerEnv::new("pgen").await;
+    let recipients = env.file("r.csv", "email,name,code\nann@example.org,Ann,A1\n");
+    let templates = templates(&env);
+    let mut args = vec!["send", "--recipients", recipients.as_str()];
+    args.extend(templates.iter().map(String::as_str));
+    args.extend(["--return-path", "bounces@example.com"]);
+
+    let run = env.run(&args);
+
+    run.expect_code(0);
+    let campaign = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("campaign "))
+        .expect("the campaign id is printed")
+        .to_string();
+    env.campaign(&campaign);
+    // c + UTC time + 4 hex digits: c20261128T112233Z3f9a
+    assert_eq!(campaign.len(), 21, "{campaign}");
+    assert!(campaign.starts_with('c') && campaign.as_bytes()[9] == b'T' && campaign.as_bytes()[16] == b'Z');
+    assert!(campaign[17..].chars().all(|c| c.is_ascii_hexdigit()), "{campaign}");
+    let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id, format!("{campaign}-2"));
+    assert_eq!(jobs[0].return_path.as_deref(), Some("bounces@example.com"));
+    assert_eq!(jobs[0].envelope_sender().unwrap().to_string(), "bounces@example.com");
+}
+
+#[tokio::test]
+async fn usage_and_configuration_errors_have_their_own_exit_codes() {
+    let env = ProducerEnv::new("pusage").await;
+    let recipients = env.file("r.csv", "email,name,code\nann@example.org,Ann,A1\n");
+    let templates = templates(&env);
+
+    // Two relays configured: --relay is required.
+    let two = env.file(
+        "two.toml",
+        format!(
+            "[amqp]\nnamespace = \"{}\"\n[relays.a]\nhost = \"127.0.0.1\"\n[relays.b]\nhost = \"127.0.0.1\"\n",
+            env.ns.name
+        ),
+    );
+    let mut args = vec!["--config", two.as_str()];
+    args.extend(send_args(&recipients, "two", &templates));
+    let run = run_producer_raw(&args);
+    run.expect_code(2);
+    assert!(run.stderr.contains("--relay"), "{}", run.stderr);
+
+    // A typo in the configuration is named.
+    let typo = env.file("typo.toml", "[amqp]\nnamespaec = \"x\"\n");
+    let mut args = vec!["--config", typo.as_str()];
+    args.extend(send_args(&recipients, "typo", &templates));
+    let run = run_producer_raw(&args);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("namespaec"), "{}", run.stderr);
+
+    // clap's own usage errors.
+    env.run(&["send", "--recipients", recipients.as_str()]).expect_code(2);
+    assert!(env.run(&["send", "--help"]).expect_code(0).stdout.contains("Exit codes:"));
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
+    let env = ProducerEnv::new("preconnect").await;
+    let proxy = CuttingProxy::start().await;
+    let config = env.file(
+        "proxied.toml",
+        format!(
+            "[amqp]\nurl = \"{}\"\nnamespace = \"{}\"\n[relays.primary]\nhost = \"127.0.0.1\"\n[retry]\ndelays = [\"1s\", \"2s\"]\n",
+            proxy.url(),
+            env.ns.name
+        ),
+    );
+    let rows = 30_000;
+    let mut csv = String::from("email,name,code\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i}@example.org,R{i},C{i}\n"));
+    }
+    let recipients = env.file("many.csv", csv);
+    let templates = templates(&env);
+    let campaign = env.campaign("cut");
+    let mut args = vec!["--config", config.as_str()];
+    args.extend(send_args(&recipients, &campaign, &templates));
+    let args: Vec<String> = args.into_iter().map(String::from).collect();
+    let producer = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_producer_raw(&args)
+    });
+
+    // Cut the connection once publishing is under way.
+    assert!(
+        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(60)).await,
+        "publishing did not start"
+    );
+    proxy.cut();
+    let run = tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer finished")
+        .expect("join");
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), format!("published {rows} jobs"));
+    assert!(proxy.connections() >= 2, "the producer reconnected");
+    assert!(run.stderr.contains("reconnecting"), "{}", run.stderr);
+    let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
+    let ids: BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(ids.len(), rows, "every job arrived (duplicates allowed: {})", jobs.len());
+    assert!(jobs.len() >= rows);
+}
