@@ -166,3 +166,66 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() {
     );
     assert!(worker.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "stops the shared broker: deploy/test.sh runs it alone after the main suite"]
+async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
+    use std::collections::HashSet;
+    use sluice_tests::processes::run_producer;
+    use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+
+    const ROWS: usize = 20_000;
+    let ns = TestNamespace::new("restart-campaign", &["primary"], 2).await;
+    let smtp = ScriptedSmtp::start(Behaviour::accept_all()).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "max_connections = 4\nmax_messages_per_second = 2000")],
+        &["1s", "2s"],
+    ));
+    let mut csv = String::from("email\n");
+    for i in 0..ROWS {
+        csv.push_str(&format!("r{i}@example.org\n"));
+    }
+    let recipients = config.write("recipients.csv", csv);
+    let text = config.write("body.txt", "Hello {{ email }}\n");
+    let _workers = [
+        WorkerProcess::start(&config.path, &[]),
+        WorkerProcess::start(&config.path, &[]),
+    ];
+    let producer_config = config.path.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        run_producer(
+            &producer_config,
+            &[
+                "send", "--recipients", recipients.to_str().unwrap(), "--from", "news@example.com",
+                "--subject", "Hi", "--text", text.to_str().unwrap(), "--campaign", "restart",
+            ],
+        )
+    });
+
+    // Restart the broker while the producer publishes and the workers deliver.
+    assert!(smtp.wait_for_accepted(200, Duration::from_secs(60)).await >= 200);
+    let mut broker = StoppedBroker::stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.start();
+
+    let published = tokio::time::timeout(Duration::from_secs(180), producer)
+        .await
+        .expect("the producer did not finish after the broker came back")
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "the producer failed across the restart: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let unique = |smtp: &ScriptedSmtp| -> HashSet<String> {
+        smtp.accepted().iter().flat_map(|m| m.rcpt_to.iter().cloned()).collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(240), || async { unique(&smtp).len() >= ROWS }).await,
+        "only {} of {ROWS} recipients got their message after the restart",
+        unique(&smtp).len()
+    );
+    let duplicates = smtp.accepted_count() - ROWS;
+    eprintln!("broker restart: {ROWS} delivered, {duplicates} duplicates (at least once)");
+}

@@ -114,7 +114,7 @@ async fn ten_thousand_malformed_jobs_among_ten_thousand_good_ones() {
         "{}\n[worker]\nmax_message_bytes = 4096\n",
         config_toml(&ns.name, &[("primary", sink.port, "max_connections = 8")], &["1s"])
     ));
-    let kinds: [(&str, Box<dyn Fn(&str) -> Vec<u8>>); 8] = [
+    let kinds: [(&str, MakeBody); 8] = [
         ("toolarge", Box::new(|id| job_json(id, "a@example.org").replace("\"text\":", &format!("\"html\":\"{}\",\"text\":", "x".repeat(5000))).into_bytes())),
         ("notutf8", Box::new(|_| b"{\"id\":\"\xff\xfe\"}".to_vec())),
         ("crlfsubject", Box::new(|id| job_json(id, "a@example.org").replace("Hello", "Hello\\r\\nBcc: victim@example.com").into_bytes())),
@@ -158,6 +158,9 @@ async fn ten_thousand_malformed_jobs_among_ten_thousand_good_ones() {
     assert!(dead_ids.iter().all(|id| id.starts_with("bad-")));
     worker.terminate();
 }
+
+/// Builds a malformed job body from its id.
+type MakeBody = Box<dyn Fn(&str) -> Vec<u8>>;
 
 fn message_id(raw: &str) -> Option<String> {
     sluice_tests::smtp_sink::header_value(raw, "Message-ID")
