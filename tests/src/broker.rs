@@ -134,40 +134,15 @@ impl TestNamespace {
     /// Publish `n` valid jobs for `relay` (ids `<prefix>-<i>`, recipients
     /// `<prefix>-<i>@example.org`), pipelining confirms; returns the ids.
     pub async fn publish_jobs(&self, relay: &str, prefix: &str, n: usize) -> Vec<String> {
-        let mut ids = Vec::with_capacity(n);
-        let mut pending = Vec::new();
-        for i in 0..n {
-            let id = format!("{prefix}-{i}");
-            let body = job_json(&id, &format!("{prefix}-{i}@example.org"));
-            let confirm = self
-                .channel
-                .basic_publish(
-                    self.topology.jobs_exchange().into(),
-                    relay.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body.as_bytes(),
-                    BasicProperties::default()
-                        .with_message_id(id.as_str().into())
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
-                .await
-                .expect("publish");
-            pending.push(confirm);
-            ids.push(id);
-            if pending.len() >= 500 {
-                for confirm in pending.drain(..) {
-                    assert!(confirm.await.expect("confirm").is_ack());
-                }
-            }
-        }
-        for confirm in pending {
-            assert!(confirm.await.expect("confirm").is_ack());
-        }
-        ids
+        let bodies: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                let body = job_json(&id, &format!("{id}@example.org")).into_bytes();
+                (id, body)
+            })
+            .collect();
+        self.publish_bodies(relay, &bodies).await;
+        bodies.into_iter().map(|(id, _)| id).collect()
     }
 
     /// Take (and ack) every message now in a queue.
