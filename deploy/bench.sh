@@ -16,11 +16,14 @@
 #                     from the producer's start (it validates the file, connects, publishes)
 #                     to the last acceptance.
 #   4. Producer alone `sluice-producer send` of a large CSV with confirms, no workers;
-#                     rows / wall time, and its peak RSS (/usr/bin/time -v).
+#                     rows / wall time, and its peak RSS (/usr/bin/time -v). Its ceiling:
+#                     what the broker takes from a lean publisher (sluice-bench-load queue,
+#                     the same jobs, 64 publishes handed to lapin at once, 2000 unconfirmed).
 #   5. Worker memory  peak RSS (VmHWM) of each worker just before it is stopped after the
 #                     drain, and idle RSS (VmRSS) of the idle workers before phase 3.
-# Sizes: full = 20,000 jobs for 2 and 3, 1,000,000 producer rows, 3 reps by default;
-#        small = 2,000 jobs, 20,000 producer rows, 1 rep (a smoke test).
+# Sizes: full = 20,000 jobs for 2 and 3, 1,000,000 producer rows (200,000 jobs for the
+#        broker ceiling), 3 reps by default;
+#        small = 2,000 jobs, 20,000 producer rows and broker jobs, 1 rep (a smoke test).
 #
 # Every repetition and phase uses a namespace of its own (bench-<run>-<rep>-<phase>),
 # deleted afterwards; every process started here is stopped on exit; every wait is
@@ -45,8 +48,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$SIZE" in
-  full)  JOBS=20000; PRODUCER_ROWS=1000000; CEILING_MSGS=20000; DEFAULT_REPS=3 ;;
-  small) JOBS=2000;  PRODUCER_ROWS=20000;   CEILING_MSGS=2000;  DEFAULT_REPS=1 ;;
+  full)  JOBS=20000; PRODUCER_ROWS=1000000; CEILING_MSGS=20000; BROKER_JOBS=200000; DEFAULT_REPS=3 ;;
+  small) JOBS=2000;  PRODUCER_ROWS=20000;   CEILING_MSGS=2000;  BROKER_JOBS=20000;  DEFAULT_REPS=1 ;;
   *) echo "bench.sh: --size must be small or full" >&2; usage ;;
 esac
 REPS="${REPS:-$DEFAULT_REPS}"
@@ -147,9 +150,10 @@ for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null 
 
 # --- Inputs ----------------------------------------------------------------------------
 LOREM="Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm"
-{ printf 'Hello {{ name }},\n\n'
-  while :; do printf '%s\n' "$LOREM"; done | head -n $(( (BODY_BYTES - 20) / ${#LOREM} - 1 ))
-} >"$WORK/body.txt"
+awk -v line="$LOREM" -v bytes="$BODY_BYTES" 'BEGIN {
+  text = "Hello {{ name }},\n\n"
+  while (length(text) + length(line) + 1 <= bytes) text = text line "\n"
+  printf "%s", text }' >"$WORK/body.txt"
 make_csv() { awk -v n="$1" 'BEGIN { print "email,name"; for (i = 1; i <= n; i++) printf "user%d@example.org,User %d\n", i, i }' >"$2"; }
 make_csv "$JOBS" "$WORK/e2e.csv"
 make_csv "$PRODUCER_ROWS" "$WORK/producer.csv"
@@ -274,6 +278,22 @@ end_to_end() {   # rep
   cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }
 
+broker_ceiling() {   # rep
+  local ns="bench-$RUN_ID-$1-broker" campaign="broker$1" t0 t1
+  NAMESPACES+=("$ns $campaign")
+  t0="$(now_ns)"
+  if timeout "$PRODUCER_TIMEOUT" "$BIN/sluice-bench-load" queue --url "$AMQP_URL" --namespace "$ns" \
+       --relay bench --campaign "$campaign" --count "$BROKER_JOBS" --body-bytes "$BODY_BYTES" \
+       --batch 64 --window 2000 >"$WORK/broker-$1.out" 2>&1; then
+    t1="$(now_ns)"
+    record broker "$(rate "$BROKER_JOBS" "$t0" "$t1")"
+  else
+    say "broker ceiling $1 failed: $(tail -n 3 "$WORK/broker-$1.out")"
+    record broker 0; FAILED=1
+  fi
+  cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
+}
+
 producer_alone() {   # rep
   local ns="bench-$RUN_ID-$1-producer" campaign="producer$1" cfg t0 t1 kib
   NAMESPACES+=("$ns $campaign")
@@ -284,12 +304,14 @@ producer_alone() {   # rep
        --from "Bench <bench@example.com>" --subject "Hello {{ name }}" --text "$WORK/body.txt" \
        --relay bench --campaign "$campaign" --json >"$WORK/producer-$1.out" 2>&1; then
     t1="$(now_ns)"
-    record producer "$(rate "$PRODUCER_ROWS" "$t0" "$t1")"
+    local r; r="$(rate "$PRODUCER_ROWS" "$t0" "$t1")"
+    record producer "$r"
+    record producer_ratio "$(awk -v a="$r" -v b="$(tail -n 1 "$WORK/fig.broker")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print 0 }')"
     kib="$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$WORK/producer-time-$1.txt")"
     record producer_rss "${kib:-0}"
   else
     say "producer alone $1 failed or took over ${PRODUCER_TIMEOUT}s: $(tail -n 3 "$WORK/producer-$1.out")"
-    record producer 0; FAILED=1
+    record producer 0; record producer_ratio 0; FAILED=1
   fi
   cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }
@@ -300,6 +322,7 @@ for rep in $(seq 1 "$REPS"); do
   ceiling;            say "rep $rep/$REPS: SMTP ceiling $(tail -n 1 "$WORK/fig.ceiling") msg/s"
   drain "$rep";       say "rep $rep/$REPS: drain $(tail -n 1 "$WORK/fig.drain") msg/s"
   end_to_end "$rep";  say "rep $rep/$REPS: end to end $(tail -n 1 "$WORK/fig.e2e") msg/s"
+  broker_ceiling "$rep"; say "rep $rep/$REPS: broker ceiling $(tail -n 1 "$WORK/fig.broker") jobs/s"
   producer_alone "$rep"; say "rep $rep/$REPS: producer $(tail -n 1 "$WORK/fig.producer") jobs/s"
 done
 
@@ -331,6 +354,8 @@ e="$(median e2e)"
 row "3. End to end, $JOBS rows" "$e" "msg/s" "$(runs e2e)" ">= $TARGET_E2E" "$(verdict "$e" '>=' $TARGET_E2E)"
 p="$(median producer)"
 row "4. Producer alone, $PRODUCER_ROWS rows" "$p" "jobs/s" "$(runs producer)" ">= $TARGET_PRODUCER" "$(verdict "$p" '>=' $TARGET_PRODUCER)"
+row "   broker ceiling (lean publisher, $BROKER_JOBS)" "$(median broker)" "jobs/s" "$(runs broker)" "-" "-"
+row "   producer / broker ceiling" "$(median producer_ratio)" "" "$(runs producer_ratio)" "-" "-"
 pr="$(mib "$(median producer_rss)")"
 row "   producer peak RSS" "$pr" "MiB" "$(runs_mib producer_rss)" "<= $TARGET_PRODUCER_RSS" "$(verdict "$pr" '<=' $TARGET_PRODUCER_RSS)"
 wp="$(mib "$(median worker_peak)")"

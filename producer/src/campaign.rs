@@ -128,7 +128,9 @@ impl Templates {
             let unknown: BTreeSet<String> = template
                 .undeclared_variables(false)
                 .into_iter()
-                .filter(|v| !columns.index.contains_key(v) && self.env.globals().all(|(g, _)| g != v))
+                .filter(|v| {
+                    !columns.index.contains_key(v) && self.env.globals().all(|(g, _)| g != v)
+                })
                 .collect();
             if !unknown.is_empty() {
                 out.insert(name.to_string(), unknown.into_iter().collect());
@@ -224,7 +226,13 @@ impl Object for RowVars {
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Values(self.columns.names.iter().map(|n| Value::from(n.as_str())).collect())
+        Enumerator::Values(
+            self.columns
+                .names
+                .iter()
+                .map(|n| Value::from(n.as_str()))
+                .collect(),
+        )
     }
 }
 
@@ -282,7 +290,9 @@ impl<R: BufRead> CampaignReader<R> {
             return Ok(None);
         }
         let line = self.record.line();
-        Ok(Some(self.job(line).map_err(|problem| RowError { line, problem })))
+        Ok(Some(
+            self.job(line).map_err(|problem| RowError { line, problem }),
+        ))
     }
 
     fn job(&self, line: u64) -> Result<Job, String> {
@@ -303,7 +313,10 @@ impl<R: BufRead> CampaignReader<R> {
         }
         let (bytes, ends) = record.parts();
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            let field = ends.iter().position(|&end| end > e.valid_up_to()).unwrap_or(0);
+            let field = ends
+                .iter()
+                .position(|&end| end > e.valid_up_to())
+                .unwrap_or(0);
             format!(
                 "column {:?} is not valid UTF-8 (wrong encoding? save the file as UTF-8)",
                 self.columns.names[field]
@@ -343,7 +356,10 @@ impl<R: BufRead> CampaignReader<R> {
             headers,
         };
         job.validate().map_err(|e| match e {
-            InvalidJob::Field { field: "to", problem } => {
+            InvalidJob::Field {
+                field: "to",
+                problem,
+            } => {
                 format!("column {EMAIL_COLUMN:?}: {problem}")
             }
             other => other.to_string(),
@@ -353,10 +369,9 @@ impl<R: BufRead> CampaignReader<R> {
 
     fn render(&self, template: &str, vars: &Value) -> Result<String, String> {
         self.templates.render(template, vars).map_err(|e| {
-            let what = template.strip_prefix("header ").map_or_else(
-                || template.to_string(),
-                |name| format!("header {name:?}"),
-            );
+            let what = template
+                .strip_prefix("header ")
+                .map_or_else(|| template.to_string(), |name| format!("header {name:?}"));
             match (e.kind(), self.unknown_variables.get(template)) {
                 (minijinja::ErrorKind::UndefinedError, Some(unknown)) => format!(
                     "{what}: undefined variable {} (the file has no such column)",
@@ -509,9 +524,15 @@ mod tests {
     #[test]
     fn header_problems_are_line_1() {
         let cases: [(&[u8], &str); 4] = [
-            (b"name,tag\nann@example.org,a\n", "line 1: missing column \"email\""),
+            (
+                b"name,tag\nann@example.org,a\n",
+                "line 1: missing column \"email\"",
+            ),
             (b"Email,name\n", "line 1: missing column \"email\""),
-            (b"email,name,name\n", "line 1: column \"name\" appears twice"),
+            (
+                b"email,name,name\n",
+                "line 1: column \"name\" appears twice",
+            ),
             (b"", "line 1: the file is empty"),
         ];
         for (csv, want) in cases {
@@ -535,7 +556,10 @@ mod tests {
         let csv = format!("email,name,tag\nann@example.org,{big},a\nbob@example.org,Bob,b\n");
         let got = rows(spec, csv.as_bytes());
         assert!(
-            got[0].as_ref().unwrap_err().starts_with("line 2: field too large: column \"name\""),
+            got[0]
+                .as_ref()
+                .unwrap_err()
+                .starts_with("line 2: field too large: column \"name\""),
             "{:?}",
             got[0].as_ref().map(|j| &j.id)
         );
@@ -549,7 +573,10 @@ mod tests {
         let mut spec = spec();
         spec.headers = vec![("List-Id".into(), "{{ broken".into())];
         let err = Templates::new(&spec).err().expect("syntax error");
-        assert!(err.to_string().starts_with("header \"List-Id\" template:"), "{err}");
+        assert!(
+            err.to_string().starts_with("header \"List-Id\" template:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -206,8 +206,22 @@ mod tests {
     #[test]
     fn config_goes_before_or_after_the_subcommand() {
         for args in [
-            &["sluice-producer", "--config", "a.toml", "watch", "--campaign", "c1"][..],
-            &["sluice-producer", "watch", "--campaign", "c1", "--config", "a.toml"][..],
+            &[
+                "sluice-producer",
+                "--config",
+                "a.toml",
+                "watch",
+                "--campaign",
+                "c1",
+            ][..],
+            &[
+                "sluice-producer",
+                "watch",
+                "--campaign",
+                "c1",
+                "--config",
+                "a.toml",
+            ][..],
         ] {
             let cli = Cli::try_parse_from(args).unwrap();
             assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("a.toml")));

@@ -188,7 +188,11 @@ pub async fn list(settings: &Settings, args: DeadListArgs) -> anyhow::Result<Sta
             };
             taken += 1;
             let delivery = message.delivery;
-            jobs.push(DeadJob::describe(relay, &delivery.properties, &delivery.data));
+            jobs.push(DeadJob::describe(
+                relay,
+                &delivery.properties,
+                &delivery.data,
+            ));
         }
         // Never acknowledged: closing the channel puts every message back, in place.
         channel
@@ -196,7 +200,10 @@ pub async fn list(settings: &Settings, args: DeadListArgs) -> anyhow::Result<Sta
             .await
             .with_context(|| format!("cannot hand the listed messages back to {queue}"))?;
         if count > taken {
-            more.push(format!("{relay}: {} more not shown (--limit)", count - taken));
+            more.push(format!(
+                "{relay}: {} more not shown (--limit)",
+                count - taken
+            ));
         }
     }
     let _ = connection.close(200, "done".into()).await;
@@ -344,7 +351,11 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
         anyhow::bail!(
             "not found in the dead queue(s) of {}: {}",
             relays.join(", "),
-            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(Status::Success)
@@ -380,7 +391,11 @@ pub async fn purge(settings: &Settings, args: DeadPurgeArgs) -> anyhow::Result<S
         let Some((channel, count)) = open_dead_queue(&connection, &queue).await? else {
             continue;
         };
-        if !args.yes && !confirm(&format!("Delete the {count} dead job(s) of relay {relay} ({queue})?"))? {
+        if !args.yes
+            && !confirm(&format!(
+                "Delete the {count} dead job(s) of relay {relay} ({queue})?"
+            ))?
+        {
             eprintln!("kept the dead jobs of {relay}");
             continue;
         }
@@ -417,7 +432,11 @@ mod tests {
         headers::set_str(&mut table, headers::SMTP_REPLY, "451 4.7.1 try later");
         headers::set_int(&mut table, headers::ATTEMPTS, 6);
         headers::set_int(&mut table, headers::ATTEMPT, 6);
-        headers::set_str(&mut table, "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        headers::set_str(
+            &mut table,
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
         headers::set_str(&mut table, "tracestate", "vendor=1");
         table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
         headers::set_str(&mut table, "x-first-death-queue", "sluice.jobs.primary");
@@ -444,10 +463,18 @@ mod tests {
                 attempts: Some(6),
             }
         );
-        let broken = DeadJob::describe("primary", &BasicProperties::default().with_message_id("m1".into()), b"\xff not json");
+        let broken = DeadJob::describe(
+            "primary",
+            &BasicProperties::default().with_message_id("m1".into()),
+            b"\xff not json",
+        );
         assert_eq!(broken.id, "m1");
         assert_eq!(broken.to, None);
-        let no_id = DeadJob::describe("primary", &BasicProperties::default(), br#"{"id":"x-1","to":"b@example.org"}"#);
+        let no_id = DeadJob::describe(
+            "primary",
+            &BasicProperties::default(),
+            br#"{"id":"x-1","to":"b@example.org"}"#,
+        );
         assert_eq!(no_id.id, "x-1");
         assert_eq!(no_id.to.as_deref(), Some("b@example.org"));
     }
@@ -466,7 +493,10 @@ mod tests {
         assert_eq!(names, ["traceparent", "tracestate"]);
         assert_eq!(properties.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(properties.expiration(), &None);
-        assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some("spring-7"));
+        assert_eq!(
+            properties.message_id().as_ref().map(|m| m.as_str()),
+            Some("spring-7")
+        );
         assert_eq!(
             properties.content_type().as_ref().map(|m| m.as_str()),
             Some("application/json")

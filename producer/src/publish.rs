@@ -233,8 +233,10 @@ impl Publisher {
                 },
                 Sending::Lost => {
                     // Left unsent by a failed recovery: only another recovery sends it.
-                    self.recover(anyhow::anyhow!("a message is waiting to be published again"))
-                        .await?;
+                    self.recover(anyhow::anyhow!(
+                        "a message is waiting to be published again"
+                    ))
+                    .await?;
                     continue;
                 }
             };
@@ -307,8 +309,7 @@ impl Publisher {
     /// confirms count: duplicates rather than losses.
     async fn republish(&mut self) -> lapin::Result<()> {
         for in_flight in self.window.iter_mut() {
-            if let Sending::Handing(task) = std::mem::replace(&mut in_flight.state, Sending::Lost)
-            {
+            if let Sending::Handing(task) = std::mem::replace(&mut in_flight.state, Sending::Lost) {
                 task.abort();
             }
             let confirm = send(
@@ -347,7 +348,12 @@ async fn open(
     topology
         .declare(&channel, &relays, setup.retry_steps)
         .await
-        .with_context(|| format!("cannot declare the topology of namespace {}", topology.namespace()))?;
+        .with_context(|| {
+            format!(
+                "cannot declare the topology of namespace {}",
+                topology.namespace()
+            )
+        })?;
     if let Some(campaign) = &setup.watch_campaign {
         topology
             .declare_campaign_watch(&channel, campaign)

@@ -226,8 +226,11 @@ impl<R: BufRead> RecordReader<R> {
 mod tests {
     use super::*;
 
-    /// Every record of `text` as (line, fields) or (line, oversized).
-    fn read_all(text: &[u8], limits: Limits) -> Vec<(u64, Result<Vec<String>, Oversized>)> {
+    /// A record as the tests see it: its line, and its fields or why it was not kept.
+    type Seen = (u64, Result<Vec<String>, Oversized>);
+
+    /// Every record of `text`.
+    fn read_all(text: &[u8], limits: Limits) -> Vec<Seen> {
         let mut reader = RecordReader::new(text, limits);
         let mut record = RawRecord::default();
         let mut out = Vec::new();
@@ -243,13 +246,13 @@ mod tests {
         out
     }
 
-    fn ok(line: u64, fields: &[&str]) -> (u64, Result<Vec<String>, Oversized>) {
+    fn ok(line: u64, fields: &[&str]) -> Seen {
         (line, Ok(fields.iter().map(|f| f.to_string()).collect()))
     }
 
     #[test]
     fn records_carry_the_line_they_start_on() {
-        let cases: Vec<(&str, &[u8], Vec<(u64, Result<Vec<String>, Oversized>)>)> = vec![
+        let cases: Vec<(&str, &[u8], Vec<Seen>)> = vec![
             (
                 "plain LF",
                 b"email,name\na@x.org,Ann\nb@x.org,Bob\n",
@@ -294,7 +297,10 @@ mod tests {
             (
                 "escaped quotes and commas",
                 b"email,name\na@x.org,\"O'Brien, \"\"Zo\xc3\xab\"\"\"\n",
-                vec![ok(1, &["email", "name"]), ok(2, &["a@x.org", "O'Brien, \"Zoë\""])],
+                vec![
+                    ok(1, &["email", "name"]),
+                    ok(2, &["a@x.org", "O'Brien, \"Zoë\""]),
+                ],
             ),
             (
                 "ragged rows are returned as they are",
@@ -353,7 +359,11 @@ mod tests {
         assert!(reader.read(&mut record).unwrap());
         assert!(reader.read(&mut record).unwrap());
         assert_eq!(record.oversized(), Some(Oversized::Field { index: 0 }));
-        assert!(record.data.len() < 10_000, "buffer grew to {}", record.data.len());
+        assert!(
+            record.data.len() < 10_000,
+            "buffer grew to {}",
+            record.data.len()
+        );
         assert!(!reader.read(&mut record).unwrap());
     }
 }

@@ -59,11 +59,16 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         return_path: args.return_path.clone(),
         subject: args.subject.clone(),
         text: read_template(&args.text, "--text")?,
-        html: args.html.as_deref().map(|p| read_template(p, "--html")).transpose()?,
+        html: args
+            .html
+            .as_deref()
+            .map(|p| read_template(p, "--html"))
+            .transpose()?,
         headers: args.headers.clone(),
     });
-    let templates =
-        Arc::new(Templates::new(&spec).map_err(|e| InvalidInput(format!("{e}; nothing was published")))?);
+    let templates = Arc::new(
+        Templates::new(&spec).map_err(|e| InvalidInput(format!("{e}; nothing was published")))?,
+    );
 
     // Pass 1: every row, nothing published.
     let validation = validate(&args.recipients, &spec, &templates)?;
@@ -85,9 +90,15 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         retry_steps: settings.retry.delays.len(),
         watch_campaign: Some(campaign.clone()),
     };
-    let mut publisher = Publisher::connect(&settings.amqp, topology.clone(), setup, CONFIRM_WINDOW, false)
-        .await
-        .context("cannot start publishing")?;
+    let mut publisher = Publisher::connect(
+        &settings.amqp,
+        topology.clone(),
+        setup,
+        CONFIRM_WINDOW,
+        false,
+    )
+    .await
+    .context("cannot start publishing")?;
     let published = publish_rows(
         &mut publisher,
         &topology,
@@ -131,7 +142,10 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         return Ok(summary.status());
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serializes")
+        );
     } else {
         println!("campaign {campaign}");
         println!("published {published} jobs");
@@ -163,7 +177,11 @@ pub fn choose_relay(settings: &Settings, asked: Option<&str>) -> Result<String, 
 }
 
 fn join(names: &[&String]) -> String {
-    names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `--from` and `--return-path` are the same for every row: check them once, up front.
@@ -189,8 +207,8 @@ fn check_addresses(from: &str, return_path: Option<&str>) -> Result<(), UsageErr
 }
 
 fn read_template(path: &Path, flag: &str) -> anyhow::Result<String> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read {flag} file {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read {flag} file {}", path.display()))?;
     String::from_utf8(bytes).map_err(|_| {
         InvalidInput(format!(
             "{flag} file {} is not valid UTF-8 (wrong encoding? save it as UTF-8)",
@@ -355,14 +373,23 @@ mod tests {
     fn settings(relays: &[&str]) -> Settings {
         let mut settings = Settings::default();
         for relay in relays {
-            settings.relays.insert(relay.to_string(), Default::default());
+            settings
+                .relays
+                .insert(relay.to_string(), Default::default());
         }
         settings
     }
 
+    /// Configured relays, `--relay`, and the relay chosen or a piece of the error.
+    type Case = (
+        &'static [&'static str],
+        Option<&'static str>,
+        Result<&'static str, &'static str>,
+    );
+
     #[test]
     fn relay_choice() {
-        let cases: [(&[&str], Option<&str>, Result<&str, &str>); 7] = [
+        let cases: [Case; 7] = [
             (&[], None, Ok("primary")),
             (&[], Some("backup"), Ok("backup")),
             (&["mx"], None, Ok("mx")),

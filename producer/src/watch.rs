@@ -78,7 +78,10 @@ impl fmt::Display for Summary {
 pub async fn run(settings: &Settings, args: WatchArgs) -> anyhow::Result<Status> {
     let summary = follow(settings, &args.campaign).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&summary).expect("summary serializes")
+        );
     } else {
         println!("{summary}");
     }

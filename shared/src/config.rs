@@ -53,7 +53,9 @@ pub struct AmqpSettings {
     /// Prefix of every exchange and queue name.
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// CA certificate (PEM) for `amqps://` brokers with a private CA.
+    /// CA certificate(s) (PEM) trusted for `amqps://` besides the webpki roots, for a broker
+    /// with a private CA. Read at every connection; a missing or non-PEM file is an error
+    /// naming it, and stops the program instead of being retried.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
@@ -491,7 +493,10 @@ mod tests {
             ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
             ("amqps://user@host/vh", "amqps://user@host/vh"),
             ("amqp://u:p@ss@h/", "amqp://u:***@h/"),
-            ("guest:pw@127.0.0.1:5672/%2f", "guest:***@127.0.0.1:5672/%2f"),
+            (
+                "guest:pw@127.0.0.1:5672/%2f",
+                "guest:***@127.0.0.1:5672/%2f",
+            ),
             ("127.0.0.1:5672/a@b", "127.0.0.1:5672/a@b"),
         ];
         for (url, expected) in cases {
@@ -505,8 +510,13 @@ mod tests {
     #[test]
     fn a_toml_syntax_error_names_the_line_but_does_not_quote_it() {
         let text = "[relays.primary]\nusername = \"u\"\npassword = \"topsecret\" port = 25\n";
-        let e = check_toml_syntax(text, Path::new("/etc/sluice.toml")).unwrap_err().to_string();
-        assert!(e.contains("line 3") && e.contains("/etc/sluice.toml"), "{e}");
+        let e = check_toml_syntax(text, Path::new("/etc/sluice.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("/etc/sluice.toml"),
+            "{e}"
+        );
         assert!(!e.contains("topsecret"), "{e}");
         assert!(check_toml_syntax("[amqp]\nnamespace = \"x\"\n", Path::new("f")).is_ok());
     }

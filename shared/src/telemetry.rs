@@ -202,9 +202,8 @@ fn init_logs(service: &str) {
         .unwrap_or(false);
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    // EnvFilter lets a more specific directive (`RUST_LOG=amq_protocol_tcp=trace`, which
-    // would print the broker URL with its password) win over the caps above: this filter
-    // holds them whatever RUST_LOG says.
+    // EnvFilter lets a more specific directive (`RUST_LOG=lapin::channels=trace`) win over
+    // the caps above: this filter holds them whatever RUST_LOG says.
     let cap = tracing_subscriber::filter::filter_fn(|meta| {
         QUIET_TARGETS
             .iter()

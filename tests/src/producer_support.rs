@@ -10,9 +10,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -34,7 +35,11 @@ impl ProducerEnv {
     /// A fresh namespace `t-<tag>-<random>` with relay `primary` configured.
     pub async fn new(tag: &str) -> ProducerEnv {
         let ns = TestNamespace::new(tag, &["primary"], 2).await;
-        let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", 2525, "")], &["1s", "2s"]));
+        let config = ConfigFile::new(&config_toml(
+            &ns.name,
+            &[("primary", 2525, "")],
+            &["1s", "2s"],
+        ));
         ProducerEnv {
             ns,
             config,
@@ -80,7 +85,9 @@ impl ProducerEnv {
     pub fn spawn(&self, args: &[&str]) -> tokio::task::JoinHandle<Run> {
         let mut command = producer();
         command.args(args).arg("--config").arg(&self.config.path);
-        tokio::task::spawn_blocking(move || Run::from(command.output().expect("run sluice-producer")))
+        tokio::task::spawn_blocking(move || {
+            Run::from(command.output().expect("run sluice-producer"))
+        })
     }
 
     /// The name of the jobs queue of `primary`.
@@ -97,25 +104,43 @@ impl ProducerEnv {
     pub async fn queue_exists(&self, queue: &str) -> bool {
         let channel = self.ns.connection.create_channel().await.expect("channel");
         let declared = channel
-            .queue_declare(queue.into(), QueueDeclareOptions::default().passive(), FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
             .await;
         let _ = channel.close(200, "ok".into()).await;
         declared.is_ok()
     }
 
-    /// Take and acknowledge every message of `queue`, in queue order.
+    /// Take every message now in `queue`, in queue order (consumed without ack, so they
+    /// are gone).
     pub async fn take_all(&self, queue: &str) -> Vec<Message> {
+        let count = self.ns.queue_len(queue).await as usize;
         let channel = self.ns.connection.create_channel().await.expect("channel");
-        let mut out = Vec::new();
-        while let Some(got) = channel
-            .basic_get(queue.into(), BasicGetOptions::default())
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
-            .expect("basic_get")
-        {
-            got.delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            .expect("consume");
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("{queue}: only {} of {count} messages came", out.len()))
+                .expect("consumer open")
+                .expect("delivery");
             out.push(Message {
-                properties: got.delivery.properties.clone(),
-                body: got.delivery.data.clone(),
+                properties: delivery.properties,
+                body: delivery.data,
             });
         }
         let _ = channel.close(200, "ok".into()).await;
@@ -141,7 +166,10 @@ impl ProducerEnv {
             .expect("publish")
             .await
             .expect("confirm");
-        assert!(confirm.is_ack() && confirm.take_message().is_none(), "not stored in {queue}");
+        assert!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "not stored in {queue}"
+        );
     }
 
     /// Publish a delivery event to `<ns>.events` with routing key `<outcome>.<campaign>`.
@@ -170,7 +198,8 @@ impl ProducerEnv {
 
     /// Wait until `queue` holds at least `n` ready messages.
     pub async fn wait_for_messages(&self, queue: &str, n: u32, timeout: Duration) -> bool {
-        sluice_tests::broker::eventually(timeout, || async { self.ns.queue_len(queue).await >= n }).await
+        sluice_tests::broker::eventually(timeout, || async { self.ns.queue_len(queue).await >= n })
+            .await
     }
 }
 
@@ -182,7 +211,11 @@ impl Drop for ProducerEnv {
         let watch_queues: Vec<String> = self
             .campaigns
             .lock()
-            .map(|c| c.iter().map(|id| topology.campaign_watch_queue(id)).collect())
+            .map(|c| {
+                c.iter()
+                    .map(|id| topology.campaign_watch_queue(id))
+                    .collect()
+            })
             .unwrap_or_default();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -195,7 +228,9 @@ impl Drop for ProducerEnv {
                     .ok()?;
                 for queue in watch_queues {
                     let channel = connection.create_channel().await.ok()?;
-                    let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+                    let _ = channel
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
                 }
                 for exchange in [
                     topology.jobs_exchange(),
@@ -218,7 +253,10 @@ impl Drop for ProducerEnv {
 fn producer() -> Command {
     let mut command = Command::new(bin("sluice-producer"));
     command
-        .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env_remove("SLUICE_CONFIG")
         .stdin(Stdio::null());
     command
@@ -335,12 +373,16 @@ impl CuttingProxy {
         let count = connections.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut cut_rx = cut_rx.clone();
                 let generation = *cut_rx.borrow_and_update();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                    let Ok(server) = TcpStream::connect("127.0.0.1:5672").await else {
+                        return;
+                    };
                     let (mut client, mut server) = (client, server);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}

@@ -49,7 +49,11 @@ async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
     let campaign = env.campaign("spring");
     let mut csv = String::from("email,name,code\n");
     for i in 0..1000 {
-        let name = if i == 7 { "O'Brien, Zoë <&>".to_string() } else { format!("Reader {i}") };
+        let name = if i == 7 {
+            "O'Brien, Zoë <&>".to_string()
+        } else {
+            format!("Reader {i}")
+        };
         csv.push_str(&format!("reader{i}@example.org,\"{name}\",K{i}\n"));
     }
     let recipients = env.file("recipients.csv", csv);
@@ -70,14 +74,21 @@ async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
         let i = line - 2;
         assert_eq!(message.message_id().as_deref(), Some(job.id.as_str()));
         assert_eq!(
-            message.properties.content_type().as_ref().map(|c| c.as_str()),
+            message
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.as_str()),
             Some("application/json")
         );
         assert_eq!(message.properties.delivery_mode(), &Some(2));
         assert_eq!(job.to, format!("reader{i}@example.org"));
         assert_eq!(job.campaign.as_deref(), Some("spring"));
         assert_eq!(job.from, FROM);
-        assert_eq!(job.headers["List-Unsubscribe"], format!("<https://example.com/u/K{i}>"));
+        assert_eq!(
+            job.headers["List-Unsubscribe"],
+            format!("<https://example.com/u/K{i}>")
+        );
         if i == 7 {
             // Verbatim in the subject, text and headers; escaped in HTML only.
             assert_eq!(job.subject, "Hello O'Brien, Zoë <&>");
@@ -85,10 +96,16 @@ async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
                 job.text.as_deref(),
                 Some("Dear O'Brien, Zoë <&>,\nyour code is K7.\n")
             );
-            assert_eq!(job.html.as_deref(), Some("<p>Dear O&#x27;Brien, Zoë &lt;&amp;&gt;</p>\n"));
+            assert_eq!(
+                job.html.as_deref(),
+                Some("<p>Dear O&#x27;Brien, Zoë &lt;&amp;&gt;</p>\n")
+            );
         } else {
             assert_eq!(job.subject, format!("Hello Reader {i}"));
-            assert_eq!(job.html.as_deref(), Some(format!("<p>Dear Reader {i}</p>\n").as_str()));
+            assert_eq!(
+                job.html.as_deref(),
+                Some(format!("<p>Dear Reader {i}</p>\n").as_str())
+            );
         }
     }
     // `watch` learns the total from the campaign's watch queue.
@@ -98,7 +115,10 @@ async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
         summary[0].properties.kind().as_ref().map(|k| k.as_str()),
         Some("campaign-summary")
     );
-    assert_eq!(summary[0].header("x-sluice-expected").as_deref(), Some("1000"));
+    assert_eq!(
+        summary[0].header("x-sluice-expected").as_deref(),
+        Some("1000")
+    );
 }
 
 /// Lines 3..8 are each wrong in their own way; 2, 9-10 and 11 are fine.
@@ -143,10 +163,26 @@ async fn invalid_rows_are_listed_by_line_and_nothing_is_published() {
 
     run.expect_code(65);
     assert_eq!(run.reported_lines(), vec![3, 4, 5, 7, 8], "{}", run.stderr);
-    assert!(run.problem_on(3).contains("not-an-address"), "{}", run.problem_on(3));
-    assert!(run.problem_on(4).contains("vip_note"), "{}", run.problem_on(4));
-    assert!(run.problem_on(5).contains("CR or LF"), "{}", run.problem_on(5));
-    assert!(run.problem_on(7).contains("wrong number of fields"), "{}", run.problem_on(7));
+    assert!(
+        run.problem_on(3).contains("not-an-address"),
+        "{}",
+        run.problem_on(3)
+    );
+    assert!(
+        run.problem_on(4).contains("vip_note"),
+        "{}",
+        run.problem_on(4)
+    );
+    assert!(
+        run.problem_on(5).contains("CR or LF"),
+        "{}",
+        run.problem_on(5)
+    );
+    assert!(
+        run.problem_on(7).contains("wrong number of fields"),
+        "{}",
+        run.problem_on(7)
+    );
     assert!(run.problem_on(8).contains("UTF-8"), "{}", run.problem_on(8));
     assert!(!run.stdout.contains("published"), "{}", run.stdout);
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
@@ -173,7 +209,12 @@ async fn skip_invalid_publishes_the_valid_rows_and_still_lists_the_others() {
         run.json(),
         serde_json::json!({"published": 3, "skipped": 5, "campaign": "mixed"})
     );
-    assert_eq!(run.stdout.lines().count(), 1, "--json prints one object: {}", run.stdout);
+    assert_eq!(
+        run.stdout.lines().count(),
+        1,
+        "--json prints one object: {}",
+        run.stdout
+    );
     let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
     let ids: BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
     assert_eq!(
@@ -247,13 +288,23 @@ async fn a_generated_campaign_id_names_the_jobs_and_return_path_is_the_envelope(
     env.campaign(&campaign);
     // c + UTC time + 4 hex digits: c20261128T112233Z3f9a
     assert_eq!(campaign.len(), 21, "{campaign}");
-    assert!(campaign.starts_with('c') && campaign.as_bytes()[9] == b'T' && campaign.as_bytes()[16] == b'Z');
-    assert!(campaign[17..].chars().all(|c| c.is_ascii_hexdigit()), "{campaign}");
+    assert!(
+        campaign.starts_with('c')
+            && campaign.as_bytes()[9] == b'T'
+            && campaign.as_bytes()[16] == b'Z'
+    );
+    assert!(
+        campaign[17..].chars().all(|c| c.is_ascii_hexdigit()),
+        "{campaign}"
+    );
     let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].id, format!("{campaign}-2"));
     assert_eq!(jobs[0].return_path.as_deref(), Some("bounces@example.com"));
-    assert_eq!(jobs[0].envelope_sender().unwrap().to_string(), "bounces@example.com");
+    assert_eq!(
+        jobs[0].envelope_sender().unwrap().to_string(),
+        "bounces@example.com"
+    );
 }
 
 #[tokio::test]
@@ -285,8 +336,13 @@ async fn usage_and_configuration_errors_have_their_own_exit_codes() {
     assert!(run.stderr.contains("namespaec"), "{}", run.stderr);
 
     // clap's own usage errors.
-    env.run(&["send", "--recipients", recipients.as_str()]).expect_code(2);
-    assert!(env.run(&["send", "--help"]).expect_code(0).stdout.contains("Exit codes:"));
+    env.run(&["send", "--recipients", recipients.as_str()])
+        .expect_code(2);
+    assert!(env
+        .run(&["send", "--help"])
+        .expect_code(0)
+        .stdout
+        .contains("Exit codes:"));
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
 }
 
@@ -302,7 +358,7 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
             env.ns.name
         ),
     );
-    let rows = 30_000;
+    let rows = 12_000;
     let mut csv = String::from("email,name,code\n");
     for i in 0..rows {
         csv.push_str(&format!("r{i}@example.org,R{i},C{i}\n"));
@@ -320,7 +376,8 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
 
     // Cut the connection once publishing is under way.
     assert!(
-        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(60)).await,
+        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(60))
+            .await,
         "publishing did not start"
     );
     proxy.cut();
@@ -335,6 +392,11 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
     assert!(run.stderr.contains("reconnecting"), "{}", run.stderr);
     let jobs = jobs_of(&env.take_all(&env.jobs_queue()).await);
     let ids: BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    assert_eq!(ids.len(), rows, "every job arrived (duplicates allowed: {})", jobs.len());
+    assert_eq!(
+        ids.len(),
+        rows,
+        "every job arrived (duplicates allowed: {})",
+        jobs.len()
+    );
     assert!(jobs.len() >= rows);
 }

@@ -16,8 +16,17 @@ async fn send_campaign(env: &ProducerEnv, campaign: &str, n: usize) {
     let recipients = env.file(&format!("{campaign}.csv"), csv);
     let text = env.file("body.txt", "Hi {{ name }}\n");
     env.run(&[
-        "send", "--recipients", &recipients, "--campaign", campaign, "--from",
-        "news@example.com", "--subject", "Hi", "--text", &text,
+        "send",
+        "--recipients",
+        &recipients,
+        "--campaign",
+        campaign,
+        "--from",
+        "news@example.com",
+        "--subject",
+        "Hi",
+        "--text",
+        &text,
     ])
     .expect_code(0);
 }
@@ -73,7 +82,10 @@ async fn bounces_and_dead_jobs_make_watch_exit_3() {
     let run = finished(watch).await;
 
     run.expect_code(3);
-    assert_eq!(run.last_line(), "delivered 1, bounced 1, dead 1, deferred attempts 1");
+    assert_eq!(
+        run.last_line(),
+        "delivered 1, bounced 1, dead 1, deferred attempts 1"
+    );
 }
 
 #[tokio::test]
@@ -84,11 +96,22 @@ async fn send_wait_follows_the_campaign_it_published() {
     let text = env.file("body.txt", "Hi {{ name }}\n");
 
     let send = env.spawn(&[
-        "send", "--recipients", &recipients, "--campaign", &campaign, "--from",
-        "news@example.com", "--subject", "Hi", "--text", &text, "--wait",
+        "send",
+        "--recipients",
+        &recipients,
+        "--campaign",
+        &campaign,
+        "--from",
+        "news@example.com",
+        "--subject",
+        "Hi",
+        "--text",
+        &text,
+        "--wait",
     ]);
     assert!(
-        env.wait_for_messages(&env.jobs_queue(), 2, Duration::from_secs(30)).await,
+        env.wait_for_messages(&env.jobs_queue(), 2, Duration::from_secs(30))
+            .await,
         "the jobs were published"
     );
     env.event(&campaign, "wwait-2", "delivered").await;
@@ -97,7 +120,10 @@ async fn send_wait_follows_the_campaign_it_published() {
 
     run.expect_code(3);
     assert!(run.stdout.contains("published 2 jobs"), "{}", run.stdout);
-    assert_eq!(run.last_line(), "delivered 1, bounced 1, dead 0, deferred attempts 0");
+    assert_eq!(
+        run.last_line(),
+        "delivered 1, bounced 1, dead 0, deferred attempts 0"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use sluice_shared::events::EventOutcome;
 use sluice_tests::aiosmtpd::{Aiosmtpd, Mode};
 use sluice_tests::broker::{eventually, EventTap, TestNamespace};
 use sluice_tests::processes::{bin, config_toml, ConfigFile};
-use sluice_tests::tls::TestPki;
+use sluice_tests::tls::{TestPki, TlsProxy};
 
 const USER: &str = "sluice-relay-user";
 const PASSWORD: &str = "Rel4yPassw0rd-7c1e";
@@ -258,20 +258,26 @@ async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_i
     ns.publish_jobs("primary", "clear", 1).await;
 
     assert!(
-        worker
-            .wait_for("STARTTLS is required", Duration::from_secs(30))
-            .await,
-        "{}",
+        eventually(Duration::from_secs(30), || async {
+            !relay.commands().is_empty()
+        })
+        .await,
+        "the worker never tried the relay:\n{}",
         worker.text()
     );
+    // Cool-offs of 1 s: several sessions were tried by now.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let commands = relay.commands();
-    assert!(!commands.is_empty(), "the worker never tried the relay");
     assert!(
         commands
             .iter()
             .all(|c| c.contains(" EHLO ") || c.contains(" QUIT ")),
         "something beyond EHLO went out in clear: {commands:?}"
+    );
+    assert!(
+        worker.text().contains("STARTTLS is required"),
+        "{}",
+        worker.text()
     );
     assert!(relay.messages().is_empty());
     assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
@@ -465,6 +471,23 @@ async fn no_secret_reaches_the_output_of_a_trace_level_run() {
         "{worker_output}"
     );
     assert!(worker_output.contains("rejected our credentials"));
+    // The protocol chatter of the AMQP and SMTP libraries stays capped, even when RUST_LOG
+    // names their modules: no line below WARN from their targets ("lapin::io_loop:").
+    for output in [&worker_output, &producer_output] {
+        for line in output.lines() {
+            let below_warn = ["TRACE", "DEBUG", "INFO"].iter().any(|l| line.contains(l));
+            let from_capped = line.split_whitespace().any(|word| {
+                word.ends_with(':')
+                    && ["lapin", "amq_protocol", "lettre"]
+                        .iter()
+                        .any(|t| word.starts_with(t))
+            });
+            assert!(
+                !(below_warn && from_capped),
+                "a capped dependency logged: {line}"
+            );
+        }
+    }
     let secrets = [
         (USER, PASSWORD),
         (USER, wrong),
@@ -524,6 +547,87 @@ async fn an_unreachable_broker_is_reported_without_the_password_in_its_url() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn amqps_with_a_private_ca_reaches_the_broker_and_an_unknown_ca_does_not() {
+    // The real broker behind a TLS-terminating proxy: an amqps:// endpoint with a
+    // certificate from a private CA.
+    let pki = TestPki::generate();
+    let proxy = TlsProxy::start(&pki, "127.0.0.1:5672").await;
+    let relay = Aiosmtpd::start(Mode::Plain, None, None).await;
+    let ns = TestNamespace::new("sec-amqps", &["primary"], 1).await;
+    let amqps = format!("amqps://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let toml = config_toml(&ns.name, &[("primary", relay.port, "")], &["1s"])
+        .replace(sluice_tests::broker::AMQP_URL, &amqps);
+    let with_ca = ConfigFile::new(&toml.replace(
+        "[amqp]\n",
+        &format!("[amqp]\nca_file = {:?}\n", path(&pki.ca_cert)),
+    ));
+    let without_ca = ConfigFile::new(&toml);
+    let recipients = with_ca.write("recipients.csv", "email\nsomeone@example.org\n");
+    let text = with_ca.write("body.txt", "Hello\n");
+    let send = |config: &Path| {
+        [
+            "send",
+            "--config",
+            path(config),
+            "--recipients",
+            path(&recipients),
+            "--from",
+            "news@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            path(&text),
+        ]
+        .map(str::to_string)
+    };
+
+    // Without the CA: the broker's certificate is refused, nothing is published.
+    let args = send(&without_ca.path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = Captured::spawn("sluice-producer", &args, &[("RUST_LOG", "info")]);
+    assert!(
+        refused
+            .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
+            .await,
+        "{}",
+        refused.text()
+    );
+    let refused = refused.stop();
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    assert_eq!(proxy.handshakes(), 0);
+
+    // With it: published through TLS, and a worker on amqps delivers it.
+    let args = send(&with_ca.path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let producer = Captured::spawn("sluice-producer", &args, &[("RUST_LOG", "info")]);
+    // Waited for off the runtime's threads: the proxy runs on them.
+    let (status, output) = tokio::task::spawn_blocking(move || producer.wait())
+        .await
+        .expect("wait for the producer");
+    assert!(status.success(), "{output}");
+    assert!(proxy.handshakes() >= 1);
+    let mut events = ns.events().await;
+    let worker = Captured::spawn(
+        "sluice-worker",
+        &["--config", path(&with_ca.path)],
+        &[("RUST_LOG", "info")],
+    );
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| !seen.is_empty())
+            .await,
+        "{}",
+        worker.text()
+    );
+    assert_eq!(events.seen[0].outcome, EventOutcome::Delivered);
+    assert_eq!(relay.messages().len(), 1);
+    assert!(
+        proxy.handshakes() >= 2,
+        "the worker did not come through TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_missing_broker_ca_file_stops_the_worker_naming_the_file() {
     let config = ConfigFile::new(
         "[amqp]\nurl = \"amqps://sluice:S3cr3tPw@127.0.0.1:5671/%2f\"\n\
@@ -568,6 +672,13 @@ async fn help_and_configuration_errors_show_no_secret() {
         assert!(text.contains("Usage"), "{text}");
         assert_no_secret(&text, &secrets, &format!("{binary} {args:?}"));
     }
+
+    // The effective configuration, printed with its secrets masked.
+    let printed = run("sluice-worker", &["print-config"], &env);
+    let text = output_text(&printed);
+    assert!(printed.status.success(), "{text}");
+    assert!(text.contains("sluice:***@127.0.0.1"), "{text}");
+    assert_no_secret(&text, &secrets, "sluice-worker print-config");
 
     // Configuration errors, each in a config that holds secrets.
     let with_secrets = |relay_extra: &str| {

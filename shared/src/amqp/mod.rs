@@ -69,7 +69,12 @@ impl AmqpSettings {
         // naming it rather than a certificate failure at every connection.
         let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("amqp.ca_file {} is not valid PEM: {e}", path.display())))?;
+            .map_err(|e| {
+                bad(format!(
+                    "amqp.ca_file {} is not valid PEM: {e}",
+                    path.display()
+                ))
+            })?;
         if certs.is_empty() {
             return Err(bad(format!(
                 "amqp.ca_file {} holds no PEM certificate",
@@ -144,7 +149,10 @@ mod tests {
             .expect_err("no CA file, no connection");
         let text = e.to_string();
         assert!(e.permanent);
-        assert!(text.contains("amqp.ca_file") && text.contains(path), "{text}");
+        assert!(
+            text.contains("amqp.ca_file") && text.contains(path),
+            "{text}"
+        );
         assert!(!text.contains("S3cr3tPw"), "{text}");
     }
 

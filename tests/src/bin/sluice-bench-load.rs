@@ -3,6 +3,8 @@
 //! - `queue`: put N jobs of about B bytes on a relay's jobs queue, as the producer would
 //!   (same topology, same job JSON and properties, the campaign's watch queue declared
 //!   first), with pipelined publisher confirms, so the drain starts from a full queue.
+//!   `--batch K` hands K publishes to lapin at once; with the same jobs as the producer's,
+//!   it measures what the broker takes (the producer's ceiling).
 //! - `wait`: poll the workers' `/metrics` until their `sluice_jobs_delivered_total` adds up
 //!   to N, and print when that was seen (the last acceptance, to within one poll).
 //! - `cleanup`: delete every queue and exchange of a benchmark namespace.
@@ -23,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const USAGE: &str = "\
 usage:
   sluice-bench-load queue   --url URL --namespace NS --relay NAME --campaign ID --count N
-                            [--body-bytes 2048] [--window 2000] [--retry-steps 5]
+                            [--body-bytes 2048] [--window 2000] [--batch 1] [--retry-steps 5]
   sluice-bench-load wait    --metrics HOST:PORT[,HOST:PORT...] --count N
                             [--timeout-secs 120] [--interval-ms 50]
   sluice-bench-load cleanup --url URL --namespace NS --relay NAME [--campaign ID]...
@@ -123,6 +125,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
     let body_bytes: usize = args.num("body-bytes", Some(2048))?;
     let window: usize = args.num("window", Some(2000))?;
     let retry_steps: usize = args.num("retry-steps", Some(5))?;
+    let batch: usize = args.num::<usize>("batch", Some(1))?.max(1);
 
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -137,43 +140,53 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
 
     let exchange = topology.jobs_exchange();
     let started = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(window);
+    let mut in_flight = VecDeque::with_capacity(window + batch);
     let mut confirmed = 0u64;
     let text = body_text(body_bytes, 0);
-    for seq in 1..=count {
-        let id = format!("{campaign}-{seq}");
-        let job = Job {
-            id: id.clone(),
-            campaign: Some(campaign.to_string()),
-            from: "Bench <bench@example.com>".into(),
-            return_path: None,
-            to: format!("user{seq}@example.org"),
-            subject: format!("Benchmark message {seq}"),
-            text: Some(text.clone()),
-            html: None,
-            headers: Default::default(),
-        };
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(id.into());
-        if in_flight.len() >= window {
-            settle(in_flight.pop_front().expect("window is full")).await?;
+    let mut seq = 0u64;
+    while seq < count {
+        // One batch of jobs handed to lapin together: its I/O thread writes them in one
+        // go, instead of one socket write (and one thread hand-off) per job.
+        let mut bodies = Vec::with_capacity(batch);
+        while bodies.len() < batch && seq < count {
+            seq += 1;
+            let id = format!("{campaign}-{seq}");
+            let job = Job {
+                id: id.clone(),
+                campaign: Some(campaign.to_string()),
+                from: "Bench <bench@example.com>".into(),
+                return_path: None,
+                to: format!("user{seq}@example.org"),
+                subject: format!("Benchmark message {seq}"),
+                text: Some(text.clone()),
+                html: None,
+                headers: Default::default(),
+            };
+            bodies.push((id, job.to_bytes()));
+        }
+        while in_flight.len() + bodies.len() > window.max(bodies.len()) {
+            settle(in_flight.pop_front().expect("window is not empty")).await?;
             confirmed += 1;
         }
-        let confirm = channel
-            .basic_publish(
+        let sends = bodies.iter().map(|(id, body)| {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(id.as_str().into());
+            channel.basic_publish(
                 exchange.as_str().into(),
                 relay.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
-                &job.to_bytes(),
+                body,
                 properties,
             )
-            .await?;
-        in_flight.push_back(confirm);
+        });
+        for confirm in futures_util::future::join_all(sends).await {
+            in_flight.push_back(confirm?);
+        }
     }
     while let Some(confirm) = in_flight.pop_front() {
         settle(confirm).await?;
