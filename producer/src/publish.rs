@@ -93,14 +93,17 @@ enum Sending {
     Lost,
 }
 
-/// A connection with a confirm-mode channel, the topology declared, and the window of
+/// A connection with confirm-mode channels, the topology declared, and the window of
 /// messages not yet confirmed.
 pub struct Publisher {
     amqp: AmqpSettings,
     topology: Topology,
     setup: Setup,
     connection: Connection,
-    channel: Channel,
+    /// Messages go out round-robin: on the broker each channel is a process of its own, so
+    /// several channels spread the routing work over its schedulers.
+    channels: Vec<Channel>,
+    next_channel: usize,
     window: VecDeque<InFlight>,
     window_size: usize,
     keep_tags: bool,
@@ -122,7 +125,7 @@ impl Publisher {
         window_size: usize,
         keep_tags: bool,
     ) -> Result<Publisher, PublishError> {
-        let (connection, channel) = open(amqp, &topology, &setup)
+        let (connection, channels) = open(amqp, &topology, &setup)
             .await
             .map_err(PublishError::Unreachable)?;
         Ok(Publisher {
@@ -130,7 +133,8 @@ impl Publisher {
             topology,
             setup,
             connection,
-            channel,
+            channels,
+            next_channel: 0,
             window: VecDeque::with_capacity(window_size),
             window_size: window_size.max(1),
             keep_tags,
@@ -174,7 +178,7 @@ impl Publisher {
             body: Arc::new(body),
             state: Sending::Lost,
         };
-        let channel = self.channel.clone();
+        let channel = self.next_channel().clone();
         let (exchange, routing_key, properties, body) = (
             in_flight.exchange.clone(),
             in_flight.routing_key.clone(),
@@ -292,11 +296,11 @@ impl Publisher {
                 "lost the broker connection; reconnecting to publish the unconfirmed messages again"
             );
             let _ = self.connection.close(200, "reconnecting".into()).await;
-            let (connection, channel) = open(&self.amqp, &self.topology, &self.setup)
+            let (connection, channels) = open(&self.amqp, &self.topology, &self.setup)
                 .await
                 .map_err(PublishError::Unreachable)?;
             self.connection = connection;
-            self.channel = channel;
+            self.channels = channels;
             match self.republish().await {
                 Ok(()) => return Ok(()),
                 Err(error) => cause = anyhow::Error::new(error),
@@ -304,16 +308,22 @@ impl Publisher {
         }
     }
 
-    /// Publish every message of the window again, in order, on the current channel. Whatever
+    /// The channel for the next message.
+    fn next_channel(&mut self) -> &Channel {
+        self.next_channel = (self.next_channel + 1) % self.channels.len();
+        &self.channels[self.next_channel]
+    }
+
+    /// Publish every message of the window again, in order, on the new channels. Whatever
     /// happened to the earlier copies (some may even have been confirmed), only the new
     /// confirms count: duplicates rather than losses.
     async fn republish(&mut self) -> lapin::Result<()> {
-        for in_flight in self.window.iter_mut() {
+        for (i, in_flight) in self.window.iter_mut().enumerate() {
             if let Sending::Handing(task) = std::mem::replace(&mut in_flight.state, Sending::Lost) {
                 task.abort();
             }
             let confirm = send(
-                &self.channel,
+                &self.channels[i % self.channels.len()],
                 in_flight.exchange.clone(),
                 in_flight.routing_key.clone(),
                 &in_flight.body,
@@ -326,27 +336,35 @@ impl Publisher {
     }
 }
 
-/// Connect, open a confirm-mode channel and declare what `setup` asks for.
+/// Channels a publisher spreads its messages over.
+const CHANNELS: usize = 4;
+
+/// Connect, open confirm-mode channels and declare what `setup` asks for.
 async fn open(
     amqp: &AmqpSettings,
     topology: &Topology,
     setup: &Setup,
-) -> anyhow::Result<(Connection, Channel)> {
+) -> anyhow::Result<(Connection, Vec<Channel>)> {
     use anyhow::Context as _;
     let connection = amqp
         .connect_with_backoff("sluice-producer", RECONNECT_WAIT)
         .await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("cannot open a channel")?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .context("cannot enable publisher confirms")?;
+    let mut channels = Vec::with_capacity(CHANNELS);
+    for _ in 0..CHANNELS {
+        let channel = connection
+            .create_channel()
+            .await
+            .context("cannot open a channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("cannot enable publisher confirms")?;
+        channels.push(channel);
+    }
+    let channel = &channels[0];
     let relays: Vec<&str> = setup.relays.iter().map(String::as_str).collect();
     topology
-        .declare(&channel, &relays, setup.retry_steps)
+        .declare(channel, &relays, setup.retry_steps)
         .await
         .with_context(|| {
             format!(
@@ -356,11 +374,11 @@ async fn open(
         })?;
     if let Some(campaign) = &setup.watch_campaign {
         topology
-            .declare_campaign_watch(&channel, campaign)
+            .declare_campaign_watch(channel, campaign)
             .await
             .with_context(|| format!("cannot declare the watch queue of campaign {campaign}"))?;
     }
-    Ok((connection, channel))
+    Ok((connection, channels))
 }
 
 async fn send(

@@ -975,3 +975,25 @@ fn rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce() {
+    use sluice_tests::processes::WorkerProcess;
+    use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+
+    let ns = TestNamespace::new("sec-530", &["primary"], 1).await;
+    // The relay wants AUTH; our settings carry no credentials, so MAIL gets 530.
+    let smtp = ScriptedSmtp::start(Behaviour::auth_required("relay-user", "relay-pass")).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "down_cooloff = \"1s\"")],
+        &["1s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+    ns.publish_jobs("primary", "needs-auth", 1).await;
+
+    assert!(eventually(Duration::from_secs(10), || async { smtp.sessions_total() >= 2 }).await);
+    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_eq!(smtp.accepted_count(), 0);
+}

@@ -263,6 +263,19 @@ async fn deliver_one(
                     ctx.metrics.sessions_open(relay.name()).dec();
                 }
             }
+            if let Some(fault) = deliver::relay_fault(relay.name(), &outcome) {
+                // "Authentication required" is about our settings for the relay, not about
+                // this job: mark the relay down and put the job back untouched.
+                relay.health.mark_down(&fault);
+                span.requeued("the relay refused us, not the job; requeued untouched");
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+                return Ok(false);
+            }
             outcome
         }
     };

@@ -117,6 +117,19 @@ pub async fn attempt(session: &mut SmtpSession, message: &PreparedMessage) -> Ou
     }))
 }
 
+/// Replies to a transaction that blame the session rather than the message: 530
+/// (authentication required) means our settings for the relay are wrong, so the relay is
+/// treated as down instead of bouncing every job.
+pub fn relay_fault(relay: &str, outcome: &Outcome) -> Option<crate::smtp::OpenError> {
+    match outcome {
+        Outcome::Bounced { code: 530, reply } => Some(crate::smtp::OpenError::AuthRejected {
+            relay: relay.to_string(),
+            reason: format!("530 {reply}"),
+        }),
+        _ => None,
+    }
+}
+
 /// Map a send result to an outcome: 2xx delivered, 4xx / connection / timeout deferred,
 /// 5xx bounced.
 pub fn classify(result: Result<(u16, String), SendError>) -> Outcome {

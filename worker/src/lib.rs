@@ -51,8 +51,10 @@ pub async fn run(
     let (own, lanes_for) = select_relays(&settings, &only_relays)?;
     // Build every relay client once up front, so a bad TLS file or password file stops
     // the worker at start, not at its first job.
+    let mut clients = std::collections::BTreeMap::new();
     for name in &lanes_for {
-        RelayClient::new(name, &settings.relays[name])?;
+        let client = RelayClient::new(name, &settings.relays[name])?;
+        clients.insert(name.clone(), Arc::new(client));
     }
     let metrics = Metrics::new();
     for name in &lanes_for {
@@ -90,7 +92,7 @@ pub async fn run(
 
         let mut relays = Vec::new();
         for name in &lanes_for {
-            let client = RelayClient::new(name, &settings.relays[name])?;
+            let client = clients[name].clone();
             let budget = Budget::new(
                 connection.clone(),
                 topology.clone(),

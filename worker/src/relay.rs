@@ -13,7 +13,7 @@ use crate::smtp::{OpenError, RelayClient};
 
 /// Everything the worker's lanes need to deliver through one relay.
 pub struct Relay {
-    pub client: RelayClient,
+    pub client: Arc<RelayClient>,
     pub budget: Budget,
     pub rate_share: Option<RateShare>,
     pub health: RelayHealth,
@@ -24,7 +24,7 @@ pub struct Relay {
 
 impl Relay {
     /// Assemble a relay from its client and budget.
-    pub fn new(client: RelayClient, budget: Budget, metrics: Metrics, serves_own_queue: bool) -> Self {
+    pub fn new(client: Arc<RelayClient>, budget: Budget, metrics: Metrics, serves_own_queue: bool) -> Self {
         let settings = client.settings();
         let share = rate_share(settings.max_messages_per_second, settings.max_connections);
         let health = RelayHealth::new(client.name(), settings.down_cooloff, metrics);
