@@ -30,7 +30,8 @@
 # bounded (a drain that does not finish in 120 s is reported as failed, not waited for).
 # Only 127.0.0.1 is ever targeted.
 #
-# Output: progress on stderr, the table on stdout.
+# Output: progress on stderr, the table on stdout. SLUICE_BENCH_KEEP=1 keeps the worker
+# logs and inputs (the directory is named at the end).
 # Exit: 0 when every measurement ran (PASS or MISS), 1 when one failed, 2 on bad usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,7 +112,7 @@ on_exit() {
       cleanup_namespace $entry
     done
   fi
-  rm -rf "$WORK"
+  if [ "${SLUICE_BENCH_KEEP:-0}" = 1 ]; then say "logs and inputs kept in $WORK"; else rm -rf "$WORK"; fi
   exit "$status"
 }
 trap on_exit EXIT
@@ -205,6 +206,19 @@ max_kib() {   # field -> the largest value over the workers, in KiB
   echo "$best"
 }
 
+# Deliveries counted beyond the jobs published are redeliveries that reached the relay again
+# (a worker dropped a job in flight): they count as acceptances in the figures (so the N-th
+# acceptance may come before the last job's), and are reported here.
+check_duplicates() {   # phase -- one second after the last acceptance, count again
+  local delivered
+  sleep 1
+  delivered="$("$BIN/sluice-bench-load" wait --metrics "$(metrics_list)" --count 1 --timeout-secs 5 \
+    2>/dev/null | sed -n 's/^delivered=//p')"
+  if [ -n "$delivered" ] && [ "$delivered" -gt "$JOBS" ]; then
+    say "$1: $((delivered - JOBS)) deliveries beyond the $JOBS jobs (redelivered duplicates)"
+  fi
+}
+
 # --- One repetition of each phase ------------------------------------------------------
 ceiling() {
   local t0 t1
@@ -244,6 +258,7 @@ drain() {   # rep
     record drain 0; record ratio 0; FAILED=1
   fi
   record worker_peak "$(max_kib VmHWM)"
+  check_duplicates "drain $1"
   stop_workers
   cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }
@@ -274,6 +289,7 @@ end_to_end() {   # rep
     say "the producer failed: $(tail -n 3 "$WORK/e2e-producer-$1.out")"; FAILED=1
   fi
   record worker_peak_e2e "$(max_kib VmHWM)"
+  check_duplicates "end to end $1"
   stop_workers
   cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }

@@ -236,10 +236,20 @@ impl Object for RowVars {
     }
 }
 
-/// Streams a recipients file into jobs (or row errors), one row at a time.
-pub struct CampaignReader<R> {
-    records: RecordReader<R>,
-    record: RawRecord,
+/// Whether [`Campaign::job`] runs [`Job::validate`] on the rendered job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Everything: the first pass over the file.
+    Full,
+    /// Only what rendering itself checks (fields, variables, header line breaks): for the
+    /// second pass over a file that is known unchanged since a [`Check::Full`] pass, whose
+    /// invalid rows are skipped by line number.
+    RenderOnly,
+}
+
+/// Turns one record of a recipients file into a job: the columns, the templates, the spec.
+/// Shared by the threads of the validation pass.
+pub struct Campaign {
     columns: Arc<Columns>,
     templates: Arc<Templates>,
     spec: Arc<CampaignSpec>,
@@ -247,56 +257,20 @@ pub struct CampaignReader<R> {
     max_field_bytes: usize,
 }
 
-impl<R: BufRead> CampaignReader<R> {
-    /// Read the header row. An unusable header (no `email` column, an empty file...) is a
-    /// [`RowError`] on line 1; an I/O failure is an `io::Error`.
-    pub fn new(
-        input: R,
-        spec: Arc<CampaignSpec>,
-        templates: Arc<Templates>,
-        limits: Limits,
-    ) -> Result<Self, HeaderError> {
-        let mut records = RecordReader::new(input, limits);
-        let mut record = RawRecord::default();
-        if !records.read(&mut record)? {
-            return Err(HeaderError::Invalid(RowError {
-                line: 1,
-                problem: format!(
-                    "the file is empty: expected a header row naming an {EMAIL_COLUMN:?} column"
-                ),
-            }));
-        }
-        let columns = Columns::from_header(&record)?;
-        let unknown_variables = templates.unknown_variables(&columns);
-        Ok(Self {
-            records,
-            record,
-            columns: Arc::new(columns),
-            templates,
-            spec,
-            unknown_variables,
-            max_field_bytes: limits.max_field_bytes,
-        })
-    }
-
+impl Campaign {
     /// The header's columns.
     pub fn columns(&self) -> &Columns {
         &self.columns
     }
 
-    /// The next row as a validated job or as the reason it is not one; `None` at the end.
-    pub fn next_row(&mut self) -> std::io::Result<Option<Result<Job, RowError>>> {
-        if !self.records.read(&mut self.record)? {
-            return Ok(None);
-        }
-        let line = self.record.line();
-        Ok(Some(
-            self.job(line).map_err(|problem| RowError { line, problem }),
-        ))
+    /// The job of one record, or why there is none.
+    pub fn job(&self, record: &RawRecord, check: Check) -> Result<Job, RowError> {
+        let line = record.line();
+        self.try_job(record, check)
+            .map_err(|problem| RowError { line, problem })
     }
 
-    fn job(&self, line: u64) -> Result<Job, String> {
-        let record = &self.record;
+    fn try_job(&self, record: &RawRecord, check: Check) -> Result<Job, String> {
         if let Some(oversized) = record.oversized() {
             let mut problem = oversized_problem(oversized, &self.columns.names);
             if matches!(oversized, Oversized::Field { .. }) {
@@ -345,7 +319,7 @@ impl<R: BufRead> CampaignReader<R> {
         }
         let spec = &self.spec;
         let job = Job {
-            id: format!("{}-{line}", spec.campaign),
+            id: format!("{}-{}", spec.campaign, record.line()),
             campaign: Some(spec.campaign.clone()),
             from: spec.from.clone(),
             return_path: spec.return_path.clone(),
@@ -355,15 +329,15 @@ impl<R: BufRead> CampaignReader<R> {
             html,
             headers,
         };
-        job.validate().map_err(|e| match e {
-            InvalidJob::Field {
-                field: "to",
-                problem,
-            } => {
-                format!("column {EMAIL_COLUMN:?}: {problem}")
-            }
-            other => other.to_string(),
-        })?;
+        if check == Check::Full {
+            job.validate().map_err(|e| match e {
+                InvalidJob::Field {
+                    field: "to",
+                    problem,
+                } => format!("column {EMAIL_COLUMN:?}: {problem}"),
+                other => other.to_string(),
+            })?;
+        }
         Ok(job)
     }
 
@@ -380,6 +354,68 @@ impl<R: BufRead> CampaignReader<R> {
                 _ => format!("{what}: {e}"),
             }
         })
+    }
+}
+
+/// Streams a recipients file: the header row first, then one record (or job) at a time.
+pub struct CampaignReader<R> {
+    records: RecordReader<R>,
+    record: RawRecord,
+    campaign: Arc<Campaign>,
+}
+
+impl<R: BufRead> CampaignReader<R> {
+    /// Read the header row. An unusable header (no `email` column, an empty file...) is a
+    /// [`RowError`] on line 1; an I/O failure is an `io::Error`.
+    pub fn new(
+        input: R,
+        spec: Arc<CampaignSpec>,
+        templates: Arc<Templates>,
+        limits: Limits,
+    ) -> Result<Self, HeaderError> {
+        let mut records = RecordReader::new(input, limits);
+        let mut record = RawRecord::default();
+        if !records.read(&mut record)? {
+            return Err(HeaderError::Invalid(RowError {
+                line: 1,
+                problem: format!(
+                    "the file is empty: expected a header row naming an {EMAIL_COLUMN:?} column"
+                ),
+            }));
+        }
+        let columns = Columns::from_header(&record)?;
+        let unknown_variables = templates.unknown_variables(&columns);
+        let campaign = Campaign {
+            columns: Arc::new(columns),
+            templates,
+            spec,
+            unknown_variables,
+            max_field_bytes: limits.max_field_bytes,
+        };
+        Ok(Self {
+            records,
+            record,
+            campaign: Arc::new(campaign),
+        })
+    }
+
+    /// What turns records into jobs.
+    pub fn campaign(&self) -> &Arc<Campaign> {
+        &self.campaign
+    }
+
+    /// The next raw record; `Ok(false)` at the end of the file.
+    pub fn next_record(&mut self, record: &mut RawRecord) -> std::io::Result<bool> {
+        self.records.read(record)
+    }
+
+    /// The next row as a fully validated job or as the reason it is not one; `None` at the
+    /// end of the file.
+    pub fn next_row(&mut self) -> std::io::Result<Option<Result<Job, RowError>>> {
+        if !self.records.read(&mut self.record)? {
+            return Ok(None);
+        }
+        Ok(Some(self.campaign.job(&self.record, Check::Full)))
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`rows`]: the recipients CSV, record by record, in bounded memory.
 //! - [`campaign`]: CSV rows + templates → validated jobs.
 //! - [`send`]: `send`: validate every row, then publish.
+//! - [`validate`]: the first pass of `send`, on every core.
 //! - [`publish`]: confirmed, pipelined publishing that survives a lost connection.
 //! - [`watch`]: `watch` (and `send --wait`): follow a campaign's delivery events.
 //! - [`dead`]: `dead list | replay | purge`.
@@ -20,6 +21,7 @@ pub mod progress;
 pub mod publish;
 pub mod rows;
 pub mod send;
+pub mod validate;
 pub mod watch;
 
 use sluice_shared::Settings;

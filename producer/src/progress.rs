@@ -82,6 +82,14 @@ impl Progress {
         }
     }
 
+    /// Print a line on stderr above the bar (or just print it, without a bar).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Remove the bar (the final result is printed by the caller).
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {

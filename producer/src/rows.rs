@@ -116,11 +116,13 @@ impl<R: BufRead> RecordReader<R> {
         }
         self.skip_blank_lines()?;
         record.line = self.core.line();
+        // Small to start with: the validation pass keeps a few thousand records around; a
+        // record's buffers grow (doubling) to its longest row and are then reused.
         if record.data.is_empty() {
-            record.data.resize(4096, 0);
+            record.data.resize(256, 0);
         }
         if record.ends.is_empty() {
-            record.ends.resize(32, 0);
+            record.ends.resize(16, 0);
         }
         let (mut out_len, mut ends_len) = (0, 0);
         loop {

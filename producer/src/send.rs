@@ -1,9 +1,10 @@
 //! `send`: validate every row of a campaign, then publish one job per valid row.
 //!
-//! The file is read twice. The first pass renders and validates every row and lists each
-//! problem as `line N: ...`; unless `--skip-invalid` is given, one problem means nothing is
-//! published. The second pass renders again and publishes, so memory does not grow with
-//! the number of rows. Before the first job, the campaign's watch queue is declared (so
+//! The file is read twice. The first pass renders and validates every row (on every core)
+//! and lists each problem as `line N: ...`; unless `--skip-invalid` is given, one problem
+//! means nothing is published. The second pass renders again and publishes, so memory does
+//! not grow with the number of rows; it skips the lines the first pass rejected and does
+//! not validate again (the file is checked to be unchanged in between). Before the first job, the campaign's watch queue is declared (so
 //! `watch` misses no event); after the last confirm, a `campaign-summary` message tells
 //! `watch` how many jobs to expect.
 
@@ -11,19 +12,23 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use lapin::BasicProperties;
 use sluice_shared::{Job, Settings, Topology};
 
-use crate::campaign::{generate_campaign_id, CampaignReader, CampaignSpec, HeaderError, Templates};
+use crate::campaign::{
+    generate_campaign_id, CampaignReader, CampaignSpec, Check, HeaderError, Templates,
+};
 use crate::cli::SendArgs;
 use crate::exit::{InvalidInput, Status, UsageError};
 use crate::progress::Progress;
 use crate::publish::{
     int_header, job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT,
 };
-use crate::rows::Limits;
+use crate::rows::{Limits, RawRecord};
+use crate::validate::{validate_rows, Validation};
 use crate::watch;
 
 /// Relay name used when the configuration names none.
@@ -71,17 +76,24 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
     );
 
     // Pass 1: every row, nothing published.
-    let validation = validate(&args.recipients, &spec, &templates)?;
-    if validation.invalid > 0 && !args.skip_invalid {
+    let before = fingerprint(&args.recipients)?;
+    // CPU-bound, on threads of its own: the runtime's thread only waits.
+    let validation = tokio::task::block_in_place(|| validate(&args.recipients, &spec, &templates))?;
+    let invalid = validation.invalid_lines.len() as u64;
+    if invalid > 0 && !args.skip_invalid {
         return Err(InvalidInput(format!(
-            "{} invalid row(s) in {}; nothing was published (fix them, or pass --skip-invalid \
-             to publish the {} valid rows)",
-            validation.invalid,
+            "{invalid} invalid row(s) in {}; nothing was published (fix them, or pass \
+             --skip-invalid to publish the {} valid rows)",
             args.recipients.display(),
             validation.valid
         ))
         .into());
     }
+    anyhow::ensure!(
+        fingerprint(&args.recipients)? == before,
+        "{} changed while it was being validated; nothing was published",
+        args.recipients.display()
+    );
 
     // Pass 2: publish.
     let topology = Topology::new(settings.amqp.namespace.clone());
@@ -106,8 +118,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         &args.recipients,
         &spec,
         &templates,
-        validation.valid,
-        args.skip_invalid,
+        &validation,
     )
     .await?;
     publish_summary(&mut publisher, &topology, &campaign, published).await?;
@@ -115,11 +126,11 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
 
     let report = SendReport {
         published,
-        skipped: validation.invalid,
+        skipped: invalid,
         campaign: campaign.clone(),
     };
-    if validation.invalid > 0 {
-        eprintln!("skipped {} invalid row(s)", validation.invalid);
+    if invalid > 0 {
+        eprintln!("skipped {invalid} invalid row(s)");
     }
     if args.wait {
         if !args.json {
@@ -242,9 +253,17 @@ fn open_rows(
     }
 }
 
-struct Validation {
-    valid: u64,
-    invalid: u64,
+/// Size and modification time: the second pass relies on the file being the one the first
+/// pass validated.
+fn fingerprint(path: &Path) -> anyhow::Result<(u64, Option<SystemTime>)> {
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the recipients file {}", path.display()))?;
+    anyhow::ensure!(
+        metadata.is_file(),
+        "the recipients file {} is not a regular file (it is read twice)",
+        path.display()
+    );
+    Ok((metadata.len(), metadata.modified().ok()))
 }
 
 /// Pass 1: render and check every row, listing each problem on stderr.
@@ -253,29 +272,20 @@ fn validate(
     spec: &Arc<CampaignSpec>,
     templates: &Arc<Templates>,
 ) -> anyhow::Result<Validation> {
-    let mut rows = open_rows(path, spec, templates)?;
-    let mut progress = Progress::new("validated", None);
-    let (mut valid, mut invalid) = (0, 0);
-    while let Some(row) = rows
-        .next_row()
-        .with_context(|| format!("cannot read the recipients file {}", path.display()))?
-    {
-        match row {
-            Ok(_) => valid += 1,
-            Err(problem) => {
-                invalid += 1;
-                progress.finish();
-                eprintln!("{problem}");
-            }
-        }
-        progress.set(valid + invalid);
-    }
-    progress.finish();
-    Ok(Validation { valid, invalid })
+    let rows = open_rows(path, spec, templates)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let progress = std::cell::RefCell::new(Progress::new("validated", None));
+    let validation = validate_rows(
+        rows,
+        threads,
+        |problem| progress.borrow().println(&problem.to_string()),
+        |rows| progress.borrow_mut().set(rows),
+    );
+    progress.borrow().finish();
+    validation.with_context(|| format!("cannot read the recipients file {}", path.display()))
 }
 
 /// Pass 2: publish every valid row; returns how many jobs the broker confirmed.
-#[allow(clippy::too_many_arguments)]
 async fn publish_rows(
     publisher: &mut Publisher,
     topology: &Topology,
@@ -283,21 +293,27 @@ async fn publish_rows(
     path: &Path,
     spec: &Arc<CampaignSpec>,
     templates: &Arc<Templates>,
-    expected: u64,
-    skip_invalid: bool,
+    validation: &Validation,
 ) -> anyhow::Result<u64> {
     let mut rows = open_rows(path, spec, templates)?;
+    let campaign = rows.campaign().clone();
+    let mut record = RawRecord::default();
+    // Sorted: the first pass reports in file order.
+    let mut skip = validation.invalid_lines.iter().peekable();
     let exchange: lapin::types::ShortString = topology.jobs_exchange().into();
     let routing_key: lapin::types::ShortString = relay.into();
-    let mut progress = Progress::new("published", Some(expected));
-    while let Some(row) = rows
-        .next_row()
+    let mut progress = Progress::new("published", Some(validation.valid));
+    while rows
+        .next_record(&mut record)
         .with_context(|| format!("cannot read the recipients file {}", path.display()))?
     {
-        let job = match row {
+        // Listed by pass 1, and skipping was asked for (or there would be no pass 2).
+        while skip.next_if(|&&line| line < record.line()).is_some() {}
+        if skip.next_if(|&&line| line == record.line()).is_some() {
+            continue;
+        }
+        let job = match campaign.job(&record, Check::RenderOnly) {
             Ok(job) => job,
-            // Listed in pass 1, and skipping was asked for (or there would be no pass 2).
-            Err(_) if skip_invalid => continue,
             Err(problem) => anyhow::bail!(
                 "{} changed while it was being published ({problem}); {} jobs were published",
                 path.display(),

@@ -90,6 +90,19 @@ impl ProducerEnv {
         })
     }
 
+    /// Start `sluice-producer <args> --config <file>` with its output piped, for tests that
+    /// signal it.
+    pub fn start(&self, args: &[&str]) -> std::process::Child {
+        producer()
+            .args(args)
+            .arg("--config")
+            .arg(&self.config.path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice-producer")
+    }
+
     /// The name of the jobs queue of `primary`.
     pub fn jobs_queue(&self) -> String {
         self.ns.topology.jobs_queue("primary")

@@ -400,3 +400,58 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
     );
     assert!(jobs.len() >= rows);
 }
+
+/// A RabbitMQ policy for the test's namespace, cleared when dropped.
+struct Policy(String);
+
+impl Policy {
+    fn set(name: &str, pattern: &str, definition: &str) -> Policy {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "set_policy",
+                "--apply-to",
+                "queues",
+                name,
+                pattern,
+                definition,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("rabbitmqctl set_policy");
+        assert!(status.success(), "rabbitmqctl set_policy {name}");
+        Policy(name.to_string())
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_queue_that_refuses_jobs_makes_send_fail_with_a_nack() {
+    let env = ProducerEnv::new("pnack").await;
+    // The jobs queue takes 5 jobs and refuses the rest (nack), as a full queue would.
+    let _full = Policy::set(
+        &format!("{}-full", env.ns.name),
+        &format!("^{}\\.jobs\\.", env.ns.name.replace('-', "\\-")),
+        r#"{"max-length": 5, "overflow": "reject-publish"}"#,
+    );
+    let mut csv = String::from("email,name,code\n");
+    for i in 0..2000 {
+        csv.push_str(&format!("r{i}@example.org,R{i},C{i}\n"));
+    }
+    let recipients = env.file("many.csv", csv);
+    let templates = templates(&env);
+    let campaign = env.campaign("full");
+
+    let run = env.run(&send_args(&recipients, &campaign, &templates));
+
+    run.expect_code(1);
+    assert!(run.stderr.contains("(nack)"), "{}", run.stderr);
+    assert!(!run.stdout.contains("published"), "{}", run.stdout);
+}

@@ -135,3 +135,49 @@ async fn watching_an_unknown_campaign_fails_at_once() {
     run.expect_code(1);
     assert!(run.stderr.contains("never-sent"), "{}", run.stderr);
 }
+
+#[tokio::test]
+async fn an_interrupted_watch_leaves_its_counts_for_the_next_one() {
+    let env = ProducerEnv::new("pwatchint").await;
+    let campaign = env.campaign("wint");
+    send_campaign(&env, &campaign, 3).await;
+    env.event(&campaign, "wint-2", "delivered").await;
+    env.event(&campaign, "wint-3", "deferred").await;
+    let queue = env.watch_queue(&campaign);
+
+    let first = env.start(&["watch", "--campaign", &campaign]);
+    assert!(
+        sluice_tests::broker::eventually(Duration::from_secs(30), || async {
+            env.ns.queue_len(&queue).await == 0
+        })
+        .await,
+        "the first watch consumed what was there"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let first = Run::from(
+        tokio::task::spawn_blocking(move || first.wait_with_output())
+            .await
+            .expect("join")
+            .expect("wait"),
+    );
+    first.expect_code(1);
+    assert!(first.stderr.contains("interrupted"), "{}", first.stderr);
+
+    env.event(&campaign, "wint-3", "delivered").await;
+    env.event(&campaign, "wint-4", "dead").await;
+    let second = finished(env.spawn(&["watch", "--campaign", &campaign, "--json"])).await;
+
+    second.expect_code(3);
+    assert_eq!(
+        second.json(),
+        serde_json::json!({
+            "campaign": "wint", "expected": 3, "delivered": 2, "bounced": 0, "dead": 1,
+            "deferred_attempts": 1
+        })
+    );
+}
