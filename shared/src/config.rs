@@ -182,7 +182,9 @@ impl RelaySettings {
                 path: path.clone(),
                 source,
             })?;
-            return Ok(Some(Secret(text.trim_end_matches(['\r', '\n']).to_string())));
+            return Ok(Some(Secret(
+                text.trim_end_matches(['\r', '\n']).to_string(),
+            )));
         }
         Ok(self.password.clone())
     }
@@ -216,8 +218,15 @@ fn default_retry_delays() -> Vec<Duration> {
         .collect()
 }
 
-fn serialize_durations<S: Serializer>(delays: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(delays.iter().map(|d| humantime::format_duration(*d).to_string()))
+fn serialize_durations<S: Serializer>(
+    delays: &[Duration],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(
+        delays
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string()),
+    )
 }
 
 fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {

@@ -231,7 +231,10 @@ mod tests {
     fn rejects_what_must_never_be_sent() {
         let cases: Vec<(&str, serde_json::Value)> = vec![
             ("to", serde_json::json!("not-an-address")),
-            ("subject", serde_json::json!("Hi\r\nBcc: victim@example.com")),
+            (
+                "subject",
+                serde_json::json!("Hi\r\nBcc: victim@example.com"),
+            ),
             ("headers", serde_json::json!({"X-A": "a\nb"})),
             ("headers", serde_json::json!({"Bcc": "x@example.com"})),
             ("headers", serde_json::json!({"Bad Name": "x"})),
@@ -249,10 +252,7 @@ mod tests {
         let mut no_to = good();
         no_to.as_object_mut().unwrap().remove("to");
         assert!(matches!(parse(&no_to), Err(InvalidJob::Malformed(_))));
-        assert_eq!(
-            Job::from_bytes(b"\xff\xfe", 100),
-            Err(InvalidJob::NotUtf8)
-        );
+        assert_eq!(Job::from_bytes(b"\xff\xfe", 100), Err(InvalidJob::NotUtf8));
         assert!(matches!(
             Job::from_bytes(&[b' '; 101], 100),
             Err(InvalidJob::TooLarge { .. })

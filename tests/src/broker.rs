@@ -28,7 +28,10 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// A fresh namespace `t-<tag>-<random>`; declares the topology for `relays`.
     pub async fn new(tag: &str, relays: &[&str], retry_steps: usize) -> Self {
-        let name = format!("t-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let name = format!(
+            "t-{tag}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .expect("RabbitMQ must run at 127.0.0.1:5672 (see README: the test command starts it)");
@@ -71,8 +74,12 @@ impl TestNamespace {
 
     /// Publish a raw body to the jobs exchange for `relay`, as another service would.
     pub async fn publish_raw(&self, relay: &str, message_id: &str, body: &[u8]) {
-        self.publish_with(relay, body, BasicProperties::default().with_message_id(message_id.into()))
-            .await;
+        self.publish_with(
+            relay,
+            body,
+            BasicProperties::default().with_message_id(message_id.into()),
+        )
+        .await;
     }
 
     /// Publish a body with the given properties (persistent, JSON) and wait for the confirm.
@@ -154,10 +161,7 @@ impl TestNamespace {
             .await
             .expect("basic_get")
         {
-            message
-                .ack(BasicAckOptions::default())
-                .await
-                .expect("ack");
+            message.ack(BasicAckOptions::default()).await.expect("ack");
             out.push(message);
         }
         out

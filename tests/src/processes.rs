@@ -27,7 +27,8 @@ pub struct ConfigFile {
 impl ConfigFile {
     /// Write `toml` (the whole file) to a fresh directory.
     pub fn new(toml: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("sluice-test-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("sluice-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("sluice.toml");
         std::fs::write(&path, toml).expect("write config");
@@ -84,7 +85,10 @@ impl WorkerProcess {
             .arg("--config")
             .arg(config)
             .args(args)
-            .env("RUST_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()

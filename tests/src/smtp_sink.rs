@@ -15,7 +15,8 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Start `smtp-sink` on a free loopback port, dumping messages to a fresh directory.
     pub async fn start() -> Self {
-        let dump_dir = std::env::temp_dir().join(format!("sluice-sink-{}", uuid::Uuid::new_v4().simple()));
+        let dump_dir =
+            std::env::temp_dir().join(format!("sluice-sink-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dump_dir).expect("dump dir");
         let port = free_port();
         let child = Command::new(smtp_sink_path())
@@ -28,9 +29,16 @@ impl SmtpSink {
             .stderr(Stdio::null())
             .spawn()
             .expect("start smtp-sink (Debian package postfix)");
-        let sink = Self { port, dump_dir, child };
+        let sink = Self {
+            port,
+            dump_dir,
+            child,
+        };
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return sink;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -53,7 +61,9 @@ impl SmtpSink {
 
     /// How many messages were received so far.
     pub fn count(&self) -> usize {
-        std::fs::read_dir(&self.dump_dir).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(&self.dump_dir)
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Received messages by recipient (the `X-Rcpt-Args`/`To:` header smtp-sink records).

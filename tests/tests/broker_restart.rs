@@ -170,16 +170,20 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "stops the shared broker: deploy/test.sh runs it alone after the main suite"]
 async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
-    use std::collections::HashSet;
     use sluice_tests::processes::run_producer;
     use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+    use std::collections::HashSet;
 
     const ROWS: usize = 20_000;
     let ns = TestNamespace::new("restart-campaign", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::accept_all()).await;
     let config = ConfigFile::new(&config_toml(
         &ns.name,
-        &[("primary", smtp.port(), "max_connections = 4\nmax_messages_per_second = 2000")],
+        &[(
+            "primary",
+            smtp.port(),
+            "max_connections = 4\nmax_messages_per_second = 2000",
+        )],
         &["1s", "2s"],
     ));
     let mut csv = String::from("email\n");
@@ -197,8 +201,17 @@ async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
         run_producer(
             &producer_config,
             &[
-                "send", "--recipients", recipients.to_str().unwrap(), "--from", "news@example.com",
-                "--subject", "Hi", "--text", text.to_str().unwrap(), "--campaign", "restart",
+                "send",
+                "--recipients",
+                recipients.to_str().unwrap(),
+                "--from",
+                "news@example.com",
+                "--subject",
+                "Hi",
+                "--text",
+                text.to_str().unwrap(),
+                "--campaign",
+                "restart",
             ],
         )
     });
@@ -219,10 +232,16 @@ async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
         String::from_utf8_lossy(&published.stderr)
     );
     let unique = |smtp: &ScriptedSmtp| -> HashSet<String> {
-        smtp.accepted().iter().flat_map(|m| m.rcpt_to.iter().cloned()).collect()
+        smtp.accepted()
+            .iter()
+            .flat_map(|m| m.rcpt_to.iter().cloned())
+            .collect()
     };
     assert!(
-        eventually(Duration::from_secs(240), || async { unique(&smtp).len() >= ROWS }).await,
+        eventually(Duration::from_secs(240), || async {
+            unique(&smtp).len() >= ROWS
+        })
+        .await,
         "only {} of {ROWS} recipients got their message after the restart",
         unique(&smtp).len()
     );

@@ -32,7 +32,11 @@ async fn budget_holds_with(workers: usize) {
         .collect();
 
     // Kill one worker once the campaign is well under way.
-    assert!(smtp.wait_for_accepted(JOBS / 3, Duration::from_secs(60)).await >= JOBS / 3);
+    assert!(
+        smtp.wait_for_accepted(JOBS / 3, Duration::from_secs(60))
+            .await
+            >= JOBS / 3
+    );
     fleet[0].kill();
     if workers == 1 {
         // A lone worker's death stops the campaign until it is rescheduled, as on Kubernetes.
@@ -40,18 +44,35 @@ async fn budget_holds_with(workers: usize) {
     }
 
     let unique = |smtp: &ScriptedSmtp| -> HashSet<String> {
-        smtp.accepted().iter().flat_map(|m| m.rcpt_to.iter().cloned()).collect()
+        smtp.accepted()
+            .iter()
+            .flat_map(|m| m.rcpt_to.iter().cloned())
+            .collect()
     };
-    let all_arrived = eventually(Duration::from_secs(90), || async { unique(&smtp).len() >= JOBS }).await;
-    assert!(all_arrived, "only {} of {JOBS} delivered", unique(&smtp).len());
+    let all_arrived = eventually(Duration::from_secs(90), || async {
+        unique(&smtp).len() >= JOBS
+    })
+    .await;
+    assert!(
+        all_arrived,
+        "only {} of {JOBS} delivered",
+        unique(&smtp).len()
+    );
 
     let messages = smtp.accepted();
     let delivered = unique(&smtp);
     for id in &ids {
-        assert!(delivered.contains(&format!("{id}@example.org")), "{id} never arrived");
+        assert!(
+            delivered.contains(&format!("{id}@example.org")),
+            "{id} never arrived"
+        );
     }
     // Duplicates only from the killed worker's unacknowledged jobs (one per lane).
-    assert!(messages.len() - JOBS <= MAX_CONNECTIONS, "{} duplicates", messages.len() - JOBS);
+    assert!(
+        messages.len() - JOBS <= MAX_CONNECTIONS,
+        "{} duplicates",
+        messages.len() - JOBS
+    );
 
     assert!(
         smtp.max_concurrent_sessions() <= MAX_CONNECTIONS,
@@ -59,7 +80,10 @@ async fn budget_holds_with(workers: usize) {
         smtp.max_concurrent_sessions()
     );
     let peak = smtp.max_accepted_in_any_second();
-    assert!(peak <= MAX_RATE * 105 / 100, "{peak} messages in one second with {workers} workers");
+    assert!(
+        peak <= MAX_RATE * 105 / 100,
+        "{peak} messages in one second with {workers} workers"
+    );
 
     if workers == 1 {
         return; // the restart gap says nothing about how well the budget is used
@@ -71,7 +95,10 @@ async fn budget_holds_with(workers: usize) {
         rate >= MAX_RATE as f64 * 0.9,
         "throughput {rate:.0}/s is under 90% of the {MAX_RATE}/s budget with {workers} workers"
     );
-    eprintln!("{workers} workers: {rate:.0} msgs/s, peak {peak}/s, {} sessions max", smtp.max_concurrent_sessions());
+    eprintln!(
+        "{workers} workers: {rate:.0} msgs/s, peak {peak}/s, {} sessions max",
+        smtp.max_concurrent_sessions()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -102,7 +129,11 @@ async fn a_down_primary_fails_over_to_the_backup_and_gets_traffic_back_when_it_r
                 primary.port(),
                 "failover = \"backup\"\ndown_cooloff = \"1s\"\nmax_messages_per_second = 40\n",
             ),
-            ("backup", backup.port(), "max_connections = 2\nmax_messages_per_second = 40\n"),
+            (
+                "backup",
+                backup.port(),
+                "max_connections = 2\nmax_messages_per_second = 40\n",
+            ),
         ],
         &["1s"],
     ));
@@ -132,7 +163,11 @@ async fn a_down_primary_fails_over_to_the_backup_and_gets_traffic_back_when_it_r
         .chain(backup.accepted().iter())
         .flat_map(|m| m.rcpt_to.clone())
         .collect();
-    assert_eq!(all.len(), 400, "every job delivered through one relay or the other");
+    assert_eq!(
+        all.len(),
+        400,
+        "every job delivered through one relay or the other"
+    );
     assert!(backup.max_accepted_in_any_second() <= 42);
 }
 
@@ -156,14 +191,29 @@ async fn a_down_relay_without_failover_keeps_its_jobs_queued_until_it_returns() 
     tokio::time::sleep(Duration::from_secs(4)).await;
     let jobs_queue = ns.topology.jobs_queue("primary");
     assert_eq!(ns.queue_len(&jobs_queue).await, 50);
-    assert_eq!(ns.queue_len(&ns.topology.retry_queue("primary", 1)).await, 0);
+    assert_eq!(
+        ns.queue_len(&ns.topology.retry_queue("primary", 1)).await,
+        0
+    );
     let probes = smtp.sessions_total();
     assert!(probes >= 2, "the relay was never probed");
-    assert!(probes <= 40, "{probes} connection attempts in 4 s is not backing off");
-    events.wait_until(Duration::from_millis(200), |_| false).await;
-    assert!(events.seen.is_empty(), "jobs were deferred: {:?}", events.seen);
+    assert!(
+        probes <= 40,
+        "{probes} connection attempts in 4 s is not backing off"
+    );
+    events
+        .wait_until(Duration::from_millis(200), |_| false)
+        .await;
+    assert!(
+        events.seen.is_empty(),
+        "jobs were deferred: {:?}",
+        events.seen
+    );
 
     smtp.set_behaviour(Behaviour::accept_all());
-    assert_eq!(smtp.wait_for_accepted(50, Duration::from_secs(30)).await, 50);
+    assert_eq!(
+        smtp.wait_for_accepted(50, Duration::from_secs(30)).await,
+        50
+    );
     assert_eq!(ns.queue_len(&jobs_queue).await, 0);
 }

@@ -31,19 +31,27 @@ fn manifest_env(namespace: &str, smtp_port: u16, listen_port: u16) -> Vec<(Strin
 
 async fn http_status(port: u16, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response).split_whitespace().nth(1)?.parse().ok()
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on_sigterm() {
     let ns = TestNamespace::new("container", &["primary"], 2).await;
     // A slow relay, so that jobs are in flight when SIGTERM arrives.
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all().with_accept_delay(Duration::from_millis(1500))).await;
+    let smtp =
+        ScriptedSmtp::start(Behaviour::accept_all().with_accept_delay(Duration::from_millis(1500)))
+            .await;
     let listen = free_port();
     let mut worker = Command::new(bin("sluice-worker"))
         .envs(manifest_env(&ns.name, smtp.port(), listen))
@@ -53,36 +61,68 @@ async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on
         .expect("start worker");
 
     assert!(
-        eventually(Duration::from_secs(20), || async { http_status(listen, "/healthz").await == Some(200) }).await,
+        eventually(Duration::from_secs(20), || async {
+            http_status(listen, "/healthz").await == Some(200)
+        })
+        .await,
         "/healthz never answered"
     );
     assert!(
-        eventually(Duration::from_secs(20), || async { http_status(listen, "/readyz").await == Some(200) }).await,
+        eventually(Duration::from_secs(20), || async {
+            http_status(listen, "/readyz").await == Some(200)
+        })
+        .await,
         "/readyz never became ready"
     );
     let probe = Command::new(bin("sluice-worker"))
-        .args(["healthcheck", "--url", &format!("http://127.0.0.1:{listen}/healthz")])
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("http://127.0.0.1:{listen}/healthz"),
+        ])
         .status()
         .expect("healthcheck");
     assert!(probe.success(), "the container HEALTHCHECK command failed");
     let metrics_port_closed = Command::new(bin("sluice-worker"))
-        .args(["healthcheck", "--url", &format!("http://127.0.0.1:{}/healthz", free_port())])
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("http://127.0.0.1:{}/healthz", free_port()),
+        ])
         .status()
         .expect("healthcheck");
-    assert!(!metrics_port_closed.success(), "healthcheck passed with nothing listening");
+    assert!(
+        !metrics_port_closed.success(),
+        "healthcheck passed with nothing listening"
+    );
 
     ns.publish_jobs("primary", "drain", 10).await;
     // Two sessions (max_connections = 2) are mid-transaction: stop now.
     assert!(
-        eventually(Duration::from_secs(20), || async { smtp.sessions_open() == 2 && smtp.rcpt_attempts("drain-0@example.org") + smtp.rcpt_attempts("drain-1@example.org") + smtp.accepted_count() > 0 }).await
+        eventually(Duration::from_secs(20), || async {
+            smtp.sessions_open() == 2
+                && smtp.rcpt_attempts("drain-0@example.org")
+                    + smtp.rcpt_attempts("drain-1@example.org")
+                    + smtp.accepted_count()
+                    > 0
+        })
+        .await
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().expect("kill");
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .expect("kill");
     let status = tokio::task::spawn_blocking(move || {
         let status = worker.wait().expect("wait");
         let mut logs = String::new();
         use std::io::Read;
-        worker.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+        worker
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut logs)
+            .unwrap();
         (status, logs)
     });
     let (status, logs) = tokio::time::timeout(Duration::from_secs(20), status)
@@ -95,10 +135,17 @@ async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on
     let delivered = smtp.accepted_count();
     assert!(delivered >= 1, "the jobs in flight were abandoned");
     let queued = ns.queue_len(&ns.topology.jobs_queue("primary")).await as usize;
-    assert_eq!(delivered + queued, 10, "{delivered} delivered + {queued} queued");
+    assert_eq!(
+        delivered + queued,
+        10,
+        "{delivered} delivered + {queued} queued"
+    );
     // Logs are JSON lines, as SLUICE_LOG_FORMAT=json asks.
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
-        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not a JSON log line: {line}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON log line: {line}"
+        );
     }
 }
 
@@ -106,19 +153,42 @@ async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on
 async fn the_producer_configured_by_environment_alone_sends_a_campaign() {
     let ns = TestNamespace::new("container-producer", &["primary"], 2).await;
     let files = ConfigFile::new("");
-    let csv = files.write("recipients.csv", "email,name\nann@example.org,Ann\nbob@example.org,Bob\n");
+    let csv = files.write(
+        "recipients.csv",
+        "email,name\nann@example.org,Ann\nbob@example.org,Bob\n",
+    );
     let text = files.write("body.txt", "Hello {{ name }}\n");
     let output = Command::new(bin("sluice-producer"))
-        .args(["send", "--recipients", csv.to_str().unwrap(), "--from", "news@example.com"])
-        .args(["--subject", "Hi {{ name }}", "--text", text.to_str().unwrap(), "--relay", "primary"])
+        .args([
+            "send",
+            "--recipients",
+            csv.to_str().unwrap(),
+            "--from",
+            "news@example.com",
+        ])
+        .args([
+            "--subject",
+            "Hi {{ name }}",
+            "--text",
+            text.to_str().unwrap(),
+            "--relay",
+            "primary",
+        ])
         .env("SLUICE__AMQP__URL", AMQP_URL)
         .env("SLUICE__AMQP__NAMESPACE", &ns.name)
         .env("SLUICE__RETRY__DELAYS", "1s,5s")
         .env_remove("SLUICE_CONFIG")
         .output()
         .expect("run producer");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().last(), Some("published 2 jobs"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).lines().last(),
+        Some("published 2 jobs")
+    );
     assert_eq!(ns.queue_len(&ns.topology.jobs_queue("primary")).await, 2);
 }
 
@@ -126,7 +196,10 @@ async fn the_producer_configured_by_environment_alone_sends_a_campaign() {
 fn print_config_shows_the_effective_settings_without_secrets() {
     let output = Command::new(bin("sluice-worker"))
         .arg("print-config")
-        .env("SLUICE__AMQP__URL", "amqp://sluice:Pa55word@rabbitmq:5672/%2f")
+        .env(
+            "SLUICE__AMQP__URL",
+            "amqp://sluice:Pa55word@rabbitmq:5672/%2f",
+        )
         .env("SLUICE__RELAYS__PRIMARY__USERNAME", "relay-user")
         .env("SLUICE__RELAYS__PRIMARY__PASSWORD", "RelayS3cret")
         .env("SLUICE__RELAYS__PRIMARY__PORT", "2526")
@@ -135,7 +208,10 @@ fn print_config_shows_the_effective_settings_without_secrets() {
         .expect("print-config");
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(!text.contains("Pa55word") && !text.contains("RelayS3cret"), "{text}");
+    assert!(
+        !text.contains("Pa55word") && !text.contains("RelayS3cret"),
+        "{text}"
+    );
     let config: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(config["relays"]["primary"]["port"], 2526);
     assert_eq!(config["relays"]["primary"]["password"], "***");

@@ -14,17 +14,31 @@ use sluice_tests::smtp_sink::SmtpSink;
 async fn a_connection_dropped_mid_data_defers_the_job_which_is_delivered_later() {
     let ns = TestNamespace::new("drop", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::drop_mid_data()).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "max_connections = 2")], &["1s", "1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "max_connections = 2")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "dropped", 1).await;
 
-    assert!(events.wait_until(Duration::from_secs(20), |seen| !seen.is_empty()).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await
+    );
     assert_eq!(events.seen[0].outcome, EventOutcome::Deferred);
     assert_eq!(events.seen[0].smtp_code, None);
     smtp.set_behaviour(Behaviour::accept_all());
 
-    assert!(events.wait_until(Duration::from_secs(20), |seen| seen.iter().any(|e| e.outcome.is_final())).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| seen
+                .iter()
+                .any(|e| e.outcome.is_final()))
+            .await
+    );
     assert_eq!(events.seen.last().unwrap().outcome, EventOutcome::Delivered);
     assert_eq!(smtp.accepted_count(), 1);
     assert!(smtp.max_concurrent_sessions() <= 2);
@@ -33,20 +47,38 @@ async fn a_connection_dropped_mid_data_defers_the_job_which_is_delivered_later()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_stalling_past_the_command_timeout_defers_the_job() {
     let ns = TestNamespace::new("stall", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::stall_at(Phase::EndOfData, Duration::from_secs(30))).await;
+    let smtp = ScriptedSmtp::start(Behaviour::stall_at(
+        Phase::EndOfData,
+        Duration::from_secs(30),
+    ))
+    .await;
     let config = ConfigFile::new(&config_toml(
         &ns.name,
-        &[("primary", smtp.port(), "max_connections = 2\ncommand_timeout = \"500ms\"")],
+        &[(
+            "primary",
+            smtp.port(),
+            "max_connections = 2\ncommand_timeout = \"500ms\"",
+        )],
         &["1s", "1s"],
     ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "stalled", 1).await;
 
-    assert!(events.wait_until(Duration::from_secs(20), |seen| !seen.is_empty()).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await
+    );
     assert_eq!(events.seen[0].outcome, EventOutcome::Deferred);
     smtp.set_behaviour(Behaviour::accept_all());
-    assert!(events.wait_until(Duration::from_secs(20), |seen| seen.iter().any(|e| e.outcome.is_final())).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| seen
+                .iter()
+                .any(|e| e.outcome.is_final()))
+            .await
+    );
     assert_eq!(events.seen.last().unwrap().outcome, EventOutcome::Delivered);
     assert_eq!(smtp.accepted_count(), 1);
     assert!(smtp.max_concurrent_sessions() <= 2);
@@ -56,28 +88,55 @@ async fn a_relay_stalling_past_the_command_timeout_defers_the_job() {
 async fn a_relay_that_closes_before_its_reply_counts_as_deferred_not_delivered() {
     let ns = TestNamespace::new("noreply", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::accept_then_close()).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s", "1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "unanswered", 1).await;
 
-    assert!(events.wait_until(Duration::from_secs(20), |seen| !seen.is_empty()).await);
-    assert_eq!(events.seen[0].outcome, EventOutcome::Deferred, "no reply is no delivery");
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await
+    );
+    assert_eq!(
+        events.seen[0].outcome,
+        EventOutcome::Deferred,
+        "no reply is no delivery"
+    );
     assert_eq!(smtp.accepted_but_unanswered().len(), 1);
     smtp.set_behaviour(Behaviour::accept_all());
-    assert!(events.wait_until(Duration::from_secs(20), |seen| seen.iter().any(|e| e.outcome.is_final())).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| seen
+                .iter()
+                .any(|e| e.outcome.is_final()))
+            .await
+    );
     // At least once: the relay has it twice, with the same Message-ID.
     let first = String::from_utf8_lossy(&smtp.accepted_but_unanswered()[0].data).into_owned();
     let second = String::from_utf8_lossy(&smtp.accepted()[0].data).into_owned();
     assert_eq!(message_id(&first), message_id(&second));
-    assert_eq!(message_id(&first).as_deref(), Some("<unanswered-0@example.com>"));
+    assert_eq!(
+        message_id(&first).as_deref(),
+        Some("<unanswered-0@example.com>")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_recognisable() {
     let ns = TestNamespace::new("sigkill", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all().with_accept_delay(Duration::from_millis(5))).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "max_connections = 4")], &["1s", "1s"]));
+    let smtp =
+        ScriptedSmtp::start(Behaviour::accept_all().with_accept_delay(Duration::from_millis(5)))
+            .await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "max_connections = 4")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let ids = ns.publish_jobs("primary", "k", 600).await;
     let mut victim = WorkerProcess::start(&config.path, &[]);
@@ -90,7 +149,11 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     assert!(
         events
             .wait_until(Duration::from_secs(60), |seen| {
-                let ended: HashSet<String> = seen.iter().filter(|e| e.outcome.is_final()).map(|e| e.id.clone()).collect();
+                let ended: HashSet<String> = seen
+                    .iter()
+                    .filter(|e| e.outcome.is_final())
+                    .map(|e| e.id.clone())
+                    .collect();
                 ended.is_superset(&expected)
             })
             .await,
@@ -99,11 +162,16 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for message in smtp.accepted() {
         let text = String::from_utf8_lossy(&message.data).into_owned();
-        *per_id.entry(message_id(&text).expect("Message-ID")).or_default() += 1;
+        *per_id
+            .entry(message_id(&text).expect("Message-ID"))
+            .or_default() += 1;
     }
     assert_eq!(per_id.len(), 600, "every job delivered");
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
-    assert!(duplicates <= 4, "{duplicates} duplicates: more than the killed worker held (4 lanes x prefetch 1)");
+    assert!(
+        duplicates <= 4,
+        "{duplicates} duplicates: more than the killed worker held (4 lanes x prefetch 1)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -112,22 +180,73 @@ async fn ten_thousand_malformed_jobs_among_ten_thousand_good_ones() {
     let sink = SmtpSink::start().await;
     let config = ConfigFile::new(&format!(
         "{}\n[worker]\nmax_message_bytes = 4096\n",
-        config_toml(&ns.name, &[("primary", sink.port, "max_connections = 8")], &["1s"])
+        config_toml(
+            &ns.name,
+            &[("primary", sink.port, "max_connections = 8")],
+            &["1s"]
+        )
     ));
     let kinds: [(&str, MakeBody); 8] = [
-        ("toolarge", Box::new(|id| job_json(id, "a@example.org").replace("\"text\":", &format!("\"html\":\"{}\",\"text\":", "x".repeat(5000))).into_bytes())),
+        (
+            "toolarge",
+            Box::new(|id| {
+                job_json(id, "a@example.org")
+                    .replace(
+                        "\"text\":",
+                        &format!("\"html\":\"{}\",\"text\":", "x".repeat(5000)),
+                    )
+                    .into_bytes()
+            }),
+        ),
         ("notutf8", Box::new(|_| b"{\"id\":\"\xff\xfe\"}".to_vec())),
-        ("crlfsubject", Box::new(|id| job_json(id, "a@example.org").replace("Hello", "Hello\\r\\nBcc: victim@example.com").into_bytes())),
-        ("crlfheader", Box::new(|id| job_json(id, "a@example.org").replace("\"text\":", "\"headers\":{\"X-A\":\"1\\nBcc: victim@example.com\"},\"text\":").into_bytes())),
-        ("badaddress", Box::new(|id| job_json(id, "not-an-address@").into_bytes())),
-        ("unknownfield", Box::new(|id| job_json(id, "a@example.org").replace("\"text\":", "\"priority\":1,\"text\":").into_bytes())),
+        (
+            "crlfsubject",
+            Box::new(|id| {
+                job_json(id, "a@example.org")
+                    .replace("Hello", "Hello\\r\\nBcc: victim@example.com")
+                    .into_bytes()
+            }),
+        ),
+        (
+            "crlfheader",
+            Box::new(|id| {
+                job_json(id, "a@example.org")
+                    .replace(
+                        "\"text\":",
+                        "\"headers\":{\"X-A\":\"1\\nBcc: victim@example.com\"},\"text\":",
+                    )
+                    .into_bytes()
+            }),
+        ),
+        (
+            "badaddress",
+            Box::new(|id| job_json(id, "not-an-address@").into_bytes()),
+        ),
+        (
+            "unknownfield",
+            Box::new(|id| {
+                job_json(id, "a@example.org")
+                    .replace("\"text\":", "\"priority\":1,\"text\":")
+                    .into_bytes()
+            }),
+        ),
         ("notjson", Box::new(|_| b"<xml/>".to_vec())),
-        ("missingto", Box::new(|id| serde_json::json!({"id": id, "from": "a@example.com", "subject": "s", "text": "t"}).to_string().into_bytes())),
+        (
+            "missingto",
+            Box::new(|id| {
+                serde_json::json!({"id": id, "from": "a@example.com", "subject": "s", "text": "t"})
+                    .to_string()
+                    .into_bytes()
+            }),
+        ),
     ];
     let mut bodies = Vec::with_capacity(20_000);
     for i in 0..10_000 {
         let good = format!("good-{i}");
-        bodies.push((good.clone(), job_json(&good, &format!("good-{i}@example.org")).into_bytes()));
+        bodies.push((
+            good.clone(),
+            job_json(&good, &format!("good-{i}@example.org")).into_bytes(),
+        ));
         let (kind, make) = &kinds[i % kinds.len()];
         let bad = format!("bad-{kind}-{i}");
         bodies.push((bad.clone(), make(&bad)));
@@ -145,14 +264,27 @@ async fn ten_thousand_malformed_jobs_among_ten_thousand_good_ones() {
         sink.count(),
         ns.queue_len(&dead_queue).await
     );
-    assert!(worker.child.try_wait().expect("worker status").is_none(), "the worker died");
+    assert!(
+        worker.child.try_wait().expect("worker status").is_none(),
+        "the worker died"
+    );
     assert_eq!(sink.count(), 10_000, "exactly the good ones were sent");
     assert_eq!(ns.queue_len(&dead_queue).await, 10_000);
-    assert!(sink.messages().iter().all(|m| !m.contains("victim")), "an injected header was sent");
+    assert!(
+        sink.messages().iter().all(|m| !m.contains("victim")),
+        "an injected header was sent"
+    );
     let dead = ns.drain(&dead_queue).await;
     let dead_ids: HashSet<String> = dead
         .iter()
-        .map(|m| m.delivery.properties.message_id().as_ref().unwrap().to_string())
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(dead_ids.len(), 10_000);
     assert!(dead_ids.iter().all(|id| id.starts_with("bad-")));

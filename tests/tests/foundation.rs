@@ -23,7 +23,10 @@ async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() 
         csv.push_str(&format!("user{i}@example.org,\"O'Brien, Zoë {i}\"\n"));
     }
     let recipients = config.write("recipients.csv", csv);
-    let text = config.write("body.txt", "Dear {{ name }},\nyour number is {{ email }}.\n");
+    let text = config.write(
+        "body.txt",
+        "Dear {{ name }},\nyour number is {{ email }}.\n",
+    );
 
     let published = run_producer(
         &config.path,
@@ -66,14 +69,19 @@ async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() 
     assert_eq!(sink.count(), 1000, "a message was delivered twice");
     for i in 0..1000 {
         let rcpt = format!("<user{i}@example.org>");
-        let messages = by_recipient.get(&rcpt).unwrap_or_else(|| panic!("{rcpt} got nothing"));
+        let messages = by_recipient
+            .get(&rcpt)
+            .unwrap_or_else(|| panic!("{rcpt} got nothing"));
         assert_eq!(messages.len(), 1, "{rcpt} got {} messages", messages.len());
         let message = &messages[0];
         let subject = header_value(message, "Subject").expect("subject");
         // Non-ASCII subjects travel RFC 2047-encoded; the name must be in there verbatim
         // once decoded, which the body shows plainly.
         assert!(!subject.is_empty());
-        assert!(message.contains(&format!("Message-ID: <spring-{}@example.com>", i + 2)), "{message}");
+        assert!(
+            message.contains(&format!("Message-ID: <spring-{}@example.com>", i + 2)),
+            "{message}"
+        );
         let body = decoded_body(message);
         assert!(
             body.contains(&format!("Dear O'Brien, Zoë {i},")),
@@ -88,19 +96,34 @@ async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() 
 async fn a_malformed_job_is_set_aside_while_the_worker_goes_on() {
     let ns = TestNamespace::new("malformed", &["primary"], 2).await;
     let sink = SmtpSink::start().await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", sink.port, "")], &["1s", "2s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", sink.port, "")],
+        &["1s", "2s"],
+    ));
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_raw("primary", "broken-json", b"{\"id\": ").await;
-    ns.publish_raw("primary", "bad-address", job_json("bad-address", "not an address").as_bytes()).await;
+    ns.publish_raw(
+        "primary",
+        "bad-address",
+        job_json("bad-address", "not an address").as_bytes(),
+    )
+    .await;
     let injected = serde_json::json!({
         "id": "injected", "from": "news@example.com", "to": "a@example.org",
         "subject": "Hi\r\nBcc: victim@example.com", "text": "x"
     });
-    ns.publish_raw("primary", "injected", injected.to_string().as_bytes()).await;
+    ns.publish_raw("primary", "injected", injected.to_string().as_bytes())
+        .await;
     for i in 0..5 {
         let id = format!("good-{i}");
-        ns.publish_raw("primary", &id, job_json(&id, &format!("good{i}@example.org")).as_bytes()).await;
+        ns.publish_raw(
+            "primary",
+            &id,
+            job_json(&id, &format!("good{i}@example.org")).as_bytes(),
+        )
+        .await;
     }
 
     let dead_queue = ns.topology.dead_queue("primary");
@@ -116,7 +139,14 @@ async fn a_malformed_job_is_set_aside_while_the_worker_goes_on() {
     let dead = ns.drain(&dead_queue).await;
     let mut ids: Vec<String> = dead
         .iter()
-        .map(|m| m.delivery.properties.message_id().as_ref().unwrap().to_string())
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     ids.sort();
     assert_eq!(ids, ["bad-address", "broken-json", "injected"]);
@@ -135,22 +165,36 @@ async fn a_malformed_job_is_set_aside_while_the_worker_goes_on() {
 async fn a_job_published_from_python_with_pika_is_delivered() {
     let ns = TestNamespace::new("pika", &["primary"], 2).await;
     let sink = SmtpSink::start().await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", sink.port, "")], &["1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", sink.port, "")],
+        &["1s"],
+    ));
     let _worker = WorkerProcess::start(&config.path, &[]);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/publish_job.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/publish_job.py"
+    );
     let output = Command::new("/usr/bin/python3")
         .arg(script)
         .arg("pika@example.org")
         .env("SLUICE_NAMESPACE", &ns.name)
         .output()
         .expect("run python3 (python3-pika)");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let job_id = String::from_utf8_lossy(&output.stdout).trim().to_string();
 
     assert!(eventually(Duration::from_secs(30), || async { sink.count() == 1 }).await);
     let message = &sink.messages()[0];
-    assert_eq!(header_value(message, "X-Rcpt-Args").as_deref(), Some("<pika@example.org>"));
+    assert_eq!(
+        header_value(message, "X-Rcpt-Args").as_deref(),
+        Some("<pika@example.org>")
+    );
     assert!(message.contains(&format!("Message-ID: <{job_id}@example.com>")));
     assert!(message.contains("List-Unsubscribe: <mailto:unsubscribe@example.com>"));
     assert!(message.contains("multipart/alternative"));
@@ -181,11 +225,19 @@ async fn environment_variables_alone_configure_the_worker() {
         .env_remove("SLUICE_CONFIG")
         .spawn()
         .expect("start worker");
-    ns.publish_raw("primary", "env-1", job_json("env-1", "env@example.org").as_bytes()).await;
+    ns.publish_raw(
+        "primary",
+        "env-1",
+        job_json("env-1", "env@example.org").as_bytes(),
+    )
+    .await;
     let delivered = eventually(Duration::from_secs(30), || async { sink.count() == 1 }).await;
     let _ = worker.kill();
     let _ = worker.wait();
-    assert!(delivered, "a worker configured by SLUICE__ variables did not deliver");
+    assert!(
+        delivered,
+        "a worker configured by SLUICE__ variables did not deliver"
+    );
 }
 
 fn job_json(id: &str, to: &str) -> String {
@@ -198,7 +250,11 @@ fn job_json(id: &str, to: &str) -> String {
 
 /// The body of a raw message, with quoted-printable soft breaks and escapes undone.
 fn decoded_body(message: &str) -> String {
-    let body = message.split("\n\n").skip(1).collect::<Vec<_>>().join("\n\n");
+    let body = message
+        .split("\n\n")
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\n\n");
     if !message.contains("quoted-printable") {
         return body;
     }

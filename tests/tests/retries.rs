@@ -25,19 +25,34 @@ async fn tempfailed_twice_then_delivered_once() {
     let ns = TestNamespace::new("tempfail", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
         "grey-0@example.org",
-        &["451 4.7.1 greylisted", "451 4.7.1 greylisted", "250 2.1.5 ok"],
+        &[
+            "451 4.7.1 greylisted",
+            "451 4.7.1 greylisted",
+            "250 2.1.5 ok",
+        ],
     ))
     .await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s", "1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "grey", 1).await;
 
-    assert!(events.wait_until(Duration::from_secs(30), |seen| seen.iter().any(|e| e.outcome.is_final())).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| seen
+                .iter()
+                .any(|e| e.outcome.is_final()))
+            .await
+    );
     assert_eq!(smtp.accepted_count(), 1);
     assert_eq!(smtp.rcpt_attempts("grey-0@example.org"), 3);
-    let outcomes: Vec<(EventOutcome, u32)> = events.seen.iter().map(|e| (e.outcome, e.attempt)).collect();
+    let outcomes: Vec<(EventOutcome, u32)> =
+        events.seen.iter().map(|e| (e.outcome, e.attempt)).collect();
     assert_eq!(
         outcomes,
         [
@@ -51,7 +66,11 @@ async fn tempfailed_twice_then_delivered_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(smtp.accepted_count(), 1);
     for step in 1..=2 {
-        assert_eq!(ns.queue_len(&ns.topology.retry_queue("primary", step)).await, 0);
+        assert_eq!(
+            ns.queue_len(&ns.topology.retry_queue("primary", step))
+                .await,
+            0
+        );
     }
 }
 
@@ -59,22 +78,36 @@ async fn tempfailed_twice_then_delivered_once() {
 async fn a_550_bounces_once_and_is_never_retried() {
     let ns = TestNamespace::new("bounce", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("550 5.1.1 no such user")).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s", "1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "gone", 1).await;
 
-    assert!(events.wait_until(Duration::from_secs(20), |seen| !seen.is_empty()).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await
+    );
     // Wait past the whole ladder: a retry would show up as a second attempt.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    events.wait_until(Duration::from_millis(200), |_| false).await;
+    events
+        .wait_until(Duration::from_millis(200), |_| false)
+        .await;
     assert_eq!(events.seen.len(), 1, "{:?}", events.seen);
     let event = &events.seen[0];
     assert_eq!(event.outcome, EventOutcome::Bounced);
     assert_eq!(event.smtp_code, Some(550));
     assert_eq!(event.campaign, "test");
-    assert!(event.smtp_reply.as_deref().unwrap_or("").contains("no such user"));
+    assert!(event
+        .smtp_reply
+        .as_deref()
+        .unwrap_or("")
+        .contains("no such user"));
     assert_eq!(smtp.rcpt_attempts("gone-0@example.org"), 1);
     assert_eq!(ns.queue_len(&ns.topology.dead_queue("primary")).await, 0);
 }
@@ -83,7 +116,11 @@ async fn a_550_bounces_once_and_is_never_retried() {
 async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_delivers_them() {
     let ns = TestNamespace::new("ladder", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("451 4.3.0 try later")).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s", "2s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s", "2s"],
+    ));
     let mut events = ns.events().await;
     let _worker = WorkerProcess::start(&config.path, &[]);
 
@@ -91,18 +128,29 @@ async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_del
 
     let dead_queue = ns.topology.dead_queue("primary");
     assert!(
-        eventually(Duration::from_secs(60), || async { ns.queue_len(&dead_queue).await == 20 }).await,
+        eventually(Duration::from_secs(60), || async {
+            ns.queue_len(&dead_queue).await == 20
+        })
+        .await,
         "only {} of 20 jobs reached the dead queue",
         ns.queue_len(&dead_queue).await
     );
     assert_eq!(smtp.accepted_count(), 0);
     for id in &ids {
-        assert_eq!(smtp.rcpt_attempts(&format!("{id}@example.org")), 3, "{id}: 2 delays = 3 attempts");
+        assert_eq!(
+            smtp.rcpt_attempts(&format!("{id}@example.org")),
+            3,
+            "{id}: 2 delays = 3 attempts"
+        );
     }
 
     // The dead queue says why, without removing anything.
     let listed = run_producer(&config.path, &["dead", "list", "--json"]);
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
@@ -119,12 +167,31 @@ async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_del
     // Once the relay accepts again, a replay delivers every one of them.
     smtp.set_behaviour(Behaviour::accept_all());
     let replayed = run_producer(&config.path, &["dead", "replay"]);
-    assert!(replayed.status.success(), "{}", String::from_utf8_lossy(&replayed.stderr));
-    assert_eq!(smtp.wait_for_accepted(20, Duration::from_secs(30)).await, 20);
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    assert_eq!(
+        smtp.wait_for_accepted(20, Duration::from_secs(30)).await,
+        20
+    );
     assert_eq!(ns.queue_len(&dead_queue).await, 0);
 
-    assert!(events.wait_until(Duration::from_secs(10), |seen| seen.iter().filter(|e| e.outcome == EventOutcome::Delivered).count() == 20).await);
-    let dead_events = events.seen.iter().filter(|e| e.outcome == EventOutcome::Dead).count();
+    assert!(
+        events
+            .wait_until(Duration::from_secs(10), |seen| seen
+                .iter()
+                .filter(|e| e.outcome == EventOutcome::Delivered)
+                .count()
+                == 20)
+            .await
+    );
+    let dead_events = events
+        .seen
+        .iter()
+        .filter(|e| e.outcome == EventOutcome::Dead)
+        .count();
     assert_eq!(dead_events, 20);
 }
 
@@ -132,17 +199,31 @@ async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_del
 async fn dead_jobs_carry_headers_that_say_why() {
     let ns = TestNamespace::new("why", &["primary"], 1).await;
     let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("452 4.2.2 mailbox full")).await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s"],
+    ));
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "full", 1).await;
     let dead_queue = ns.topology.dead_queue("primary");
-    assert!(eventually(Duration::from_secs(30), || async { ns.queue_len(&dead_queue).await == 1 }).await);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            ns.queue_len(&dead_queue).await == 1
+        })
+        .await
+    );
     let dead = ns.drain(&dead_queue).await;
     let h = dead[0].delivery.properties.headers().as_ref();
-    assert_eq!(headers::get_str(h, headers::REASON).as_deref(), Some("retries exhausted"));
+    assert_eq!(
+        headers::get_str(h, headers::REASON).as_deref(),
+        Some("retries exhausted")
+    );
     assert_eq!(headers::get_int(h, headers::SMTP_CODE), Some(452));
-    assert!(headers::get_str(h, headers::SMTP_REPLY).unwrap().contains("mailbox full"));
+    assert!(headers::get_str(h, headers::SMTP_REPLY)
+        .unwrap()
+        .contains("mailbox full"));
     assert_eq!(headers::get_int(h, headers::ATTEMPTS), Some(2));
     let first = headers::get_str(h, headers::FIRST_ATTEMPT).expect("first attempt");
     let last = headers::get_str(h, headers::LAST_ATTEMPT).expect("last attempt");
@@ -154,7 +235,8 @@ async fn dead_jobs_carry_headers_that_say_why() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wait_named_by_the_relay_picks_a_long_enough_retry_step() {
     let ns = TestNamespace::new("hint", &["primary"], 3).await;
-    let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("451 4.7.1 try again in 20 seconds")).await;
+    let smtp =
+        ScriptedSmtp::start(Behaviour::every_rcpt("451 4.7.1 try again in 20 seconds")).await;
     let config = ConfigFile::new(&config_toml(
         &ns.name,
         &[("primary", smtp.port(), "")],
@@ -164,13 +246,22 @@ async fn a_wait_named_by_the_relay_picks_a_long_enough_retry_step() {
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "hinted", 1).await;
-    assert!(events.wait_until(Duration::from_secs(20), |seen| !seen.is_empty()).await);
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await
+    );
     // Step 1 (1 s) is too short for "20 seconds": the job waits in step 2 (30 s).
-    assert!(eventually(Duration::from_secs(5), || async {
-        ns.queue_len(&ns.topology.retry_queue("primary", 2)).await == 1
-    })
-    .await);
-    assert_eq!(ns.queue_len(&ns.topology.retry_queue("primary", 1)).await, 0);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ns.queue_len(&ns.topology.retry_queue("primary", 2)).await == 1
+        })
+        .await
+    );
+    assert_eq!(
+        ns.queue_len(&ns.topology.retry_queue("primary", 1)).await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -184,7 +275,11 @@ async fn every_job_ends_exactly_once_whatever_happens() {
             .with_rcpt_script("mix-4@example.org", &["421 4.3.2 closing"]),
     )
     .await;
-    let config = ConfigFile::new(&config_toml(&ns.name, &[("primary", smtp.port(), "")], &["1s", "1s"]));
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s", "1s"],
+    ));
     let mut events = ns.events().await;
     let _workers = [
         WorkerProcess::start(&config.path, &[]),
@@ -197,25 +292,34 @@ async fn every_job_ends_exactly_once_whatever_happens() {
 
     assert!(
         events
-            .wait_until(Duration::from_secs(60), |seen| final_outcomes(seen).len() == published.len())
+            .wait_until(Duration::from_secs(60), |seen| final_outcomes(seen).len()
+                == published.len())
             .await,
         "not every job ended: {:?}",
         final_outcomes(&events.seen)
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    events.wait_until(Duration::from_millis(300), |_| false).await;
+    events
+        .wait_until(Duration::from_millis(300), |_| false)
+        .await;
     let finals = final_outcomes(&events.seen);
     let mut ids: Vec<&String> = finals.keys().collect();
     ids.sort();
     let mut expected: Vec<&String> = published.iter().collect();
     expected.sort();
-    assert_eq!(ids, expected, "delivered + bounced + dead = published, per job id");
+    assert_eq!(
+        ids, expected,
+        "delivered + bounced + dead = published, per job id"
+    );
     assert_eq!(finals["mix-1"], EventOutcome::Bounced);
     assert_eq!(finals["mix-2"], EventOutcome::Delivered);
     assert_eq!(finals["mix-3"], EventOutcome::Dead);
     assert_eq!(finals["mix-4"], EventOutcome::Dead);
     assert_eq!(finals["mix-invalid"], EventOutcome::Dead);
-    let delivered = finals.values().filter(|o| **o == EventOutcome::Delivered).count();
+    let delivered = finals
+        .values()
+        .filter(|o| **o == EventOutcome::Delivered)
+        .count();
     assert_eq!(delivered, 27);
     assert_eq!(smtp.accepted_count(), 27, "each delivered job arrived once");
 }

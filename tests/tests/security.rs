@@ -993,7 +993,12 @@ async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce()
     let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "needs-auth", 1).await;
 
-    assert!(eventually(Duration::from_secs(10), || async { smtp.sessions_total() >= 2 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            smtp.sessions_total() >= 2
+        })
+        .await
+    );
     assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
     assert_eq!(smtp.accepted_count(), 0);
 }

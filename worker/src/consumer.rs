@@ -91,7 +91,9 @@ async fn serve(
     };
 
     let channel = ctx.connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     channel
         .basic_qos(LANE_PREFETCH, BasicQosOptions::default())
         .await?;

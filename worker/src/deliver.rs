@@ -111,10 +111,15 @@ pub fn prepare(job: &Job) -> Result<PreparedMessage, InvalidJob> {
 
 /// Send a prepared message through an open session and classify the result.
 pub async fn attempt(session: &mut SmtpSession, message: &PreparedMessage) -> Outcome {
-    classify(session.send(&message.envelope, &message.bytes).await.map(|r| {
-        let code = r.code().to_string().parse().unwrap_or(250);
-        (code, r.message().collect::<Vec<_>>().join(" "))
-    }))
+    classify(
+        session
+            .send(&message.envelope, &message.bytes)
+            .await
+            .map(|r| {
+                let code = r.code().to_string().parse().unwrap_or(250);
+                (code, r.message().collect::<Vec<_>>().join(" "))
+            }),
+    )
 }
 
 /// Replies to a transaction that blame the session rather than the message: 530
@@ -187,10 +192,34 @@ mod tests {
     fn replies_map_to_outcomes() {
         let cases = [
             (Ok((250, "ok".into())), "delivered"),
-            (Err(SendError::Reply { code: 451, text: "greylisted".into() }), "deferred"),
-            (Err(SendError::Reply { code: 421, text: "busy".into() }), "deferred"),
-            (Err(SendError::Reply { code: 550, text: "no such user".into() }), "bounced"),
-            (Err(SendError::Reply { code: 554, text: "rejected".into() }), "bounced"),
+            (
+                Err(SendError::Reply {
+                    code: 451,
+                    text: "greylisted".into(),
+                }),
+                "deferred",
+            ),
+            (
+                Err(SendError::Reply {
+                    code: 421,
+                    text: "busy".into(),
+                }),
+                "deferred",
+            ),
+            (
+                Err(SendError::Reply {
+                    code: 550,
+                    text: "no such user".into(),
+                }),
+                "bounced",
+            ),
+            (
+                Err(SendError::Reply {
+                    code: 554,
+                    text: "rejected".into(),
+                }),
+                "bounced",
+            ),
             (Err(SendError::Timeout(Duration::from_secs(1))), "deferred"),
             (Err(SendError::Connection("reset".into())), "deferred"),
         ];

@@ -35,7 +35,11 @@ struct AppState {
 
 /// Bind `addr` and serve the endpoints in the background. Binding errors are returned, so
 /// a taken port stops the worker at start with a clear message.
-pub async fn serve(addr: &str, ready: Readiness, metrics: Metrics) -> anyhow::Result<std::net::SocketAddr> {
+pub async fn serve(
+    addr: &str,
+    ready: Readiness,
+    metrics: Metrics,
+) -> anyhow::Result<std::net::SocketAddr> {
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -84,7 +88,8 @@ pub async fn check(url: &str) -> anyhow::Result<()> {
     };
     let io = async {
         let mut stream = tokio::net::TcpStream::connect(authority).await?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

@@ -100,7 +100,12 @@ pub async fn run(
                 settings.relays[name].max_connections,
                 metrics.clone(),
             );
-            relays.push(Arc::new(Relay::new(client, budget, metrics.clone(), own.contains(name))));
+            relays.push(Arc::new(Relay::new(
+                client,
+                budget,
+                metrics.clone(),
+                own.contains(name),
+            )));
         }
         let relays = Arc::new(Relays { all: relays });
         let ctx = Arc::new(LaneContext {
@@ -144,7 +149,10 @@ pub async fn run(
                 lanes.abort_all();
                 while lanes.join_next().await.is_some() {}
                 let _ = connection.close(200, "reconnecting".into()).await;
-                tracing::warn!(error = format!("{error:#}"), "lost the broker; reconnecting");
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "lost the broker; reconnecting"
+                );
                 if shutdown.is_triggered() {
                     return Ok(());
                 }
@@ -156,10 +164,8 @@ pub async fn run(
 /// Let lanes finish the jobs in flight, for at most `grace`; what is still unacknowledged
 /// then goes back to the queue for other workers when the connection closes.
 async fn drain(lanes: &mut JoinSet<anyhow::Result<()>>, grace: Duration) {
-    let finished = tokio::time::timeout(grace, async {
-        while lanes.join_next().await.is_some() {}
-    })
-    .await;
+    let finished =
+        tokio::time::timeout(grace, async { while lanes.join_next().await.is_some() {} }).await;
     if finished.is_err() {
         tracing::warn!(
             still_running = lanes.len(),

@@ -51,23 +51,58 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("register");
             g
         };
-        let received = counter("sluice_jobs_received_total", "Jobs taken from a relay queue");
-        let delivered = counter("sluice_jobs_delivered_total", "Jobs the relay accepted (2xx)");
-        let deferred = counter("sluice_jobs_deferred_total", "Attempts deferred to a retry step (4xx, drop, timeout)");
-        let bounced = counter("sluice_jobs_bounced_total", "Jobs refused permanently (5xx)");
-        let dead = counter("sluice_jobs_dead_total", "Jobs set aside in the dead queue (invalid or retries exhausted)");
-        let sessions_open = gauge("sluice_smtp_sessions_open", "SMTP sessions this worker has open");
-        let slots_held = gauge("sluice_budget_slots_held", "Budget slots (fleet-wide connection tokens) this worker holds");
-        let max_connections = gauge("sluice_relay_max_connections", "The relay's fleet-wide max_connections");
-        let max_rate = gauge("sluice_relay_max_messages_per_second", "The relay's fleet-wide max_messages_per_second (0 = none)");
-        let relay_up = gauge("sluice_relay_up", "1 while the relay is usable, 0 while it is marked down");
+        let received = counter(
+            "sluice_jobs_received_total",
+            "Jobs taken from a relay queue",
+        );
+        let delivered = counter(
+            "sluice_jobs_delivered_total",
+            "Jobs the relay accepted (2xx)",
+        );
+        let deferred = counter(
+            "sluice_jobs_deferred_total",
+            "Attempts deferred to a retry step (4xx, drop, timeout)",
+        );
+        let bounced = counter(
+            "sluice_jobs_bounced_total",
+            "Jobs refused permanently (5xx)",
+        );
+        let dead = counter(
+            "sluice_jobs_dead_total",
+            "Jobs set aside in the dead queue (invalid or retries exhausted)",
+        );
+        let sessions_open = gauge(
+            "sluice_smtp_sessions_open",
+            "SMTP sessions this worker has open",
+        );
+        let slots_held = gauge(
+            "sluice_budget_slots_held",
+            "Budget slots (fleet-wide connection tokens) this worker holds",
+        );
+        let max_connections = gauge(
+            "sluice_relay_max_connections",
+            "The relay's fleet-wide max_connections",
+        );
+        let max_rate = gauge(
+            "sluice_relay_max_messages_per_second",
+            "The relay's fleet-wide max_messages_per_second (0 = none)",
+        );
+        let relay_up = gauge(
+            "sluice_relay_up",
+            "1 while the relay is usable, 0 while it is marked down",
+        );
         let send_seconds = HistogramVec::new(
-            HistogramOpts::new("sluice_smtp_send_seconds", "Time to hand one message to the relay")
-                .buckets(Self::SEND_SECONDS_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "sluice_smtp_send_seconds",
+                "Time to hand one message to the relay",
+            )
+            .buckets(Self::SEND_SECONDS_BUCKETS.to_vec()),
             &["relay"],
         )
         .expect("metric");
-        registry.register(Box::new(send_seconds.clone())).expect("register");
+        registry
+            .register(Box::new(send_seconds.clone()))
+            .expect("register");
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -90,7 +125,9 @@ impl Metrics {
     /// Record a relay's configured budget (shown beside what is used).
     pub fn relay_configured(&self, relay: &str, max_connections: u32, max_rate: u32) {
         let i = &self.inner;
-        i.max_connections.with_label_values(&[relay]).set(max_connections.into());
+        i.max_connections
+            .with_label_values(&[relay])
+            .set(max_connections.into());
         i.max_rate.with_label_values(&[relay]).set(max_rate.into());
         i.relay_up.with_label_values(&[relay]).set(1);
         for counter in [&i.received, &i.delivered, &i.deferred, &i.bounced, &i.dead] {
@@ -116,7 +153,10 @@ impl Metrics {
         self.inner.dead.with_label_values(&[relay]).inc();
     }
     pub fn send_seconds(&self, relay: &str, seconds: f64) {
-        self.inner.send_seconds.with_label_values(&[relay]).observe(seconds);
+        self.inner
+            .send_seconds
+            .with_label_values(&[relay])
+            .observe(seconds);
         if let Some(histogram) = self.inner.otel_send_seconds.get() {
             histogram.record(
                 seconds,
@@ -131,7 +171,10 @@ impl Metrics {
         self.inner.slots_held.with_label_values(&[relay])
     }
     pub fn relay_up(&self, relay: &str, up: bool) {
-        self.inner.relay_up.with_label_values(&[relay]).set(up.into());
+        self.inner
+            .relay_up
+            .with_label_values(&[relay])
+            .set(up.into());
     }
 
     /// Every metric family as gathered now (those with at least one relay).

@@ -117,7 +117,9 @@ impl Settler {
         outcome: &Outcome,
     ) -> Result<(), SettleError> {
         let incoming = delivery.properties.headers().as_ref();
-        let attempt = headers::get_int(incoming, headers::ATTEMPT).unwrap_or(1).max(1);
+        let attempt = headers::get_int(incoming, headers::ATTEMPT)
+            .unwrap_or(1)
+            .max(1);
         let last_step = headers::get_int(incoming, STEP).unwrap_or(0).max(0) as usize;
         let now = now_rfc3339();
         let first_attempt =
@@ -159,7 +161,8 @@ impl Settler {
                 headers::set_str(&mut carried, headers::REASON, reason);
                 headers::set_int(&mut carried, headers::ATTEMPTS, attempt);
                 let queue = self.topology.dead_queue(info.source_relay);
-                self.publish_confirmed(delivery, &queue, carried, None).await?;
+                self.publish_confirmed(delivery, &queue, carried, None)
+                    .await?;
                 EventOutcome::Dead
             }
         };
@@ -302,18 +305,51 @@ mod tests {
             (deferred(None), 0, retry(1)),
             (deferred(None), 1, retry(2)),
             (deferred(None), 3, retry(4)),
-            (deferred(None), 4, Action::Dead { reason: "retries exhausted" }),
+            (
+                deferred(None),
+                4,
+                Action::Dead {
+                    reason: "retries exhausted",
+                },
+            ),
             (deferred(Some(120)), 0, retry(2)),
             (deferred(Some(100)), 0, retry(2)),
             (deferred(Some(99999)), 0, retry(4)),
             (deferred(Some(10)), 2, retry(3)),
-            (Outcome::Invalid { reason: "x".into() }, 0, Action::Dead { reason: "invalid" }),
-            (Outcome::Bounced { code: 550, reply: "no".into() }, 0, Action::Finish),
-            (Outcome::Delivered { code: 250, reply: "ok".into() }, 2, Action::Finish),
+            (
+                Outcome::Invalid { reason: "x".into() },
+                0,
+                Action::Dead { reason: "invalid" },
+            ),
+            (
+                Outcome::Bounced {
+                    code: 550,
+                    reply: "no".into(),
+                },
+                0,
+                Action::Finish,
+            ),
+            (
+                Outcome::Delivered {
+                    code: 250,
+                    reply: "ok".into(),
+                },
+                2,
+                Action::Finish,
+            ),
         ];
         for (outcome, last_step, expected) in cases {
-            assert_eq!(decide(&outcome, last_step, &ladder), expected, "{outcome:?} after step {last_step}");
+            assert_eq!(
+                decide(&outcome, last_step, &ladder),
+                expected,
+                "{outcome:?} after step {last_step}"
+            );
         }
-        assert_eq!(decide(&deferred(None), 0, &[]), Action::Dead { reason: "retries exhausted" });
+        assert_eq!(
+            decide(&deferred(None), 0, &[]),
+            Action::Dead {
+                reason: "retries exhausted"
+            }
+        );
     }
 }

@@ -24,7 +24,12 @@ pub struct Relay {
 
 impl Relay {
     /// Assemble a relay from its client and budget.
-    pub fn new(client: Arc<RelayClient>, budget: Budget, metrics: Metrics, serves_own_queue: bool) -> Self {
+    pub fn new(
+        client: Arc<RelayClient>,
+        budget: Budget,
+        metrics: Metrics,
+        serves_own_queue: bool,
+    ) -> Self {
         let settings = client.settings();
         let share = rate_share(settings.max_messages_per_second, settings.max_connections);
         let health = RelayHealth::new(client.name(), settings.down_cooloff, metrics);

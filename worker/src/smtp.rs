@@ -55,14 +55,19 @@ impl RelayClient {
             TlsMode::Starttls | TlsMode::Tls => {
                 let mut builder = TlsParameters::builder(settings.host.clone());
                 if let Some(path) = &settings.ca_file {
-                    let pem = std::fs::read(path)
-                        .with_context(|| format!("reading relays.{name}.ca_file {}", path.display()))?;
-                    let cert = Certificate::from_pem(&pem)
-                        .with_context(|| format!("relays.{name}.ca_file is not a PEM certificate"))?;
+                    let pem = std::fs::read(path).with_context(|| {
+                        format!("reading relays.{name}.ca_file {}", path.display())
+                    })?;
+                    let cert = Certificate::from_pem(&pem).with_context(|| {
+                        format!("relays.{name}.ca_file is not a PEM certificate")
+                    })?;
                     builder = builder.add_root_certificate(cert);
                 }
                 if settings.tls_insecure_skip_verify {
-                    tracing::warn!(relay = name, "tls_insecure_skip_verify is on: the relay's certificate is NOT verified");
+                    tracing::warn!(
+                        relay = name,
+                        "tls_insecure_skip_verify is on: the relay's certificate is NOT verified"
+                    );
                     builder = builder
                         .dangerous_accept_invalid_certs(true)
                         .dangerous_accept_invalid_hostnames(true);
@@ -78,10 +83,13 @@ impl RelayClient {
             .resolved_password()
             .with_context(|| format!("password of relay {name}"))?;
         let credentials = match (&settings.username, password) {
-            (Some(user), Some(password)) => {
-                Some(Credentials::new(user.clone(), password.expose().to_string()))
+            (Some(user), Some(password)) => Some(Credentials::new(
+                user.clone(),
+                password.expose().to_string(),
+            )),
+            (Some(_), None) => {
+                anyhow::bail!("relays.{name}.username is set but no password or password_file")
             }
-            (Some(_), None) => anyhow::bail!("relays.{name}.username is set but no password or password_file"),
             (None, Some(_)) => anyhow::bail!("relays.{name}: a password is set but no username"),
             (None, None) => None,
         };
@@ -127,9 +135,10 @@ impl RelayClient {
             // Our own socket, so that Nagle's algorithm is off: lettre writes a message's
             // body and its final dot separately, and with Nagle on (and the relay's delayed
             // ACK) every message would wait ~40 ms for nothing.
-            let tcp = tokio::net::TcpStream::connect((self.settings.host.as_str(), self.settings.port))
-                .await
-                .map_err(|e| self.refused(format!("cannot connect: {e}")))?;
+            let tcp =
+                tokio::net::TcpStream::connect((self.settings.host.as_str(), self.settings.port))
+                    .await
+                    .map_err(|e| self.refused(format!("cannot connect: {e}")))?;
             let _ = tcp.set_nodelay(true);
             AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
                 .await
@@ -143,12 +152,16 @@ impl RelayClient {
         if self.settings.tls == TlsMode::Starttls {
             if !conn.can_starttls() {
                 conn.abort().await;
-                return Err(self.refused("STARTTLS is required but the relay does not offer it".into()));
+                return Err(
+                    self.refused("STARTTLS is required but the relay does not offer it".into())
+                );
             }
             let tls = self.tls.clone().expect("TLS parameters exist for starttls");
             match tokio::time::timeout(command_timeout, conn.starttls(tls, &self.hello)).await {
                 Err(_) => return Err(self.timeout(command_timeout)),
-                Ok(Err(e)) => return Err(self.refused(format!("STARTTLS failed: {}", describe(&e)))),
+                Ok(Err(e)) => {
+                    return Err(self.refused(format!("STARTTLS failed: {}", describe(&e))))
+                }
                 Ok(Ok(())) => {}
             }
         }
@@ -205,7 +218,11 @@ pub struct SmtpSession {
 
 impl SmtpSession {
     /// Hand one message to the relay: MAIL, RCPT, DATA. On any error the session is unusable.
-    pub async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Response, SendError> {
+    pub async fn send(
+        &mut self,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<Response, SendError> {
         self.sent += 1;
         // The timeout covers the whole transaction: a relay that stalls at any command
         // (or after the final dot) defers the job instead of holding it forever.

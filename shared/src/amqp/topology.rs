@@ -78,7 +78,10 @@ impl Topology {
     ) -> lapin::Result<String> {
         let queue = self.campaign_watch_queue(campaign);
         let mut args = FieldTable::default();
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(WATCH_QUEUE_EXPIRES_MS));
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(WATCH_QUEUE_EXPIRES_MS),
+        );
         channel
             .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
             .await?;

@@ -109,7 +109,7 @@ fn now_ns() -> u128 {
 fn body_text(bytes: usize, seq: u64) -> String {
     const LINE: &str = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm";
     let mut text = format!("Hello user {seq},\n\n");
-    while text.len() + LINE.len() + 1 <= bytes {
+    while text.len() + LINE.len() < bytes {
         text.push_str(LINE);
         text.push('\n');
     }
