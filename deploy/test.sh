@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 bash deploy/services.sh
 # The integration tests spawn the real binaries: build them first.
 cargo build --workspace --bins --quiet
-cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}"
+# Everything that can share the machine, in parallel (each test has its own namespace).
+cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" --skip the_budget_holds
+# The fleet-budget tests measure throughput against the relay's budget with up to eight
+# workers each: one at a time, so that a 2-core machine is not what they measure.
+cargo test -p sluice-tests --test budget -- --test-threads 1 the_budget_holds
 # These stop and restart the shared broker, so they run alone, after everything else.
 cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1
 bash deploy/validate.sh
