@@ -45,6 +45,9 @@ pub struct Budget {
     relay: String,
     max_connections: u32,
     held: Mutex<HashSet<u32>>,
+    /// Only one lane of this worker probes the broker for a free slot at a time: with many
+    /// workers, every refused declaration costs the broker a channel error.
+    acquiring: tokio::sync::Mutex<()>,
     metrics: Metrics,
 }
 
@@ -69,6 +72,7 @@ impl Budget {
             relay: relay.to_string(),
             max_connections,
             held: Mutex::new(HashSet::new()),
+            acquiring: tokio::sync::Mutex::new(()),
             metrics,
         }
     }
@@ -76,6 +80,9 @@ impl Budget {
     /// Try every slot this worker does not hold, in random order; the first free one is
     /// ours. `Ok(None)` when every slot is taken by the fleet.
     pub async fn try_acquire(&self) -> lapin::Result<Option<Slot>> {
+        let Ok(_probing) = self.acquiring.try_lock() else {
+            return Ok(None); // another lane of this worker is already asking
+        };
         let mut candidates: Vec<u32> = {
             let held = self.held.lock().expect("budget lock");
             (0..self.max_connections)

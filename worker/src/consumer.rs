@@ -67,7 +67,7 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
             continue;
         }
         let Some(slot) = relay.budget.try_acquire().await? else {
-            pause(&ctx.shutdown, jitter(Duration::from_millis(250))).await;
+            pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
             continue;
         };
         let served = serve(&ctx, &relay, &slot, queues).await;
