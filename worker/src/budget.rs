@@ -116,10 +116,13 @@ impl Budget {
                 }
                 Err(e) => {
                     self.held.lock().expect("budget lock").remove(&index);
-                    if !self.connection.status().connected() {
+                    // A protocol error (RESOURCE_LOCKED: another worker holds the slot)
+                    // closes only this channel: try the next slot. Anything else is the
+                    // connection itself failing.
+                    let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(_));
+                    if !refused && !self.connection.status().connected() {
                         return Err(e);
                     }
-                    // RESOURCE_LOCKED: another worker holds it. Try the next one.
                 }
             }
         }

@@ -117,23 +117,45 @@ pub async fn run(
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
-        let mut lanes = JoinSet::new();
+        let mut lanes: Lanes = JoinSet::new();
+        // Which relay each lane serves, to replace a failed lane with one of its kind.
+        let mut lane_relays = std::collections::HashMap::new();
+        let spawn_lane = |lanes: &mut Lanes, lane_relays: &mut LaneRelays, relay: &Arc<Relay>| {
+            let handle = lanes.spawn(run_lane(ctx.clone(), relay.clone()));
+            lane_relays.insert(handle.id(), relay.clone());
+        };
         for relay in &relays.all {
             for _ in 0..relay.client.settings().max_connections {
-                lanes.spawn(run_lane(ctx.clone(), relay.clone()));
+                spawn_lane(&mut lanes, &mut lane_relays, relay);
             }
         }
         ready.set(true);
         tracing::info!(relays = ?lanes_for, lanes = lanes.len(), "consuming");
 
-        // Run until asked to stop or until a lane reports a broken connection.
-        let broken = tokio::select! {
-            _ = shutdown.wait() => None,
-            Some(joined) = lanes.join_next() => Some(match joined {
-                Ok(Ok(())) => anyhow::anyhow!("a lane stopped unexpectedly"),
-                Ok(Err(e)) => e,
-                Err(e) => anyhow::Error::from(e).context("a lane panicked"),
-            }),
+        // Run until asked to stop or until the connection breaks. A lane that fails while
+        // the connection is fine (a channel error) is replaced; the others go on.
+        let broken = loop {
+            let joined = tokio::select! {
+                biased;
+                _ = shutdown.wait() => break None,
+                Some(joined) = lanes.join_next_with_id() => joined,
+            };
+            let (id, failure) = match joined {
+                Ok((_, Ok(()))) if shutdown.is_triggered() => break None,
+                Ok((id, Ok(()))) => (id, anyhow::anyhow!("a lane stopped unexpectedly")),
+                Ok((id, Err(e))) => (id, e),
+                Err(e) => (e.id(), anyhow::Error::from(e).context("a lane panicked")),
+            };
+            if !connection.status().connected() {
+                break Some(failure);
+            }
+            tracing::warn!(
+                error = format!("{failure:#}"),
+                "a lane failed; starting another"
+            );
+            if let Some(relay) = lane_relays.remove(&id) {
+                spawn_lane(&mut lanes, &mut lane_relays, &relay);
+            }
         };
         ready.set(false);
         match broken {
@@ -161,9 +183,15 @@ pub async fn run(
     }
 }
 
+/// The worker's running lanes.
+type Lanes = JoinSet<anyhow::Result<()>>;
+
+/// The relay each running lane serves.
+type LaneRelays = std::collections::HashMap<tokio::task::Id, Arc<Relay>>;
+
 /// Let lanes finish the jobs in flight, for at most `grace`; what is still unacknowledged
 /// then goes back to the queue for other workers when the connection closes.
-async fn drain(lanes: &mut JoinSet<anyhow::Result<()>>, grace: Duration) {
+async fn drain(lanes: &mut Lanes, grace: Duration) {
     let finished =
         tokio::time::timeout(grace, async { while lanes.join_next().await.is_some() {} }).await;
     if finished.is_err() {
