@@ -35,6 +35,9 @@ use crate::tracing_spans::{DeliverAttributes, DeliverSpan};
 /// A lane gives its slot back after its queues have been empty this long.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
+/// Pause between taking a slot and opening its session.
+const SLOT_SETTLE: Duration = Duration::from_millis(100);
+
 /// Unacknowledged jobs per lane: one, the one being sent.
 const LANE_PREFETCH: u16 = 1;
 
@@ -85,6 +88,9 @@ async fn serve(
     queues: Vec<String>,
 ) -> anyhow::Result<()> {
     let mut pacer = Pacer::new(relay.rate_share);
+    // The slot's previous holder may have died a moment ago: give the relay time to see
+    // its sessions close before this one opens.
+    tokio::time::sleep(SLOT_SETTLE).await;
     let mut session = match open_session(ctx, relay).await {
         Some(session) => Some(session),
         None => return Ok(()),
