@@ -686,6 +686,7 @@ impl Session<'_> {
         }
         let mut lines = vec![
             format!("250-{SERVER_NAME}"),
+            "250-PIPELINING".to_owned(),
             "250-8BITMIME".to_owned(),
             "250-SMTPUTF8".to_owned(),
         ];

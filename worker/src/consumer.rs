@@ -1,17 +1,21 @@
 //! Lanes: the worker's units of concurrency. A lane holds at most one budget slot, one SMTP
-//! session and one unacknowledged job at a time.
+//! session and one window of unacknowledged jobs at a time.
 //!
 //! A lane waits until one of its queues has work, takes a fleet-wide budget slot, opens a
-//! session, and only then starts consuming (prefetch 1), so a worker never holds more
-//! unacknowledged jobs than it has sessions to send them through. When its queues stay
-//! empty for [`IDLE_RELEASE`], or the relay fails, or shutdown is asked for, it cancels its
-//! consumer, closes the session and gives the slot back.
+//! session, and only then starts consuming, with a prefetch of [`lane_window`]: the job
+//! being sent, the next ones ready behind it, and the settled ones whose batched ack has
+//! not gone out yet (see [`crate::outcome`]). So a worker never holds more unacknowledged
+//! jobs than its sessions may have in flight, and a crash redelivers at most that many.
+//! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or shutdown is asked
+//! for, it acks what it settled, cancels its consumer, closes the session and gives the
+//! slot back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::stream::{select_all, StreamExt};
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -24,7 +28,7 @@ use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Job, Topology};
 use tokio::time::Instant;
 
-use crate::budget::{Pacer, Slot};
+use crate::budget::{Pacer, RateShare, Slot};
 use crate::deliver::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::outcome::{AttemptInfo, Settler};
@@ -38,8 +42,24 @@ pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
 /// Pause between taking a slot and opening its session.
 const SLOT_SETTLE: Duration = Duration::from_millis(100);
 
-/// Unacknowledged jobs per lane: one, the one being sent.
-const LANE_PREFETCH: u16 = 1;
+/// The most unacknowledged jobs a lane holds (see [`lane_window`]).
+pub const MAX_LANE_WINDOW: u16 = 16;
+
+/// How often a busy lane checks whether the relays it serves changed (failover).
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// A lane's prefetch: [`MAX_LANE_WINDOW`] when the relay has no rate limit, otherwise
+/// about one second of the slot's rate share (at least 1), so that a slow lane does not
+/// sit on jobs another worker could send.
+pub fn lane_window(share: Option<RateShare>) -> u16 {
+    match share {
+        None => MAX_LANE_WINDOW,
+        Some(share) => {
+            let per_second = f64::from(share.messages) / share.window.as_secs_f64().max(1e-3);
+            (per_second.ceil() as u16).clamp(1, MAX_LANE_WINDOW)
+        }
+    }
+}
 
 /// What every lane of a worker shares.
 pub struct LaneContext {
@@ -96,12 +116,13 @@ async fn serve(
         None => return Ok(()),
     };
 
+    let window = lane_window(relay.rate_share);
     let channel = ctx.connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     channel
-        .basic_qos(LANE_PREFETCH, BasicQosOptions::default())
+        .basic_qos(window, BasicQosOptions::default())
         .await?;
     let mut consumers = Vec::new();
     let mut tags = Vec::new();
@@ -118,41 +139,65 @@ async fn serve(
         consumers.push(consumer);
     }
     let mut deliveries = select_all(consumers);
-    let settler = Settler::new(
+    // Half the window acked at a time, so the broker refills it while the rest is sent.
+    let mut settler = Settler::new(
         channel.clone(),
         ctx.topology.clone(),
         ctx.delays.clone(),
         ctx.metrics.clone(),
+        usize::from(window / 2),
     );
-    let mut recheck = tokio::time::interval(Duration::from_millis(500));
+    let mut recheck = tokio::time::interval(RECHECK);
     let mut last_delivery = Instant::now();
+    let mut last_recheck = Instant::now();
 
     let result: anyhow::Result<()> = loop {
-        tokio::select! {
-            biased;
-            _ = ctx.shutdown.wait() => break Ok(()),
-            _ = recheck.tick() => {
-                if last_delivery.elapsed() >= IDLE_RELEASE || ctx.relays.served_by(relay) != queues {
-                    break Ok(());
+        if ctx.shutdown.is_triggered() {
+            break Ok(());
+        }
+        if last_recheck.elapsed() >= RECHECK {
+            last_recheck = Instant::now();
+            if ctx.relays.served_by(relay) != queues {
+                break Ok(());
+            }
+        }
+        // Take the next delivery if it is already here; otherwise ack what is settled
+        // before waiting, so a quiet lane never sits on finished jobs.
+        let next = match deliveries.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                if let Err(e) = settler.flush().await {
+                    break Err(e.into());
+                }
+                tokio::select! {
+                    biased;
+                    _ = ctx.shutdown.wait() => break Ok(()),
+                    _ = recheck.tick() => {
+                        if last_delivery.elapsed() >= IDLE_RELEASE {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                    next = deliveries.next() => next,
                 }
             }
-            next = deliveries.next() => {
-                let Some(delivery) = next else { break Ok(()) };
-                let delivery = match delivery {
-                    Ok(delivery) => delivery,
-                    Err(e) => break Err(e.into()),
-                };
-                last_delivery = Instant::now();
-                match deliver_one(ctx, relay, &settler, &mut session, &mut pacer, delivery).await {
-                    Ok(true) => {}
-                    Ok(false) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            }
+        };
+        let Some(delivery) = next else { break Ok(()) };
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(e) => break Err(e.into()),
+        };
+        last_delivery = Instant::now();
+        match deliver_one(ctx, relay, &mut settler, &mut session, &mut pacer, delivery).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
         }
     };
 
-    // Stop taking jobs first; closing the channel hands back anything prefetched.
+    // Ack what is settled, then stop taking jobs; closing the channel hands back anything
+    // prefetched.
+    let flushed = settler.flush().await;
     for tag in tags {
         let _ = channel
             .basic_cancel(tag, BasicCancelOptions::default())
@@ -162,7 +207,7 @@ async fn serve(
     if let Some(session) = session.take() {
         close_session(ctx, relay, session).await;
     }
-    result
+    result.and(flushed.map_err(Into::into))
 }
 
 /// Deliver one job and settle it. `Ok(false)` asks the lane to give up its slot (the relay
@@ -170,7 +215,7 @@ async fn serve(
 async fn deliver_one(
     ctx: &LaneContext,
     relay: &Relay,
-    settler: &Settler,
+    settler: &mut Settler,
     session: &mut Option<SmtpSession>,
     pacer: &mut Pacer,
     delivery: Delivery,

@@ -5,10 +5,17 @@
 //! There is no moment in which a job exists nowhere; a crash in between gives a duplicate,
 //! never a loss. Nothing waits for its retry while held unacknowledged: the wait happens in
 //! a retry queue, whose messages expire back into the jobs exchange.
+//!
+//! Acks are batched: a settled delivery's ack waits until [`ACK_BATCH`] have gathered or
+//! the lane flushes (no further delivery ready, idle, stop), then one `basic.ack` with
+//! `multiple` covers them all. A lane settles its deliveries in the order they came, so
+//! everything up to the last settled tag is settled. A crash before the flush redelivers
+//! those jobs: duplicates bounded by the lane's prefetch, never a loss.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
@@ -83,35 +90,47 @@ pub enum SettleError {
     Refused { queue: String },
 }
 
+/// At most this many settled deliveries wait for their (one, `multiple`) ack.
+pub const ACK_BATCH: usize = 8;
+
 /// Carries out [`Action`]s on the lane's channel (in confirm mode).
-#[derive(Clone)]
 pub struct Settler {
     channel: Channel,
     topology: Topology,
     delays: Arc<[Duration]>,
     metrics: Metrics,
+    /// The last settled delivery whose ack has not been sent, and how many wait with it.
+    unacked: Option<Acker>,
+    waiting: usize,
+    batch: usize,
 }
 
 impl Settler {
-    /// A settler publishing on `channel`, which must be in confirm mode.
+    /// A settler publishing on `channel`, which must be in confirm mode, and acking in
+    /// batches of up to `batch` (at most [`ACK_BATCH`]; 1 acks every delivery at once).
     pub fn new(
         channel: Channel,
         topology: Topology,
         delays: Arc<[Duration]>,
         metrics: Metrics,
+        batch: usize,
     ) -> Self {
         Self {
             channel,
             topology,
             delays,
             metrics,
+            unacked: None,
+            waiting: 0,
+            batch: batch.clamp(1, ACK_BATCH),
         }
     }
 
-    /// Publish what the outcome requires, then acknowledge the delivery. An error leaves
-    /// the delivery unacknowledged: the broker gives it to a worker again.
+    /// Publish what the outcome requires, then acknowledge the delivery (in a batch: see
+    /// [`Settler::flush`]). An error leaves the delivery unacknowledged: the broker gives
+    /// it to a worker again.
     pub async fn settle(
-        &self,
+        &mut self,
         delivery: &Delivery,
         info: &AttemptInfo<'_>,
         outcome: &Outcome,
@@ -176,7 +195,24 @@ impl Settler {
         let trace_id = event_trace_id(info.span, incoming);
         self.publish_event(info, event, attempt, outcome, now, trace_id)
             .await?;
-        delivery.ack(BasicAckOptions::default()).await?;
+        self.unacked = Some(delivery.acker.clone());
+        self.waiting += 1;
+        if self.waiting >= self.batch {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledge every settled delivery not acknowledged yet, with one `multiple` ack.
+    pub async fn flush(&mut self) -> Result<(), SettleError> {
+        if let Some(acker) = self.unacked.take() {
+            self.waiting = 0;
+            acker
+                .ack(BasicAckOptions {
+                    multiple: true,
+                })
+                .await?;
+        }
         Ok(())
     }
 
