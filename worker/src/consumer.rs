@@ -43,7 +43,7 @@ pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
 const SLOT_SETTLE: Duration = Duration::from_millis(100);
 
 /// The most unacknowledged jobs a lane holds (see [`lane_window`]).
-pub const MAX_LANE_WINDOW: u16 = 16;
+pub const MAX_LANE_WINDOW: u16 = 32;
 
 /// How often a busy lane checks whether the relays it serves changed (failover).
 const RECHECK: Duration = Duration::from_millis(500);

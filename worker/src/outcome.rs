@@ -15,10 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
+use lapin::Acker;
 use lapin::{BasicProperties, Channel};
 use sluice_shared::events::{now_rfc3339, DeliveryEvent, EventOutcome};
 use sluice_shared::headers;
@@ -91,7 +91,7 @@ pub enum SettleError {
 }
 
 /// At most this many settled deliveries wait for their (one, `multiple`) ack.
-pub const ACK_BATCH: usize = 8;
+pub const ACK_BATCH: usize = 16;
 
 /// Carries out [`Action`]s on the lane's channel (in confirm mode).
 pub struct Settler {
@@ -207,11 +207,7 @@ impl Settler {
     pub async fn flush(&mut self) -> Result<(), SettleError> {
         if let Some(acker) = self.unacked.take() {
             self.waiting = 0;
-            acker
-                .ack(BasicAckOptions {
-                    multiple: true,
-                })
-                .await?;
+            acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         Ok(())
     }

@@ -324,7 +324,8 @@ impl SmtpSession {
             }
             return Err(send_error(refused));
         }
-        match self.conn.message(message).await {
+        // The content, dot-stuffed, and its final dot in one write.
+        match self.conn.command(DataContent(message)).await {
             Ok(response) => Ok(response),
             Err(e) if e.status().is_some() => {
                 self.reset().await;
@@ -357,6 +358,25 @@ impl SmtpSession {
             return;
         }
         let _ = tokio::time::timeout(self.command_timeout, self.conn.quit()).await;
+    }
+}
+
+/// Message content as sent after DATA's 354: a dot at the start of a line is doubled
+/// (RFC 5321 4.5.2), and the content ends with `CRLF . CRLF`. Only used for ASCII content.
+struct DataContent<'a>(&'a [u8]);
+
+impl std::fmt::Display for DataContent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = std::str::from_utf8(self.0).map_err(|_| std::fmt::Error)?;
+        let mut at_line_start = true;
+        for line in text.split_inclusive("\r\n") {
+            if at_line_start && line.starts_with('.') {
+                f.write_str(".")?;
+            }
+            f.write_str(line)?;
+            at_line_start = line.ends_with("\r\n");
+        }
+        f.write_str("\r\n.\r\n")
     }
 }
 
@@ -408,4 +428,26 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DataContent;
+
+    #[test]
+    fn content_is_dot_stuffed_and_terminated() {
+        let cases = [
+            ("Hello\r\n", "Hello\r\n\r\n.\r\n"),
+            (".hidden\r\nline\r\n", "..hidden\r\nline\r\n\r\n.\r\n"),
+            ("a\r\n.\r\nb.c\r\n..x", "a\r\n..\r\nb.c\r\n...x\r\n.\r\n"),
+            ("no\nbare.\n.lf", "no\nbare.\n.lf\r\n.\r\n"),
+        ];
+        for (content, wire) in cases {
+            assert_eq!(
+                DataContent(content.as_bytes()).to_string(),
+                wire,
+                "{content:?}"
+            );
+        }
+    }
 }

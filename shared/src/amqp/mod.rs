@@ -27,13 +27,24 @@ pub struct ConnectError {
 /// worker keeps its budget slots and unacknowledged jobs.
 const DEFAULT_HEARTBEAT_SECS: u16 = 15;
 
+/// Largest AMQP frame asked for unless the URL names one. lapin keeps send and receive
+/// buffers of 32 frames each, touched in full: at the broker's 128 KiB default that is
+/// 8 MiB per connection, half an idle worker's memory. Jobs of a few KiB fit in one
+/// 32 KiB frame; larger ones are split, as AMQP does anyway.
+const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
 impl AmqpSettings {
     /// One connection attempt. `name` shows in the management UI (`sluice-worker`, ...).
     pub async fn connect(&self, name: &str) -> Result<Connection, ConnectError> {
         let mut url = self.url.expose().to_string();
-        if !url.contains("heartbeat=") {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&format!("heartbeat={DEFAULT_HEARTBEAT_SECS}"));
+        for (key, value) in [
+            ("heartbeat", DEFAULT_HEARTBEAT_SECS.to_string()),
+            ("frame_max", DEFAULT_FRAME_MAX.to_string()),
+        ] {
+            if !url.contains(&format!("{key}=")) {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                url.push_str(&format!("{key}={value}"));
+            }
         }
         let tls = self.tls_config()?;
         let properties = ConnectionProperties::default()
