@@ -21,6 +21,8 @@
 #                     the same jobs, 64 publishes handed to lapin at once, 2000 unconfirmed).
 #   5. Worker memory  peak RSS (VmHWM) of each worker just before it is stopped after the
 #                     drain, and idle RSS (VmRSS) of the idle workers before phase 3.
+# During the drain it also reads the CPU time (utime + stime) that RabbitMQ, the workers and
+# smtp-sink spent, per job: on a machine with few cores their sum bounds the drain rate.
 # Sizes: full = 20,000 jobs for 2 and 3, 1,000,000 producer rows (200,000 jobs for the
 #        broker ceiling), 3 reps by default;
 #        small = 2,000 jobs, 20,000 producer rows and broker jobs, 1 rep (a smoke test).
@@ -125,6 +127,16 @@ now_ns() { date +%s%N; }
 rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { d = (b - a) / 1e9; if (d <= 0) print 0; else printf "%.0f", n / d }'; }
 kib_of() { awk '$1 == "'"$1"':" { print $2 }' "/proc/$2/status" 2>/dev/null || true; }   # field pid
 record() { echo "$2" >>"$WORK/fig.$1"; }   # figure value
+TICK="$(getconf CLK_TCK)"
+cpu_ticks() {   # pid... -> utime + stime summed, in clock ticks
+  local pid total=0 t
+  for pid in "$@"; do
+    t="$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || true)"
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+per_job_us() { awk -v t="$1" -v hz="$TICK" -v n="$JOBS" 'BEGIN { printf "%.0f", t / hz / n * 1e6 }'; }   # ticks
 
 # --- Build and services --------------------------------------------------------------
 say "building (cargo build --release --workspace --bins)"
@@ -145,7 +157,8 @@ SINK_PORT="$(free_port)"
 sink_user=(); [ "$(id -u)" -eq 0 ] && sink_user=(-u root)
 # No -d: smtp-sink accepts and forgets, so disk I/O is not part of any figure.
 "$SMTP_SINK" "${sink_user[@]}" "127.0.0.1:$SINK_PORT" 1024 >"$WORK/smtp-sink.log" 2>&1 &
-PIDS+=($!)
+SINK_PID=$!; PIDS+=("$SINK_PID")
+mapfile -t BROKER_PIDS < <(pgrep -x beam.smp || true)   # RabbitMQ's Erlang VM, for the CPU figures
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null && break; sleep 0.05; done
 (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null || { say "smtp-sink did not start"; exit 1; }
 
@@ -244,6 +257,8 @@ drain() {   # rep
     say "queueing the drain's jobs failed: $(tail -n 3 "$WORK/queue-$1.out")"
     record drain 0; record ratio 0; FAILED=1; return
   fi
+  local broker0 sink0
+  broker0="$(cpu_ticks "${BROKER_PIDS[@]}")"; sink0="$(cpu_ticks "$SINK_PID")"
   t0="$(now_ns)"
   start_workers "$cfg" "drain$1"
   if out="$("$BIN/sluice-bench-load" wait --metrics "$(metrics_list)" --count "$JOBS" \
@@ -253,6 +268,12 @@ drain() {   # rep
     r="$(rate "$JOBS" "$t0" "$last")"
     record drain "$r"
     record ratio "$(awk -v a="$r" -v b="$(tail -n 1 "$WORK/fig.ceiling")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print 0 }')"
+    # CPU spent up to the end of the drain (polled every 50 ms, so a little idle time too).
+    if [ "${#BROKER_PIDS[@]}" -gt 0 ]; then
+      record cpu_broker "$(per_job_us $(( $(cpu_ticks "${BROKER_PIDS[@]}") - broker0 )))"
+    fi
+    record cpu_workers "$(per_job_us "$(cpu_ticks "${WORKER_PIDS[@]}")")"
+    record cpu_sink "$(per_job_us $(( $(cpu_ticks "$SINK_PID") - sink0 )))"
   else
     say "drain $1 failed: $(cat "$WORK/wait-drain-$1.err") $out"
     record drain 0; record ratio 0; FAILED=1
@@ -366,6 +387,10 @@ row "1. SMTP ceiling (smtp-source, $SESSIONS sessions)" "$(median ceiling)" "msg
 d="$(median drain)"
 row "2. Drain, $WORKERS workers, $JOBS jobs" "$d" "msg/s" "$(runs drain)" ">= $TARGET_DRAIN" "$(verdict "$d" '>=' $TARGET_DRAIN)"
 row "   drain / SMTP ceiling" "$(median ratio)" "" "$(runs ratio)" "-" "-"
+row "   CPU per job: RabbitMQ / workers / smtp-sink" "$(median cpu_broker)/$(median cpu_workers)/$(median cpu_sink)" "us" "-" "-" "-"
+cpu_bound="$(awk -v c="$(nproc)" -v a="$(median cpu_broker)" -v b="$(median cpu_workers)" -v d="$(median cpu_sink)" \
+  'BEGIN { t = a + b + d; if (a == "NA" || t <= 0) print "NA"; else printf "%.0f", c * 1e6 / t }')"
+row "   CPU bound: $(nproc) cores / CPU per job" "$cpu_bound" "msg/s" "-" "-" "-"
 e="$(median e2e)"
 row "3. End to end, $JOBS rows" "$e" "msg/s" "$(runs e2e)" ">= $TARGET_E2E" "$(verdict "$e" '>=' $TARGET_E2E)"
 p="$(median producer)"

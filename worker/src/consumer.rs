@@ -2,9 +2,10 @@
 //! session and one window of unacknowledged jobs at a time.
 //!
 //! A lane waits until one of its queues has work, takes a fleet-wide budget slot, opens a
-//! session, and only then starts consuming, with a prefetch of [`lane_window`]: the job
-//! being sent, the next ones ready behind it, and the settled ones whose batched ack has
-//! not gone out yet (see [`crate::outcome`]). So a worker never holds more unacknowledged
+//! session, and only then starts consuming: [`PROBE_JOBS`] jobs at prefetch 1 to time the
+//! relay, then with a prefetch of [`lane_window`] (1 for a slow relay, up to
+//! [`MAX_LANE_WINDOW`] for a fast one): the job being sent, the next ones ready behind it,
+//! and the settled ones whose batched ack has not gone out yet (see [`crate::outcome`]). So a worker never holds more unacknowledged
 //! jobs than its sessions may have in flight, and a crash redelivers at most that many.
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or shutdown is asked
 //! for, it acks what it settled, cancels its consumer, closes the session and gives the
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::stream::{select_all, StreamExt};
+use futures_util::stream::{select_all, SelectAll, StreamExt};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -22,7 +23,7 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
 use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Job, Topology};
@@ -45,20 +46,26 @@ const SLOT_SETTLE: Duration = Duration::from_millis(100);
 /// The most unacknowledged jobs a lane holds (see [`lane_window`]).
 pub const MAX_LANE_WINDOW: u16 = 32;
 
+/// A lane's window holds about this much of its relay's work: enough to keep a fast relay's
+/// session busy between broker round trips, little enough that the last jobs of a campaign
+/// are not stuck behind one session while others sit idle.
+const WINDOW_WORK: Duration = Duration::from_millis(100);
+
+/// Jobs a lane sends at prefetch 1 to time its relay before it widens its window.
+const PROBE_JOBS: usize = 8;
+
 /// How often a busy lane checks whether the relays it serves changed (failover).
 const RECHECK: Duration = Duration::from_millis(500);
 
-/// A lane's prefetch: [`MAX_LANE_WINDOW`] when the relay has no rate limit, otherwise
-/// about one second of the slot's rate share (at least 1), so that a slow lane does not
-/// sit on jobs another worker could send.
-pub fn lane_window(share: Option<RateShare>) -> u16 {
-    match share {
-        None => MAX_LANE_WINDOW,
-        Some(share) => {
-            let per_second = f64::from(share.messages) / share.window.as_secs_f64().max(1e-3);
-            (per_second.ceil() as u16).clamp(1, MAX_LANE_WINDOW)
-        }
-    }
+/// A lane's prefetch once it has timed its relay: about [`WINDOW_WORK`] of messages at
+/// `per_message` (the SMTP transaction's time), and no more than about one second of its rate share, between 1 and
+/// [`MAX_LANE_WINDOW`]. A relay taking a second per message gets 1; `smtp-sink` gets 32.
+pub fn lane_window(share: Option<RateShare>, per_message: Duration) -> u16 {
+    let by_time = WINDOW_WORK.as_secs_f64() / per_message.as_secs_f64().max(1e-6);
+    let by_rate = share.map_or(f64::INFINITY, |share| {
+        f64::from(share.messages) / share.window.as_secs_f64().max(1e-3)
+    });
+    (by_time.min(by_rate).floor() as u16).clamp(1, MAX_LANE_WINDOW)
 }
 
 /// What every lane of a worker shares.
@@ -116,17 +123,99 @@ async fn serve(
         None => return Ok(()),
     };
 
-    let window = lane_window(relay.rate_share);
+    let mut channel = open_channel(ctx).await?;
+    let mut lane = Lane {
+        ctx,
+        relay,
+        queues: &queues,
+        settler: settler_on(ctx, &channel, 1),
+        session: &mut session,
+        pacer: &mut pacer,
+        sending: Duration::ZERO,
+        last_delivery: Instant::now(),
+        last_recheck: Instant::now(),
+    };
+
+    // Time the relay at prefetch 1 first, then widen the window if it is fast: on a channel
+    // of its own, opened once the first one's deliveries are all settled (the batched,
+    // `multiple` acks rely on a channel's deliveries being settled in order).
+    let mut tags = Vec::new();
+    let mut deliveries = consume(&channel, ctx, &queues, 1, &mut tags).await?;
+    let mut end = lane.deliver_from(&mut deliveries, Some(PROBE_JOBS)).await;
+    if matches!(end, LaneEnd::Probed) {
+        let per_message = lane.sending / PROBE_JOBS as u32;
+        let window = lane_window(relay.rate_share, per_message);
+        tracing::debug!(relay = relay.name(), ?per_message, window, "relay timed");
+        if window > 1 {
+            cancel(&channel, &mut tags).await;
+            end = lane.deliver_from(&mut deliveries, None).await;
+            if matches!(end, LaneEnd::StreamEnded) {
+                end = match lane.settler.flush().await {
+                    Err(e) => LaneEnd::Stop(Err(e.into())),
+                    Ok(()) => {
+                        let _ = channel.close(200, "lane window widened".into()).await;
+                        channel = open_channel(ctx).await?;
+                        deliveries = consume(&channel, ctx, &queues, window, &mut tags).await?;
+                        // Half the window acked at a time, so the broker refills it while
+                        // the rest is sent.
+                        lane.settler = settler_on(ctx, &channel, usize::from(window / 2));
+                        lane.deliver_from(&mut deliveries, None).await
+                    }
+                };
+            }
+        } else {
+            end = lane.deliver_from(&mut deliveries, None).await;
+        }
+    }
+    let result = match end {
+        LaneEnd::Stop(result) => result,
+        LaneEnd::StreamEnded | LaneEnd::Probed => Ok(()),
+    };
+
+    // Ack what is settled, then stop taking jobs; closing the channel hands back anything
+    // prefetched.
+    let flushed = lane.settler.flush().await;
+    cancel(&channel, &mut tags).await;
+    let _ = channel.close(200, "lane idle".into()).await;
+    if let Some(session) = session.take() {
+        close_session(ctx, relay, session).await;
+    }
+    result.and(flushed.map_err(Into::into))
+}
+
+/// A channel in confirm mode, for a lane's consumers and the copies it publishes.
+async fn open_channel(ctx: &LaneContext) -> lapin::Result<Channel> {
     let channel = ctx.connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    Ok(channel)
+}
+
+fn settler_on(ctx: &LaneContext, channel: &Channel, ack_batch: usize) -> Settler {
+    Settler::new(
+        channel.clone(),
+        ctx.topology.clone(),
+        ctx.delays.clone(),
+        ctx.metrics.clone(),
+        ack_batch,
+    )
+}
+
+/// Start consuming `queues` with prefetch `window`; their consumer tags go into `tags`.
+async fn consume(
+    channel: &Channel,
+    ctx: &LaneContext,
+    queues: &[String],
+    window: u16,
+    tags: &mut Vec<lapin::types::ShortString>,
+) -> lapin::Result<SelectAll<Consumer>> {
+    // Per consumer: applies to the consumers started after it.
     channel
         .basic_qos(window, BasicQosOptions::default())
         .await?;
     let mut consumers = Vec::new();
-    let mut tags = Vec::new();
-    for queue_relay in &queues {
+    for queue_relay in queues {
         let consumer = channel
             .basic_consume(
                 ctx.topology.jobs_queue(queue_relay).into(),
@@ -138,76 +227,111 @@ async fn serve(
         tags.push(consumer.tag());
         consumers.push(consumer);
     }
-    let mut deliveries = select_all(consumers);
-    // Half the window acked at a time, so the broker refills it while the rest is sent.
-    let mut settler = Settler::new(
-        channel.clone(),
-        ctx.topology.clone(),
-        ctx.delays.clone(),
-        ctx.metrics.clone(),
-        usize::from(window / 2),
-    );
-    let mut recheck = tokio::time::interval(RECHECK);
-    let mut last_delivery = Instant::now();
-    let mut last_recheck = Instant::now();
+    Ok(select_all(consumers))
+}
 
-    let result: anyhow::Result<()> = loop {
-        if ctx.shutdown.is_triggered() {
-            break Ok(());
-        }
-        if last_recheck.elapsed() >= RECHECK {
-            last_recheck = Instant::now();
-            if ctx.relays.served_by(relay) != queues {
-                break Ok(());
-            }
-        }
-        // Take the next delivery if it is already here; otherwise ack what is settled
-        // before waiting, so a quiet lane never sits on finished jobs.
-        let next = match deliveries.next().now_or_never() {
-            Some(next) => next,
-            None => {
-                if let Err(e) = settler.flush().await {
-                    break Err(e.into());
-                }
-                tokio::select! {
-                    biased;
-                    _ = ctx.shutdown.wait() => break Ok(()),
-                    _ = recheck.tick() => {
-                        if last_delivery.elapsed() >= IDLE_RELEASE {
-                            break Ok(());
-                        }
-                        continue;
-                    }
-                    next = deliveries.next() => next,
-                }
-            }
-        };
-        let Some(delivery) = next else { break Ok(()) };
-        let delivery = match delivery {
-            Ok(delivery) => delivery,
-            Err(e) => break Err(e.into()),
-        };
-        last_delivery = Instant::now();
-        match deliver_one(ctx, relay, &mut settler, &mut session, &mut pacer, delivery).await {
-            Ok(true) => {}
-            Ok(false) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-
-    // Ack what is settled, then stop taking jobs; closing the channel hands back anything
-    // prefetched.
-    let flushed = settler.flush().await;
-    for tag in tags {
+/// Cancel the consumers in `tags`. What they already received stays in their streams,
+/// which end after it.
+async fn cancel(channel: &Channel, tags: &mut Vec<lapin::types::ShortString>) {
+    for tag in tags.drain(..) {
         let _ = channel
             .basic_cancel(tag, BasicCancelOptions::default())
             .await;
     }
-    let _ = channel.close(200, "lane idle".into()).await;
-    if let Some(session) = session.take() {
-        close_session(ctx, relay, session).await;
+}
+
+/// Why [`Lane::deliver_from`] returned.
+enum LaneEnd {
+    /// Idle, stop asked, relays changed, relay failed (`Ok`), or the connection broke.
+    Stop(anyhow::Result<()>),
+    /// The consumers were cancelled and everything they received is settled.
+    StreamEnded,
+    /// The number of deliveries asked for is done.
+    Probed,
+}
+
+/// One lane's state while it holds a slot and a session.
+struct Lane<'a> {
+    ctx: &'a LaneContext,
+    relay: &'a Relay,
+    queues: &'a [String],
+    settler: Settler,
+    session: &'a mut Option<SmtpSession>,
+    pacer: &'a mut Pacer,
+    /// Time spent in SMTP transactions (what the window is sized by).
+    sending: Duration,
+    last_delivery: Instant,
+    last_recheck: Instant,
+}
+
+impl Lane<'_> {
+    /// Deliver what `deliveries` brings, up to `limit` deliveries when given.
+    async fn deliver_from(
+        &mut self,
+        deliveries: &mut SelectAll<Consumer>,
+        limit: Option<usize>,
+    ) -> LaneEnd {
+        let ctx = self.ctx;
+        let mut recheck = tokio::time::interval(RECHECK);
+        let mut done = 0;
+        loop {
+            if limit.is_some_and(|limit| done >= limit) {
+                return LaneEnd::Probed;
+            }
+            if ctx.shutdown.is_triggered() {
+                return LaneEnd::Stop(Ok(()));
+            }
+            if self.last_recheck.elapsed() >= RECHECK {
+                self.last_recheck = Instant::now();
+                if ctx.relays.served_by(self.relay) != self.queues {
+                    return LaneEnd::Stop(Ok(()));
+                }
+            }
+            // Take the next delivery if it is already here; otherwise ack what is settled
+            // before waiting, so a quiet lane never sits on finished jobs.
+            let next = match deliveries.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if let Err(e) = self.settler.flush().await {
+                        return LaneEnd::Stop(Err(e.into()));
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = ctx.shutdown.wait() => return LaneEnd::Stop(Ok(())),
+                        _ = recheck.tick() => {
+                            if self.last_delivery.elapsed() >= IDLE_RELEASE {
+                                return LaneEnd::Stop(Ok(()));
+                            }
+                            continue;
+                        }
+                        next = deliveries.next() => next,
+                    }
+                }
+            };
+            let delivery = match next {
+                None => return LaneEnd::StreamEnded,
+                Some(Err(e)) => return LaneEnd::Stop(Err(e.into())),
+                Some(Ok(delivery)) => delivery,
+            };
+            self.last_delivery = Instant::now();
+            done += 1;
+            let delivered = deliver_one(
+                ctx,
+                self.relay,
+                &mut self.settler,
+                self.session,
+                self.pacer,
+                &mut self.sending,
+                delivery,
+            )
+            .await;
+            match delivered {
+                Ok(true) => {}
+                Ok(false) => return LaneEnd::Stop(Ok(())),
+                Err(e) => return LaneEnd::Stop(Err(e)),
+            }
+        }
     }
-    result.and(flushed.map_err(Into::into))
 }
 
 /// Deliver one job and settle it. `Ok(false)` asks the lane to give up its slot (the relay
@@ -218,6 +342,7 @@ async fn deliver_one(
     settler: &mut Settler,
     session: &mut Option<SmtpSession>,
     pacer: &mut Pacer,
+    sending: &mut Duration,
     delivery: Delivery,
 ) -> anyhow::Result<bool> {
     let source_relay = ctx
@@ -307,8 +432,9 @@ async fn deliver_one(
                 matches!(outcome, Outcome::Delivered { .. }),
                 outcome.reply(),
             );
-            ctx.metrics
-                .send_seconds(relay.name(), started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            *sending += took;
+            ctx.metrics.send_seconds(relay.name(), took.as_secs_f64());
             if !live.is_usable() {
                 // lettre closes a session after any negative reply or broken connection.
                 if let Some(dead) = session.take() {
@@ -431,4 +557,31 @@ async fn pause(shutdown: &Shutdown, duration: Duration) {
 fn jitter(base: Duration) -> Duration {
     let factor = rand::rng().random_range(0.75..1.25);
     base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::rate_share;
+
+    #[test]
+    fn the_window_holds_a_tenth_of_a_second_of_work_within_the_rate_share() {
+        let ms = Duration::from_millis;
+        let cases = [
+            (None, ms(1500), 1),                     // a slow relay: one job at a time
+            (None, ms(50), 2),                       // a typical remote relay
+            (None, ms(3), 33.min(MAX_LANE_WINDOW)),  // smtp-sink on loopback
+            (None, Duration::ZERO, MAX_LANE_WINDOW), // never more than the cap
+            (rate_share(200, 4), ms(1), 32),         // 50/s per slot
+            (rate_share(20, 4), ms(1), 5),           // 5/s per slot: a second of it
+            (rate_share(1, 4), ms(1), 1),            // one message every 4 s
+        ];
+        for (share, per_message, expected) in cases {
+            assert_eq!(
+                lane_window(share, per_message),
+                expected,
+                "{share:?} at {per_message:?} per message"
+            );
+        }
+    }
 }
