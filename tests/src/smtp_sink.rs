@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// How long a dumped message's file must stay unchanged to count as complete.
+const SETTLED: Duration = Duration::from_millis(50);
+
 /// A running `smtp-sink` on 127.0.0.1 that writes every message it accepts to a file.
 pub struct SmtpSink {
     pub port: u16,
@@ -48,22 +51,37 @@ impl SmtpSink {
 
     /// Every message received so far, as raw text.
     pub fn messages(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(&self.dump_dir) {
-            for entry in entries.flatten() {
-                if let Ok(bytes) = std::fs::read(entry.path()) {
-                    out.push(String::from_utf8_lossy(&bytes).into_owned());
-                }
-            }
-        }
-        out
+        self.complete_files()
+            .into_iter()
+            .filter_map(|path| std::fs::read(path).ok())
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .collect()
     }
 
     /// How many messages were received so far.
     pub fn count(&self) -> usize {
-        std::fs::read_dir(&self.dump_dir)
-            .map(|d| d.count())
-            .unwrap_or(0)
+        self.complete_files().len()
+    }
+
+    /// smtp-sink creates a message's file at DATA and writes the content as it arrives, so
+    /// a file counts once it is non-empty and has not changed for [`SETTLED`].
+    fn complete_files(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dump_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| {
+                entry.metadata().is_ok_and(|m| {
+                    m.len() > 0
+                        && m.modified()
+                            .ok()
+                            .and_then(|t| t.elapsed().ok())
+                            .is_some_and(|age| age >= SETTLED)
+                })
+            })
+            .map(|entry| entry.path())
+            .collect()
     }
 
     /// Received messages by recipient (the `X-Rcpt-Args`/`To:` header smtp-sink records).
