@@ -136,7 +136,7 @@ async fn accepts_and_records_content() {
     let ehlo = c.expect("ehlo client.test", "250").await;
     assert_eq!(
         ehlo,
-        "250-scripted-smtp.test\n250-8BITMIME\n250-SMTPUTF8\n250 SIZE 52428800"
+        "250-scripted-smtp.test\n250-PIPELINING\n250-8BITMIME\n250-SMTPUTF8\n250 SIZE 52428800"
     );
     c.expect(
         "mail from:<Sender@Example.com> SIZE=123 BODY=8BITMIME",

@@ -6,8 +6,8 @@
 //! never a loss. Nothing waits for its retry while held unacknowledged: the wait happens in
 //! a retry queue, whose messages expire back into the jobs exchange.
 //!
-//! Acks are batched: a settled delivery's ack waits until [`ACK_BATCH`] have gathered or
-//! the lane flushes (no further delivery ready, idle, stop), then one `basic.ack` with
+//! Acks are batched: a settled delivery's ack waits until [`ACK_BATCH`] have gathered,
+//! [`ACK_LINGER`] has passed, or the lane flushes (no further delivery ready, idle, stop), then one `basic.ack` with
 //! `multiple` covers them all. A lane settles its deliveries in the order they came, so
 //! everything up to the last settled tag is settled. A crash before the flush redelivers
 //! those jobs: duplicates bounded by the lane's prefetch, never a loss.
@@ -93,6 +93,10 @@ pub enum SettleError {
 /// At most this many settled deliveries wait for their (one, `multiple`) ack.
 pub const ACK_BATCH: usize = 16;
 
+/// Nor does a settled delivery wait longer than this for its ack (a rate-limited lane
+/// settles slowly): it bounds what a crash repeats on a slow lane.
+pub const ACK_LINGER: Duration = Duration::from_millis(100);
+
 /// Carries out [`Action`]s on the lane's channel (in confirm mode).
 pub struct Settler {
     channel: Channel,
@@ -102,6 +106,8 @@ pub struct Settler {
     /// The last settled delivery whose ack has not been sent, and how many wait with it.
     unacked: Option<Acker>,
     waiting: usize,
+    /// When the oldest delivery still waiting for its ack was settled.
+    waiting_since: Option<std::time::Instant>,
     batch: usize,
 }
 
@@ -122,6 +128,7 @@ impl Settler {
             metrics,
             unacked: None,
             waiting: 0,
+            waiting_since: None,
             batch: batch.clamp(1, ACK_BATCH),
         }
     }
@@ -197,7 +204,10 @@ impl Settler {
             .await?;
         self.unacked = Some(delivery.acker.clone());
         self.waiting += 1;
-        if self.waiting >= self.batch {
+        let since = *self
+            .waiting_since
+            .get_or_insert_with(std::time::Instant::now);
+        if self.waiting >= self.batch || since.elapsed() >= ACK_LINGER {
             self.flush().await?;
         }
         Ok(())
@@ -207,6 +217,7 @@ impl Settler {
     pub async fn flush(&mut self) -> Result<(), SettleError> {
         if let Some(acker) = self.unacked.take() {
             self.waiting = 0;
+            self.waiting_since = None;
             acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         Ok(())
