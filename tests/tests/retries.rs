@@ -323,3 +323,39 @@ async fn every_job_ends_exactly_once_whatever_happens() {
     assert_eq!(delivered, 27);
     assert_eq!(smtp.accepted_count(), 27, "each delivered job arrived once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_recipient_does_not_cost_the_session() {
+    let ns = TestNamespace::new("rset", &["primary"], 1).await;
+    // The scripted server offers PIPELINING, so this is the worker's own transaction:
+    // after the 550 it must reset (RSET) and carry on in the same session.
+    let smtp = ScriptedSmtp::start(
+        Behaviour::accept_all().with_rcpt_script("keep-1@example.org", &["550 5.1.1 unknown"]),
+    )
+    .await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "max_connections = 1")],
+        &["1s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+    ns.publish_jobs("primary", "keep", 5).await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| {
+                seen.iter().filter(|e| e.outcome.is_final()).count() == 5
+            })
+            .await,
+        "not every job ended: {:?}",
+        events.seen
+    );
+    let finals = final_outcomes(&events.seen);
+    assert_eq!(finals["keep-1"], EventOutcome::Bounced);
+    for id in ["keep-0", "keep-2", "keep-3", "keep-4"] {
+        assert_eq!(finals[id], EventOutcome::Delivered, "{id}");
+    }
+    assert_eq!(smtp.accepted_count(), 4);
+    assert_eq!(smtp.sessions_total(), 1, "the refusal closed the session");
+}

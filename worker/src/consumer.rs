@@ -5,8 +5,9 @@
 //! session, and only then starts consuming: [`PROBE_JOBS`] jobs at prefetch 1 to time the
 //! relay, then with a prefetch of [`lane_window`] (1 for a slow relay, up to
 //! [`MAX_LANE_WINDOW`] for a fast one): the job being sent, the next ones ready behind it,
-//! and the settled ones whose batched ack has not gone out yet (see [`crate::outcome`]). So a worker never holds more unacknowledged
-//! jobs than its sessions may have in flight, and a crash redelivers at most that many.
+//! and the settled ones whose batched ack has not gone out yet (see [`crate::outcome`]).
+//! So a worker never holds more unacknowledged jobs than its sessions may have in flight,
+//! and a crash redelivers at most that many.
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or shutdown is asked
 //! for, it acks what it settled, cancels its consumer, closes the session and gives the
 //! slot back.
@@ -58,8 +59,8 @@ const PROBE_JOBS: usize = 8;
 const RECHECK: Duration = Duration::from_millis(500);
 
 /// A lane's prefetch once it has timed its relay: about [`WINDOW_WORK`] of messages at
-/// `per_message` (the SMTP transaction's time), and no more than about one second of its rate share, between 1 and
-/// [`MAX_LANE_WINDOW`]. A relay taking a second per message gets 1; `smtp-sink` gets 32.
+/// `per_message` (the SMTP transaction's time), and no more than about one second of its
+/// rate share, between 1 and [`MAX_LANE_WINDOW`]. A relay taking a second per message gets 1; `smtp-sink` gets 32.
 pub fn lane_window(share: Option<RateShare>, per_message: Duration) -> u16 {
     let by_time = WINDOW_WORK.as_secs_f64() / per_message.as_secs_f64().max(1e-6);
     let by_rate = share.map_or(f64::INFINITY, |share| {
@@ -123,7 +124,22 @@ async fn serve(
         None => return Ok(()),
     };
 
-    let mut channel = open_channel(ctx).await?;
+    let mut tags = Vec::new();
+    let opened = async {
+        let channel = open_channel(ctx).await?;
+        let deliveries = consume(&channel, ctx, &queues, 1, &mut tags).await?;
+        Ok::<_, lapin::Error>((channel, deliveries))
+    }
+    .await;
+    let (mut channel, mut deliveries) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            if let Some(session) = session.take() {
+                close_session(ctx, relay, session).await;
+            }
+            return Err(e.into());
+        }
+    };
     let mut lane = Lane {
         ctx,
         relay,
@@ -139,8 +155,6 @@ async fn serve(
     // Time the relay at prefetch 1 first, then widen the window if it is fast: on a channel
     // of its own, opened once the first one's deliveries are all settled (the batched,
     // `multiple` acks rely on a channel's deliveries being settled in order).
-    let mut tags = Vec::new();
-    let mut deliveries = consume(&channel, ctx, &queues, 1, &mut tags).await?;
     let mut end = lane.deliver_from(&mut deliveries, Some(PROBE_JOBS)).await;
     if matches!(end, LaneEnd::Probed) {
         let per_message = lane.sending / PROBE_JOBS as u32;
@@ -150,17 +164,14 @@ async fn serve(
             cancel(&channel, &mut tags).await;
             end = lane.deliver_from(&mut deliveries, None).await;
             if matches!(end, LaneEnd::StreamEnded) {
-                end = match lane.settler.flush().await {
-                    Err(e) => LaneEnd::Stop(Err(e.into())),
-                    Ok(()) => {
+                end = match widen(ctx, &queues, &mut lane.settler, window, &mut tags).await {
+                    Ok((wider, wider_deliveries)) => {
                         let _ = channel.close(200, "lane window widened".into()).await;
-                        channel = open_channel(ctx).await?;
-                        deliveries = consume(&channel, ctx, &queues, window, &mut tags).await?;
-                        // Half the window acked at a time, so the broker refills it while
-                        // the rest is sent.
-                        lane.settler = settler_on(ctx, &channel, usize::from(window / 2));
+                        channel = wider;
+                        deliveries = wider_deliveries;
                         lane.deliver_from(&mut deliveries, None).await
                     }
+                    Err(e) => LaneEnd::Stop(Err(e)),
                 };
             }
         } else {
@@ -190,6 +201,23 @@ async fn open_channel(ctx: &LaneContext) -> lapin::Result<Channel> {
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok(channel)
+}
+
+/// Ack what the narrow window settled, then consume on a fresh channel with prefetch
+/// `window`; `settler` moves to that channel, acking half the window at a time so the broker
+/// refills it while the rest is sent.
+async fn widen(
+    ctx: &LaneContext,
+    queues: &[String],
+    settler: &mut Settler,
+    window: u16,
+    tags: &mut Vec<lapin::types::ShortString>,
+) -> anyhow::Result<(Channel, SelectAll<Consumer>)> {
+    settler.flush().await?;
+    let channel = open_channel(ctx).await?;
+    let deliveries = consume(&channel, ctx, queues, window, tags).await?;
+    *settler = settler_on(ctx, &channel, usize::from(window / 2));
+    Ok((channel, deliveries))
 }
 
 fn settler_on(ctx: &LaneContext, channel: &Channel, ack_batch: usize) -> Settler {
@@ -436,7 +464,8 @@ async fn deliver_one(
             *sending += took;
             ctx.metrics.send_seconds(relay.name(), took.as_secs_f64());
             if !live.is_usable() {
-                // lettre closes a session after any negative reply or broken connection.
+                // A timeout or a broken connection (or, on lettre's own path, any negative
+                // reply) leaves the session unusable.
                 if let Some(dead) = session.take() {
                     drop(dead);
                     ctx.metrics.sessions_open(relay.name()).dec();
@@ -570,7 +599,7 @@ mod tests {
         let cases = [
             (None, ms(1500), 1),                     // a slow relay: one job at a time
             (None, ms(50), 2),                       // a typical remote relay
-            (None, ms(3), 33.min(MAX_LANE_WINDOW)),  // smtp-sink on loopback
+            (None, ms(3), 32),                       // smtp-sink on loopback: 33, capped
             (None, Duration::ZERO, MAX_LANE_WINDOW), // never more than the cap
             (rate_share(200, 4), ms(1), 32),         // 50/s per slot
             (rate_share(20, 4), ms(1), 5),           // 5/s per slot: a second of it

@@ -7,8 +7,8 @@
 //! a retry queue, whose messages expire back into the jobs exchange.
 //!
 //! Acks are batched: a settled delivery's ack waits until [`ACK_BATCH`] have gathered,
-//! [`ACK_LINGER`] has passed, or the lane flushes (no further delivery ready, idle, stop), then one `basic.ack` with
-//! `multiple` covers them all. A lane settles its deliveries in the order they came, so
+//! [`ACK_LINGER`] has passed, or the lane flushes (no further delivery ready, idle, stop);
+//! then one `basic.ack` with `multiple` covers them all. A lane settles its deliveries in the order they came, so
 //! everything up to the last settled tag is settled. A crash before the flush redelivers
 //! those jobs: duplicates bounded by the lane's prefetch, never a loss.
 

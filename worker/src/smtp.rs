@@ -254,12 +254,21 @@ impl SmtpSession {
         // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: lettre's own
         // transaction knows them, and such messages are rare enough to take the slow path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
-        let pipelined = self.pipelining
-            && message.is_ascii()
-            && envelope.from().is_none_or(ascii)
-            && envelope.to().iter().all(ascii);
-        let result = if pipelined {
-            tokio::time::timeout(timeout, self.send_pipelined(envelope, message)).await
+        let ascii_content = std::str::from_utf8(message)
+            .ok()
+            .filter(|text| text.is_ascii());
+        let pipelined = match ascii_content {
+            Some(text)
+                if self.pipelining
+                    && envelope.from().is_none_or(ascii)
+                    && envelope.to().iter().all(ascii) =>
+            {
+                Some(text)
+            }
+            _ => None,
+        };
+        let result = if let Some(text) = pipelined {
+            tokio::time::timeout(timeout, self.send_pipelined(envelope, text)).await
         } else {
             tokio::time::timeout(timeout, async {
                 self.conn.send(envelope, message).await.map_err(send_error)
@@ -288,7 +297,7 @@ impl SmtpSession {
     async fn send_pipelined(
         &mut self,
         envelope: &Envelope,
-        message: &[u8],
+        message: &str,
     ) -> Result<Response, SendError> {
         let mut group = Mail::new(envelope.from().cloned(), Vec::new()).to_string();
         for recipient in envelope.to() {
@@ -362,14 +371,13 @@ impl SmtpSession {
 }
 
 /// Message content as sent after DATA's 354: a dot at the start of a line is doubled
-/// (RFC 5321 4.5.2), and the content ends with `CRLF . CRLF`. Only used for ASCII content.
-struct DataContent<'a>(&'a [u8]);
+/// (RFC 5321 4.5.2), and the content ends with `CRLF . CRLF`.
+struct DataContent<'a>(&'a str);
 
 impl std::fmt::Display for DataContent<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = std::str::from_utf8(self.0).map_err(|_| std::fmt::Error)?;
         let mut at_line_start = true;
-        for line in text.split_inclusive("\r\n") {
+        for line in self.0.split_inclusive("\r\n") {
             if at_line_start && line.starts_with('.') {
                 f.write_str(".")?;
             }
@@ -443,11 +451,7 @@ mod tests {
             ("no\nbare.\n.lf", "no\nbare.\n.lf\r\n.\r\n"),
         ];
         for (content, wire) in cases {
-            assert_eq!(
-                DataContent(content.as_bytes()).to_string(),
-                wire,
-                "{content:?}"
-            );
+            assert_eq!(DataContent(content).to_string(), wire, "{content:?}");
         }
     }
 }
