@@ -71,6 +71,8 @@ pub fn config_toml(namespace: &str, relays: &[(&str, u16, &str)], retry_delays: 
 /// A running `sluice-worker`; killed (SIGKILL) when dropped unless stopped first.
 pub struct WorkerProcess {
     pub child: Child,
+    /// Where its stderr goes, when the test reads its logs ([`WorkerProcess::start_logged`]).
+    log: Option<PathBuf>,
 }
 
 impl WorkerProcess {
@@ -93,7 +95,36 @@ impl WorkerProcess {
             .stdin(Stdio::null())
             .spawn()
             .expect("start sluice-worker");
-        Self { child }
+        Self { child, log: None }
+    }
+
+    /// Like [`WorkerProcess::start`], with its stderr (at `warn` level) kept in a file that
+    /// [`WorkerProcess::logs`] reads, so a test can assert on what the worker said.
+    pub fn start_logged(config: &Path, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "sluice-worker-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).expect("worker log file");
+        let child = Command::new(bin("sluice-worker"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start sluice-worker");
+        Self {
+            child,
+            log: Some(log),
+        }
+    }
+
+    /// What a worker started with [`WorkerProcess::start_logged`] has logged so far.
+    pub fn logs(&self) -> String {
+        let path = self.log.as_ref().expect("started with start_logged");
+        std::fs::read_to_string(path).expect("read worker log")
     }
 
     /// SIGKILL, as a crash or an OOM kill would.
@@ -117,6 +148,9 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.kill();
+        }
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
         }
     }
 }

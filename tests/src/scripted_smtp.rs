@@ -125,6 +125,9 @@ pub struct Behaviour {
     /// `Some((username, password))` advertises `AUTH PLAIN LOGIN` and makes
     /// MAIL answer `530` until the client has authenticated.
     pub auth: Option<(String, String)>,
+    /// Reply to every MAIL FROM instead of `250` (e.g. `554 5.7.1 Account
+    /// suspended`): a relay that refuses the sender or the account.
+    pub mail_reply: Option<String>,
 }
 
 impl Behaviour {
@@ -141,6 +144,15 @@ impl Behaviour {
     /// Give every recipient the same reply (e.g. `451 try again later`).
     pub fn every_rcpt(reply: &str) -> Self {
         Self::default().with_default_rcpt_reply(reply)
+    }
+
+    /// Answer every MAIL FROM with `reply` (e.g. `554 5.7.1 Account suspended`).
+    pub fn refuse_mail(reply: &str) -> Self {
+        assert_reply_line(reply);
+        Self {
+            mail_reply: Some(reply.to_owned()),
+            ..Self::default()
+        }
     }
 
     /// Close every connection right after accepting it, with no greeting.
@@ -793,6 +805,9 @@ impl Session<'_> {
         let Some(from) = parse_path(arg, "FROM:") else {
             return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>").await;
         };
+        if let Some(refusal) = &behaviour.mail_reply {
+            return self.reply(refusal).await;
+        }
         self.mail_from = Some(from);
         self.reply("250 2.1.0 Ok").await
     }
