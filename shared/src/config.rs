@@ -125,6 +125,10 @@ pub struct RelaySettings {
     /// How long a relay that failed stays marked down before it is probed again.
     #[serde(default = "default_down_cooloff", with = "humantime_serde")]
     pub down_cooloff: Duration,
+    /// The same 5xx at RCPT for this many different recipients in a row is taken as the
+    /// relay refusing us, not them: those bounce, then the relay is marked down (0 = never).
+    #[serde(default = "default_refusals_before_down")]
+    pub refusals_before_down: u32,
     /// SMTP AUTH user name (PLAIN or LOGIN).
     #[serde(default)]
     pub username: Option<String>,
@@ -172,6 +176,9 @@ fn default_command_timeout() -> Duration {
 }
 fn default_down_cooloff() -> Duration {
     Duration::from_secs(30)
+}
+fn default_refusals_before_down() -> u32 {
+    5
 }
 
 impl RelaySettings {

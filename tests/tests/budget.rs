@@ -68,7 +68,7 @@ async fn budget_holds_with(workers: usize) {
         );
     }
     // Duplicates only from the killed worker's unacknowledged jobs (a window per lane).
-    let held = MAX_CONNECTIONS * usize::from(sluice_worker::consumer::MAX_LANE_WINDOW);
+    let held = MAX_CONNECTIONS * usize::from(sluice_worker::lane::MAX_LANE_WINDOW);
     assert!(
         messages.len() - JOBS <= held,
         "{} duplicates, more than the killed worker's {held} unacknowledged",

@@ -169,11 +169,11 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     assert_eq!(per_id.len(), 600, "every job delivered");
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
     // The killed worker held at most 4 lanes' windows unacknowledged.
-    let held = 4 * usize::from(sluice_worker::consumer::MAX_LANE_WINDOW);
+    let held = 4 * usize::from(sluice_worker::lane::MAX_LANE_WINDOW);
     assert!(
         duplicates <= held,
         "{duplicates} duplicates: more than the killed worker held (4 lanes x {} prefetch)",
-        sluice_worker::consumer::MAX_LANE_WINDOW
+        sluice_worker::lane::MAX_LANE_WINDOW
     );
 }
 

@@ -159,8 +159,7 @@ async fn a_relay_refusing_the_account_bounces_nothing_and_keeps_the_campaign() {
 async fn a_relay_refusing_the_account_hands_the_campaign_to_its_failover() {
     const JOBS: usize = 200;
     let ns = TestNamespace::new("suspfail", &["primary", "backup"], 2).await;
-    let primary =
-        ScriptedSmtp::start(Behaviour::refuse_mail("550 5.7.1 Relaying denied")).await;
+    let primary = ScriptedSmtp::start(Behaviour::refuse_mail("550 5.7.1 Relaying denied")).await;
     let backup = ScriptedSmtp::start(Behaviour::accept_all()).await;
     let config = ConfigFile::new(&config_toml(
         &ns.name,
@@ -178,7 +177,9 @@ async fn a_relay_refusing_the_account_hands_the_campaign_to_its_failover() {
     let _worker = WorkerProcess::start(&config.path, &[]);
 
     assert_eq!(
-        backup.wait_for_accepted(JOBS, Duration::from_secs(30)).await,
+        backup
+            .wait_for_accepted(JOBS, Duration::from_secs(30))
+            .await,
         JOBS,
         "the failover relay did not take the campaign"
     );
@@ -205,7 +206,9 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
         &[(
             "primary",
             smtp.port(),
-            &format!("max_connections = 1\ndown_cooloff = \"30s\"\nrefusals_before_down = {STREAK}\n"),
+            &format!(
+                "max_connections = 1\ndown_cooloff = \"30s\"\nrefusals_before_down = {STREAK}\n"
+            ),
         )],
         &["1s", "1s"],
     ));
@@ -219,7 +222,9 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
             .await
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    events.wait_until(Duration::from_millis(500), |_| false).await;
+    events
+        .wait_until(Duration::from_millis(500), |_| false)
+        .await;
     let bounced = events
         .seen
         .iter()
@@ -236,9 +241,11 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
     let ns = TestNamespace::new("bouncekeep", &["primary"], 2).await;
-    let smtp =
-        ScriptedSmtp::start(Behaviour::rcpt_script("k-1@example.org", &["550 5.1.1 no such user"]))
-            .await;
+    let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
+        "k-1@example.org",
+        &["550 5.1.1 no such user"],
+    ))
+    .await;
     let config = ConfigFile::new(&config_toml(
         &ns.name,
         &[("primary", smtp.port(), "")],

@@ -36,6 +36,7 @@ use rand::seq::SliceRandom;
 use sluice_shared::Topology;
 use tokio::time::Instant;
 
+use crate::broker::{within, BrokerError};
 use crate::metrics::Metrics;
 
 /// The budget of one relay as seen from this worker: which slots it holds.
@@ -79,7 +80,7 @@ impl Budget {
 
     /// Try every slot this worker does not hold, in random order; the first free one is
     /// ours. `Ok(None)` when every slot is taken by the fleet.
-    pub async fn try_acquire(&self) -> lapin::Result<Option<Slot>> {
+    pub async fn try_acquire(&self) -> Result<Option<Slot>, BrokerError> {
         let Ok(_probing) = self.acquiring.try_lock() else {
             return Ok(None); // another lane of this worker is already asking
         };
@@ -97,20 +98,33 @@ impl Budget {
                 continue;
             }
             // A failed exclusive declaration closes the channel, so each try gets its own.
-            let channel = self.connection.create_channel().await?;
-            let declared = channel
-                .queue_declare(
+            let channel =
+                match within("opening a budget channel", self.connection.create_channel()).await {
+                    Ok(channel) => channel,
+                    Err(e) => {
+                        self.held.lock().expect("budget lock").remove(&index);
+                        return Err(e);
+                    }
+                };
+            let declared = within(
+                "claiming a budget slot",
+                channel.queue_declare(
                     self.topology.budget_slot_queue(&self.relay, index).into(),
                     QueueDeclareOptions {
                         exclusive: true,
                         ..Default::default()
                     },
                     FieldTable::default(),
-                )
-                .await;
+                ),
+            )
+            .await;
             match declared {
                 Ok(_) => {
-                    let _ = channel.close(200, "slot taken".into()).await;
+                    let _ = within(
+                        "closing a budget channel",
+                        channel.close(200, "slot taken".into()),
+                    )
+                    .await;
                     self.metrics.slots_held(&self.relay).inc();
                     return Ok(Some(Slot { index }));
                 }
@@ -118,9 +132,13 @@ impl Budget {
                     self.held.lock().expect("budget lock").remove(&index);
                     // A protocol error (RESOURCE_LOCKED: another worker holds the slot)
                     // closes only this channel: try the next slot. Anything else is the
-                    // connection itself failing.
-                    let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(_));
-                    if !refused && !self.connection.status().connected() {
+                    // connection itself failing (or the broker not answering in time).
+                    let refused = matches!(
+                        &e,
+                        BrokerError::Amqp { source, .. }
+                            if matches!(source.kind(), lapin::ErrorKind::ProtocolError(_))
+                    );
+                    if !refused || !self.connection.status().connected() {
                         return Err(e);
                     }
                 }
@@ -132,11 +150,19 @@ impl Budget {
     /// Give a slot back. Call only after the slot's SMTP session is closed.
     pub async fn release(&self, slot: Slot) {
         let queue = self.topology.budget_slot_queue(&self.relay, slot.index);
-        if let Ok(channel) = self.connection.create_channel().await {
-            let _ = channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await;
-            let _ = channel.close(200, "slot released".into()).await;
+        if let Ok(channel) =
+            within("opening a budget channel", self.connection.create_channel()).await
+        {
+            let _ = within(
+                "giving back a budget slot",
+                channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
+            )
+            .await;
+            let _ = within(
+                "closing a budget channel",
+                channel.close(200, "slot released".into()),
+            )
+            .await;
         }
         // Even if the delete failed, the slot is gone with our connection: nothing leaks.
         self.held.lock().expect("budget lock").remove(&slot.index);

@@ -12,18 +12,29 @@ use axum::Router;
 
 use crate::metrics::Metrics;
 
-/// Whether the worker is connected and consuming; flipped by the supervisor.
+/// Whether the worker is connected and consuming, and whether the broker blocks it;
+/// flipped by the supervisor and the broker watcher.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    consuming: Arc<AtomicBool>,
+    blocked: Arc<AtomicBool>,
+}
 
 impl Readiness {
-    /// Mark the worker ready or not.
+    /// Mark the worker consuming or not.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.consuming.store(ready, Ordering::SeqCst);
     }
-    /// True while connected and consuming.
+    /// Mark the worker's publishing connection blocked by a broker alarm, or not.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::SeqCst);
+    }
+    /// True while connected and consuming, and not blocked.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.consuming.load(Ordering::SeqCst) && !self.blocked.load(Ordering::SeqCst)
+    }
+    fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::SeqCst)
     }
 }
 
@@ -62,6 +73,11 @@ pub async fn serve(
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.ready.get() {
         (StatusCode::OK, "ready\n")
+    } else if state.ready.blocked() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "blocked: a broker resource alarm stops publishing\n",
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }

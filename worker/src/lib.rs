@@ -3,26 +3,34 @@
 //!
 //! # Layout
 //! - [`cli`]: command-line arguments.
-//! - [`consumer`]: lanes — slot, session, consume, deliver, settle.
-//! - [`deliver`]: job → MIME message → relay → [`deliver::Outcome`].
-//! - [`outcome`]: outcome → ack / retry step / dead queue / event, in one place.
+//! - [`broker`]: the two broker connections (consume, publish), the fence, the alarm watch.
+//! - [`lane`]: a lane's life — slot, session, channels, window.
+//! - [`feed`]: a lane's consumers, one channel and settler per queue.
+//! - [`step`]: one job — parse, ensure a session, attempt, settle.
+//! - [`deliver`]: job → MIME message → relay → [`settle::Outcome`].
+//! - [`classify`]: a relay's reply → outcome; relay-wide refusals.
+//! - [`settle`]: outcome → ack / copy / requeue / event, in one place.
 //! - [`budget`]: the fleet-wide relay budget (slots as exclusive queues, rate shares).
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
-//! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts).
+//! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts, pipelining).
 //! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`deliver`, `smtp.send`).
 //! - [`otel_metrics`]: the same metrics over OTLP, when an endpoint is configured.
 
+pub mod broker;
 pub mod budget;
+pub mod classify;
 pub mod cli;
-pub mod consumer;
 pub mod deliver;
+pub mod feed;
 pub mod health;
+pub mod lane;
 pub mod metrics;
 pub mod otel_metrics;
-pub mod outcome;
 pub mod relay;
+pub mod settle;
 pub mod smtp;
+pub mod step;
 pub mod tracing_spans;
 
 use std::collections::BTreeSet;
@@ -34,9 +42,10 @@ use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Settings, Topology};
 use tokio::task::JoinSet;
 
+use crate::broker::{within, Broker};
 use crate::budget::Budget;
-use crate::consumer::{run_lane, LaneContext};
 use crate::health::Readiness;
+use crate::lane::{run_lane, LaneContext};
 use crate::metrics::Metrics;
 use crate::relay::{Relay, Relays};
 use crate::smtp::RelayClient;
@@ -70,22 +79,34 @@ pub async fn run(
     let delays: Arc<[Duration]> = settings.retry.delays.clone().into();
 
     loop {
-        let connection = tokio::select! {
+        let broker = tokio::select! {
             _ = shutdown.wait() => return Ok(()),
-            c = settings.amqp.connect_with_backoff("sluice-worker", Duration::MAX) => c?,
+            b = Broker::connect(&settings.amqp, &ready, &metrics) => b?,
         };
-        let connection = Arc::new(connection);
+        let broker = Arc::new(broker);
         let relay_names: Vec<&str> = lanes_for.iter().map(String::as_str).collect();
         let declared = async {
-            let channel = connection.create_channel().await?;
+            let channel = within("opening a channel", broker.consume.create_channel()).await?;
             topology
                 .declare(&channel, &relay_names, delays.len())
-                .await?;
-            channel.close(200, "declared".into()).await
-        }
-        .await;
+                .await
+                .map_err(anyhow::Error::from)?;
+            let _ = channel.close(200, "declared".into()).await;
+            anyhow::Ok(())
+        };
+        let declared = match tokio::time::timeout(broker::BROKER_DEADLINE, declared).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow::anyhow!(
+                "declaring the topology took longer than {:?}",
+                broker::BROKER_DEADLINE
+            )),
+        };
         if let Err(e) = declared {
-            tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "declaring the topology failed; reconnecting"
+            );
+            broker.close("reconnecting").await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
@@ -94,7 +115,7 @@ pub async fn run(
         for name in &lanes_for {
             let client = clients[name].clone();
             let budget = Budget::new(
-                connection.clone(),
+                broker.consume.clone(),
                 topology.clone(),
                 name,
                 settings.relays[name].max_connections,
@@ -109,7 +130,7 @@ pub async fn run(
         }
         let relays = Arc::new(Relays { all: relays });
         let ctx = Arc::new(LaneContext {
-            connection: connection.clone(),
+            broker: broker.clone(),
             topology: topology.clone(),
             relays: relays.clone(),
             delays: delays.clone(),
@@ -138,6 +159,7 @@ pub async fn run(
             let joined = tokio::select! {
                 biased;
                 _ = shutdown.wait() => break None,
+                why = broker.lost() => break Some(anyhow::anyhow!(why)),
                 Some(joined) = lanes.join_next_with_id() => joined,
             };
             let (id, failure) = match joined {
@@ -146,7 +168,7 @@ pub async fn run(
                 Ok((id, Err(e))) => (id, e),
                 Err(e) => (e.id(), anyhow::Error::from(e).context("a lane panicked")),
             };
-            if !connection.status().connected() {
+            if !broker.consume.status().connected() || !broker.fence_open() {
                 break Some(failure);
             }
             tracing::warn!(
@@ -161,16 +183,17 @@ pub async fn run(
         match broken {
             None => {
                 drain(&mut lanes, settings.worker.shutdown_grace).await;
-                let _ = connection.close(200, "worker stopping".into()).await;
+                broker.close("worker stopping").await;
                 tracing::info!("stopped");
                 return Ok(());
             }
             Some(error) => {
-                // Dropping the lanes drops their SMTP sessions: their slots went with the
-                // connection, so no session may outlive it.
+                // Dropping the lanes drops their SMTP sessions: their slots went (or are
+                // about to go) with the connection, so no session may outlive it.
                 lanes.abort_all();
                 while lanes.join_next().await.is_some() {}
-                let _ = connection.close(200, "reconnecting".into()).await;
+                ready.set(false);
+                broker.close("reconnecting").await;
                 tracing::warn!(
                     error = format!("{error:#}"),
                     "lost the broker; reconnecting"

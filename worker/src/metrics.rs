@@ -27,6 +27,7 @@ struct Inner {
     max_connections: IntGaugeVec,
     max_rate: IntGaugeVec,
     relay_up: IntGaugeVec,
+    broker_blocked: IntGauge,
     /// The same histogram over OTLP, once `otel_metrics::install` set it.
     otel_send_seconds: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
@@ -91,6 +92,14 @@ impl Metrics {
             "sluice_relay_up",
             "1 while the relay is usable, 0 while it is marked down",
         );
+        let broker_blocked = IntGauge::new(
+            "sluice_broker_blocked",
+            "1 while the broker blocks this worker's publishing connection (memory or disk alarm)",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(broker_blocked.clone()))
+            .expect("register");
         let send_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "sluice_smtp_send_seconds",
@@ -117,9 +126,15 @@ impl Metrics {
                 max_connections,
                 max_rate,
                 relay_up,
+                broker_blocked,
                 otel_send_seconds: Default::default(),
             }),
         }
+    }
+
+    /// Record whether the broker blocks our publishing connection.
+    pub fn broker_blocked(&self, blocked: bool) {
+        self.inner.broker_blocked.set(i64::from(blocked));
     }
 
     /// Record a relay's configured budget (shown beside what is used).

@@ -8,8 +8,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::budget::{rate_share, Budget, RateShare};
+use crate::classify::RefusalStreak;
 use crate::metrics::Metrics;
-use crate::smtp::{OpenError, RelayClient};
+use crate::settle::Outcome;
+use crate::smtp::RelayClient;
 
 /// Everything the worker's lanes need to deliver through one relay.
 pub struct Relay {
@@ -32,7 +34,12 @@ impl Relay {
     ) -> Self {
         let settings = client.settings();
         let share = rate_share(settings.max_messages_per_second, settings.max_connections);
-        let health = RelayHealth::new(client.name(), settings.down_cooloff, metrics);
+        let health = RelayHealth::new(
+            client.name(),
+            settings.down_cooloff,
+            settings.refusals_before_down,
+            metrics,
+        );
         Self {
             client,
             budget,
@@ -53,16 +60,18 @@ pub struct RelayHealth {
     relay: String,
     cooloff: Duration,
     down_until: Mutex<Option<Instant>>,
+    streak: Mutex<RefusalStreak>,
     changes: watch::Sender<u64>,
     metrics: Metrics,
 }
 
 impl RelayHealth {
-    fn new(relay: &str, cooloff: Duration, metrics: Metrics) -> Self {
+    fn new(relay: &str, cooloff: Duration, refusals_before_down: u32, metrics: Metrics) -> Self {
         Self {
             relay: relay.to_string(),
             cooloff,
             down_until: Mutex::new(None),
+            streak: Mutex::new(RefusalStreak::new(refusals_before_down)),
             changes: watch::channel(0).0,
             metrics,
         }
@@ -80,8 +89,9 @@ impl RelayHealth {
         until.filter(|u| *u > Instant::now())
     }
 
-    /// A session could not be opened: the relay is down for the cool-off.
-    pub fn mark_down(&self, error: &OpenError) {
+    /// The relay failed us (no session, or it refuses the account or the sender): it is
+    /// down for the cool-off.
+    pub fn mark_down(&self, error: &dyn std::fmt::Display) {
         let mut down = self.down_until.lock().expect("health lock");
         let was_up = down.is_none();
         *down = Some(Instant::now() + self.cooloff);
@@ -104,6 +114,24 @@ impl RelayHealth {
             self.metrics.relay_up(&self.relay, true);
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Count an attempt's outcome towards a refusal streak (see [`RefusalStreak`]); true
+    /// when it completed one, and the relay is now down.
+    pub fn record_refusal(&self, outcome: &Outcome, recipient: &str) -> bool {
+        let tripped = self
+            .streak
+            .lock()
+            .expect("streak lock")
+            .record(outcome, recipient);
+        if tripped {
+            self.mark_down(&format!(
+                "the same refusal for several recipients in a row: {} {}",
+                outcome.smtp_code().unwrap_or(0),
+                outcome.reply()
+            ));
+        }
+        tripped
     }
 
     /// Notified whenever the relay goes down or comes back.

@@ -32,11 +32,26 @@ pub enum OpenError {
     AuthRejected { relay: String, reason: String },
 }
 
+/// Where in a transaction the relay answered: a refusal at MAIL FROM is about us (the
+/// sender, the account), one at RCPT usually about the recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Mail,
+    Rcpt,
+    Data,
+    /// The reply after the content's final dot.
+    Content,
+}
+
 /// The result of handing one message to the relay.
 #[derive(Debug)]
 pub enum SendError {
-    /// The relay answered with a negative reply (4xx or 5xx).
-    Reply { code: u16, text: String },
+    /// The relay answered with a negative reply (4xx or 5xx) at `stage`.
+    Reply {
+        stage: Stage,
+        code: u16,
+        text: String,
+    },
     /// No reply within the command timeout: the session is unusable.
     Timeout(Duration),
     /// The connection broke (reset, closed before the reply...).
@@ -251,8 +266,8 @@ impl SmtpSession {
         // The timeout covers the whole transaction: a relay that stalls at any command
         // (or after the final dot) defers the job instead of holding it forever.
         let timeout = self.command_timeout * 4;
-        // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: lettre's own
-        // transaction knows them, and such messages are rare enough to take the slow path.
+        // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: such messages
+        // are rare enough to take the step-by-step path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
         let ascii_content = std::str::from_utf8(message)
             .ok()
@@ -270,10 +285,7 @@ impl SmtpSession {
         let result = if let Some(text) = pipelined {
             tokio::time::timeout(timeout, self.send_pipelined(envelope, text)).await
         } else {
-            tokio::time::timeout(timeout, async {
-                self.conn.send(envelope, message).await.map_err(send_error)
-            })
-            .await
+            tokio::time::timeout(timeout, self.send_stepwise(envelope, message)).await
         };
         match result {
             Err(_) => {
@@ -312,17 +324,23 @@ impl SmtpSession {
         }
         // Every reply is read before acting on any, so the session stays in step.
         let data_accepted = replies.last().is_some_and(Result::is_ok);
+        let last = replies.len() - 1;
         let mut refusal = None;
-        for reply in replies {
+        for (i, reply) in replies.into_iter().enumerate() {
+            let stage = match i {
+                0 => Stage::Mail,
+                i if i == last => Stage::Data,
+                _ => Stage::Rcpt,
+            };
             match reply {
                 Ok(_) => {}
                 Err(e) if e.status().is_some() => {
-                    refusal.get_or_insert(e);
+                    refusal.get_or_insert((stage, e));
                 }
-                Err(e) => return Err(send_error(e)),
+                Err(e) => return Err(send_error(Stage::Mail, e)),
             }
         }
-        if let Some(refused) = refusal {
+        if let Some((stage, refused)) = refusal {
             if data_accepted {
                 // DATA was accepted although an earlier command was refused: the relay
                 // now expects content. Drop the connection rather than send an empty
@@ -331,16 +349,75 @@ impl SmtpSession {
             } else {
                 self.reset().await;
             }
-            return Err(send_error(refused));
+            return Err(send_error(stage, refused));
         }
         // The content, dot-stuffed, and its final dot in one write.
-        match self.conn.command(DataContent(message)).await {
+        let sent = self.conn.command(DataContent(message)).await;
+        self.finish(Stage::Content, sent).await
+    }
+
+    /// One command at a time, for relays without PIPELINING and for messages that need
+    /// SMTPUTF8 or 8BITMIME. Like the pipelined path, a refusal resets the transaction
+    /// and keeps the session.
+    async fn send_stepwise(
+        &mut self,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<Response, SendError> {
+        use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+        let info = self.conn.server_info();
+        let mut parameters = Vec::new();
+        let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+        if !(envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)) {
+            if !info.supports_feature(Extension::SmtpUtfEight) {
+                return Err(SendError::Reply {
+                    stage: Stage::Rcpt,
+                    code: 553,
+                    text: "5.6.7 non-ASCII address but the relay does not offer SMTPUTF8".into(),
+                });
+            }
+            parameters.push(MailParameter::SmtpUtfEight);
+        }
+        if !message.is_ascii() {
+            if !info.supports_feature(Extension::EightBitMime) {
+                return Err(SendError::Reply {
+                    stage: Stage::Content,
+                    code: 554,
+                    text: "5.6.1 8-bit content but the relay does not offer 8BITMIME".into(),
+                });
+            }
+            parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        let mail = Mail::new(envelope.from().cloned(), parameters);
+        let reply = self.conn.command(mail).await;
+        self.finish(Stage::Mail, reply).await?;
+        for recipient in envelope.to() {
+            let reply = self
+                .conn
+                .command(Rcpt::new(recipient.clone(), Vec::new()))
+                .await;
+            self.finish(Stage::Rcpt, reply).await?;
+        }
+        let reply = self.conn.command(Data).await;
+        self.finish(Stage::Data, reply).await?;
+        let reply = self.conn.message(message).await;
+        self.finish(Stage::Content, reply).await
+    }
+
+    /// A reply at `stage`: a refusal resets the transaction (the session stays usable),
+    /// anything else but success leaves the session to be dropped.
+    async fn finish(
+        &mut self,
+        stage: Stage,
+        reply: Result<Response, lettre::transport::smtp::Error>,
+    ) -> Result<Response, SendError> {
+        match reply {
             Ok(response) => Ok(response),
             Err(e) if e.status().is_some() => {
                 self.reset().await;
-                Err(send_error(e))
+                Err(send_error(stage, e))
             }
-            Err(e) => Err(send_error(e)),
+            Err(e) => Err(send_error(stage, e)),
         }
     }
 
@@ -403,9 +480,10 @@ async fn offers_pipelining(
 }
 
 /// A lettre error as a [`SendError`]: a negative reply, a timeout, or a broken connection.
-fn send_error(e: lettre::transport::smtp::Error) -> SendError {
+fn send_error(stage: Stage, e: lettre::transport::smtp::Error) -> SendError {
     match e.status() {
         Some(code) => SendError::Reply {
+            stage,
             code: code.to_string().parse().unwrap_or(0),
             text: reply_text(&e),
         },

@@ -14,7 +14,7 @@ use opentelemetry::{Context, KeyValue};
 use sluice_shared::events::EventOutcome;
 use sluice_shared::{telemetry, trace_context};
 
-use crate::deliver::Outcome;
+use crate::settle::Outcome;
 
 /// What a `deliver` span is about; only read when tracing is on.
 pub struct DeliverAttributes<'a> {

@@ -1,0 +1,420 @@
+//! Lanes: the worker's units of concurrency. A lane's life: wait for work, take a budget
+//! slot, open a session, consume, give everything back. A lane holds at most one slot, one
+//! SMTP session and one window of unacknowledged jobs at a time.
+//!
+//! A lane waits until one of its queues has work, takes a fleet-wide budget slot, opens a
+//! session, and only then starts consuming (see [`crate::feed`]): [`PROBE_JOBS`] jobs at
+//! prefetch 1 to time the relay, then with a prefetch of [`lane_window`] (1 for a slow
+//! relay, up to [`MAX_LANE_WINDOW`] for a fast one): the job being sent, the next ones
+//! ready behind it, and the settled ones whose batched ack has not gone out yet. So a
+//! worker never holds more unacknowledged jobs than its sessions may have in flight, and a
+//! crash redelivers at most that many. Each job then goes through [`crate::step`].
+//!
+//! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or the broker
+//! blocks publishing, or shutdown is asked for, it acks what it settled, cancels its
+//! consumers, closes the session and gives the slot back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::Channel;
+use prometheus::IntGauge;
+use rand::Rng;
+use sluice_shared::shutdown::Shutdown;
+use sluice_shared::Topology;
+use tokio::time::Instant;
+
+use crate::broker::{within, Broker};
+use crate::budget::{Pacer, RateShare, Slot};
+use crate::feed::Feed;
+use crate::metrics::Metrics;
+use crate::relay::{Relay, Relays};
+use crate::settle::Publisher;
+use crate::smtp::SmtpSession;
+use crate::step::{deliver_one, Next};
+
+/// A lane gives its slot back after its queues have been empty this long.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
+
+/// Pause between taking a slot and opening its session.
+const SLOT_SETTLE: Duration = Duration::from_millis(100);
+
+/// The most unacknowledged jobs a lane holds (see [`lane_window`]).
+pub const MAX_LANE_WINDOW: u16 = 32;
+
+/// A lane's window holds about this much of its relay's work: enough to keep a fast relay's
+/// session busy between broker round trips, little enough that the last jobs of a campaign
+/// are not stuck behind one session while others sit idle.
+const WINDOW_WORK: Duration = Duration::from_millis(100);
+
+/// Jobs a lane sends at prefetch 1 to time its relay before it widens its window.
+const PROBE_JOBS: usize = 8;
+
+/// How often a busy lane checks whether the relays it serves changed (failover).
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// A lane's prefetch once it has timed its relay: about [`WINDOW_WORK`] of messages at
+/// `per_message` (the SMTP transaction's time), and no more than about one second of its
+/// rate share, between 1 and [`MAX_LANE_WINDOW`]. A relay taking a second per message gets
+/// 1; `smtp-sink` gets 32.
+pub fn lane_window(share: Option<RateShare>, per_message: Duration) -> u16 {
+    let by_time = WINDOW_WORK.as_secs_f64() / per_message.as_secs_f64().max(1e-6);
+    let by_rate = share.map_or(f64::INFINITY, |share| {
+        f64::from(share.messages) / share.window.as_secs_f64().max(1e-3)
+    });
+    (by_time.min(by_rate).floor() as u16).clamp(1, MAX_LANE_WINDOW)
+}
+
+/// What every lane of a worker shares.
+pub struct LaneContext {
+    pub broker: Arc<Broker>,
+    pub topology: Topology,
+    pub relays: Arc<Relays>,
+    pub delays: Arc<[Duration]>,
+    pub max_message_bytes: usize,
+    pub metrics: Metrics,
+    pub shutdown: Shutdown,
+}
+
+/// Run one lane of `relay` until shutdown. An error means the broker connection failed
+/// (or a broker operation missed its deadline): the supervisor replaces the lane, or
+/// reconnects when the connection is gone.
+pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Result<()> {
+    let mut probe: Option<Channel> = None;
+    while !ctx.shutdown.is_triggered() {
+        if ctx.broker.is_blocked() {
+            let mut blocked = ctx.broker.blocked_changes();
+            tokio::select! {
+                _ = ctx.shutdown.wait() => {}
+                _ = blocked.wait_for(|blocked| !*blocked) => {}
+            }
+            continue;
+        }
+        if let Some(until) = relay.health.down_until() {
+            if ctx.relays.served_by(&relay).is_empty() {
+                // Down with nothing to serve: wait for the cool-off to end, then probe.
+                pause(&ctx.shutdown, until - Instant::now()).await;
+                continue;
+            }
+        }
+        let queues = ctx.relays.served_by(&relay);
+        if queues.is_empty() || !has_work(&ctx, &mut probe, &queues).await? {
+            pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
+            continue;
+        }
+        let Some(slot) = relay.budget.try_acquire().await? else {
+            pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
+            continue;
+        };
+        let served = serve(&ctx, &relay, &slot, queues).await;
+        relay.budget.release(slot).await;
+        served?;
+    }
+    Ok(())
+}
+
+/// Hold `slot`: open a session and deliver jobs from `queues` until idle, failure or stop.
+/// The session is closed before this returns, on every path.
+async fn serve(
+    ctx: &LaneContext,
+    relay: &Relay,
+    _slot: &Slot,
+    queues: Vec<String>,
+) -> anyhow::Result<()> {
+    // The slot's previous holder may have died a moment ago: give the relay time to see
+    // its sessions close before this one opens.
+    tokio::time::sleep(SLOT_SETTLE).await;
+    let mut lane = Lane {
+        ctx,
+        relay,
+        queues: &queues,
+        session: None,
+        pacer: Pacer::new(relay.rate_share),
+        sending: Duration::ZERO,
+        last_delivery: Instant::now(),
+        last_recheck: Instant::now(),
+    };
+    if !lane.open_session().await {
+        return Ok(());
+    }
+    let result = match Publisher::open(&ctx.broker).await {
+        Ok(publisher) => {
+            let result = lane.consume(&publisher).await;
+            publisher.close().await;
+            result
+        }
+        Err(e) => Err(e.into()),
+    };
+    if let Some(session) = lane.session.take() {
+        session.close().await;
+    }
+    result
+}
+
+/// An open SMTP session, counted in `sluice_smtp_sessions_open` for exactly as long as it
+/// lives: dropping it (a broken session, an aborted lane) drops the connection and the
+/// count together.
+pub struct LaneSession {
+    /// `Some` until [`LaneSession::close`].
+    session: Option<SmtpSession>,
+    open: IntGauge,
+}
+
+impl LaneSession {
+    fn new(session: SmtpSession, open: IntGauge) -> Self {
+        open.inc();
+        Self {
+            session: Some(session),
+            open,
+        }
+    }
+
+    /// The session itself.
+    pub fn smtp(&mut self) -> &mut SmtpSession {
+        self.session
+            .as_mut()
+            .expect("a session is open until closed")
+    }
+
+    /// Say QUIT and close.
+    pub async fn close(mut self) {
+        if let Some(session) = self.session.take() {
+            session.close().await;
+        }
+    }
+}
+
+impl Drop for LaneSession {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Why [`Lane::deliver_from`] returned.
+enum LaneEnd {
+    /// Idle, stop asked, relays changed, relay failed, broker blocked (`Ok`), or an error.
+    Stop(anyhow::Result<()>),
+    /// The consumers were cancelled and everything they received is settled.
+    StreamEnded,
+    /// The number of deliveries asked for is done.
+    Probed,
+}
+
+/// One lane's state while it holds a slot.
+pub(crate) struct Lane<'a> {
+    pub ctx: &'a LaneContext,
+    pub relay: &'a Relay,
+    queues: &'a [String],
+    pub session: Option<LaneSession>,
+    pub pacer: Pacer,
+    /// Time spent in SMTP transactions (what the window is sized by).
+    pub sending: Duration,
+    last_delivery: Instant,
+    last_recheck: Instant,
+}
+
+impl Lane<'_> {
+    /// Open a session with the relay, marking the relay up or down.
+    pub async fn open_session(&mut self) -> bool {
+        match self.relay.client.open().await {
+            Ok(session) => {
+                self.relay.health.mark_up();
+                let open = self.ctx.metrics.sessions_open(self.relay.name());
+                self.session = Some(LaneSession::new(session, open));
+                true
+            }
+            Err(error) => {
+                self.relay.health.mark_down(&error);
+                false
+            }
+        }
+    }
+
+    /// Consume the lane's queues: time the relay at prefetch 1, then widen the window if
+    /// it is fast, on channels of their own opened once the first ones' deliveries are all
+    /// settled (the batched, `multiple` acks rely on a channel's deliveries being settled
+    /// in order).
+    async fn consume(&mut self, publisher: &Publisher) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let mut feed = Feed::open(ctx, publisher, self.queues, 1).await?;
+        let mut end = self.deliver_from(&mut feed, Some(PROBE_JOBS)).await;
+        if matches!(end, LaneEnd::Probed) {
+            let per_message = self.sending / PROBE_JOBS as u32;
+            let window = lane_window(self.relay.rate_share, per_message);
+            tracing::debug!(
+                relay = self.relay.name(),
+                ?per_message,
+                window,
+                "relay timed"
+            );
+            if window > 1 {
+                feed.cancel().await;
+                end = self.deliver_from(&mut feed, None).await;
+                if matches!(end, LaneEnd::StreamEnded) {
+                    end = match feed.flush().await {
+                        Err(e) => LaneEnd::Stop(Err(e.into())),
+                        Ok(()) => {
+                            feed.close().await;
+                            match Feed::open(ctx, publisher, self.queues, window).await {
+                                Ok(wider) => {
+                                    feed = wider;
+                                    self.deliver_from(&mut feed, None).await
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    };
+                }
+            } else {
+                end = self.deliver_from(&mut feed, None).await;
+            }
+        }
+        let result = match end {
+            LaneEnd::Stop(result) => result,
+            LaneEnd::StreamEnded | LaneEnd::Probed => Ok(()),
+        };
+        // Ack what is settled, then stop taking jobs; closing the channels hands back
+        // anything prefetched.
+        let flushed = feed.flush().await;
+        feed.cancel().await;
+        feed.close().await;
+        result.and(flushed.map_err(Into::into))
+    }
+
+    /// Deliver what `feed` brings, up to `limit` deliveries when given.
+    async fn deliver_from(&mut self, feed: &mut Feed, limit: Option<usize>) -> LaneEnd {
+        let ctx = self.ctx;
+        let mut recheck = tokio::time::interval(RECHECK);
+        let mut blocked = ctx.broker.blocked_changes();
+        let mut done = 0;
+        loop {
+            if limit.is_some_and(|limit| done >= limit) {
+                return LaneEnd::Probed;
+            }
+            if ctx.shutdown.is_triggered() || ctx.broker.is_blocked() {
+                return LaneEnd::Stop(Ok(()));
+            }
+            if self.last_recheck.elapsed() >= RECHECK {
+                self.last_recheck = Instant::now();
+                if ctx.relays.served_by(self.relay) != self.queues {
+                    return LaneEnd::Stop(Ok(()));
+                }
+            }
+            // Take the next delivery if it is already here; otherwise ack what is settled
+            // before waiting, so a quiet lane never sits on finished jobs.
+            let next = match feed.ready() {
+                Some(next) => next,
+                None => {
+                    if let Err(e) = feed.flush().await {
+                        return LaneEnd::Stop(Err(e.into()));
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = ctx.shutdown.wait() => return LaneEnd::Stop(Ok(())),
+                        _ = blocked.wait_for(|blocked| *blocked) => return LaneEnd::Stop(Ok(())),
+                        _ = recheck.tick() => {
+                            if self.last_delivery.elapsed() >= IDLE_RELEASE {
+                                return LaneEnd::Stop(Ok(()));
+                            }
+                            continue;
+                        }
+                        next = feed.next() => next,
+                    }
+                }
+            };
+            let (index, delivery) = match next {
+                None => return LaneEnd::StreamEnded,
+                Some((_, Err(e))) => return LaneEnd::Stop(Err(e.into())),
+                Some((index, Ok(delivery))) => (index, delivery),
+            };
+            self.last_delivery = Instant::now();
+            done += 1;
+            match deliver_one(self, feed, index, delivery).await {
+                Ok(Next::Continue) => {}
+                Ok(Next::GiveUpSlot) => return LaneEnd::Stop(Ok(())),
+                Err(e) => return LaneEnd::Stop(Err(e)),
+            }
+        }
+    }
+}
+
+/// True when any of the relays' jobs queues holds ready messages.
+async fn has_work(
+    ctx: &LaneContext,
+    probe: &mut Option<Channel>,
+    relays: &[String],
+) -> anyhow::Result<bool> {
+    for relay in relays {
+        if probe.as_ref().is_none_or(|c| !c.status().connected()) {
+            *probe = Some(
+                within(
+                    "opening a probe channel",
+                    ctx.broker.consume.create_channel(),
+                )
+                .await?,
+            );
+        }
+        let channel = probe.as_ref().expect("probe channel");
+        let declared = within(
+            "looking at a jobs queue",
+            channel.queue_declare(
+                ctx.topology.jobs_queue(relay).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(queue) if queue.message_count() > 0 => return Ok(true),
+            Ok(_) => {}
+            Err(e) if !ctx.broker.consume.status().connected() => return Err(e.into()),
+            Err(_) => *probe = None,
+        }
+    }
+    Ok(false)
+}
+
+async fn pause(shutdown: &Shutdown, duration: Duration) {
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        _ = tokio::time::sleep(duration) => {}
+    }
+}
+
+/// `base` plus or minus 25%, so that a fleet's lanes do not poll in step.
+fn jitter(base: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.75..1.25);
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::rate_share;
+
+    #[test]
+    fn the_window_holds_a_tenth_of_a_second_of_work_within_the_rate_share() {
+        let ms = Duration::from_millis;
+        let cases = [
+            (None, ms(1500), 1),                     // a slow relay: one job at a time
+            (None, ms(50), 2),                       // a typical remote relay
+            (None, ms(3), 32),                       // smtp-sink on loopback: 33, capped
+            (None, Duration::ZERO, MAX_LANE_WINDOW), // never more than the cap
+            (rate_share(200, 4), ms(1), 32),         // 50/s per slot
+            (rate_share(20, 4), ms(1), 5),           // 5/s per slot: a second of it
+            (rate_share(1, 4), ms(1), 1),            // one message every 4 s
+        ];
+        for (share, per_message, expected) in cases {
+            assert_eq!(
+                lane_window(share, per_message),
+                expected,
+                "{share:?} at {per_message:?} per message"
+            );
+        }
+    }
+}

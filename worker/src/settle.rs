@@ -1,0 +1,571 @@
+//! The one place where an attempt's [`Outcome`] becomes broker actions: ack, copy to a
+//! retry step or the dead queue, requeue, event. Nothing else in the worker acks or nacks.
+//!
+//! | outcome | action | event |
+//! |---|---|---|
+//! | delivered | ack | `delivered` |
+//! | deferred | copy to retry step *k* (or dead, `retries exhausted`), confirmed, then ack | `deferred` (`dead`) |
+//! | bounced | copy to the dead queue (`bounced`), confirmed, then ack | `bounced` |
+//! | invalid | copy to the dead queue (`invalid`), confirmed, then ack | `dead` |
+//! | relay fault, not attempted | nack with requeue: back to its queue untouched | none |
+//!
+//! Rule: a delivery is acknowledged only after the job exists somewhere else for sure —
+//! accepted by the relay, or its copy confirmed by the broker. There is no moment in which
+//! a job exists nowhere; a crash in between gives a duplicate, never a loss. A copy's ack
+//! goes out at once, so a job never lives both as the original and as its copy longer than
+//! one round trip. Nothing waits for its retry while held unacknowledged.
+//!
+//! Acks of delivered jobs are batched: a settled delivery's ack waits until the batch is
+//! full, [`ACK_LINGER`] has passed, or the lane flushes (no further delivery ready, idle,
+//! stop); then one `basic.ack` with `multiple` covers them all. A [`Settler`] serves one
+//! channel with one consumer, and the lane settles that channel's deliveries in the order
+//! they came, so everything up to the last settled tag is settled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties, Channel};
+use sluice_shared::events::{now_rfc3339, DeliveryEvent, EventOutcome};
+use sluice_shared::headers;
+use sluice_shared::{trace_context, Topology};
+use tokio::sync::watch;
+
+use crate::broker::{within, Broker, BrokerError, BROKER_DEADLINE};
+use crate::metrics::Metrics;
+use crate::tracing_spans::{event_trace_id, DeliverSpan};
+
+/// How one attempt ended. Exactly one broker action follows from each (see [`decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx after DATA: the relay took responsibility for the message.
+    Delivered { code: u16, reply: String },
+    /// 4xx, a dropped connection or a timeout: try again later.
+    Deferred {
+        code: Option<u16>,
+        reply: String,
+        /// A wait the relay asked for in its reply ("try again in 120 seconds").
+        retry_after: Option<Duration>,
+    },
+    /// 5xx for this recipient: permanent, kept in the dead queue for a replay.
+    Bounced {
+        code: u16,
+        reply: String,
+        /// The refusal came at RCPT (what a refusal streak counts).
+        at_rcpt: bool,
+    },
+    /// The job itself is unusable: set aside, never retried.
+    Invalid { reason: String },
+    /// The relay refused us, not the job (the account, the sender, relaying, our address):
+    /// the job goes back untouched and the relay is marked down.
+    RelayFault { code: Option<u16>, reply: String },
+    /// No attempt was made (no SMTP session, or the broker blocks publishing): the job
+    /// goes back untouched.
+    NotAttempted { why: String },
+}
+
+impl Outcome {
+    /// The SMTP code, when the relay answered.
+    pub fn smtp_code(&self) -> Option<u16> {
+        match self {
+            Self::Delivered { code, .. } | Self::Bounced { code, .. } => Some(*code),
+            Self::Deferred { code, .. } | Self::RelayFault { code, .. } => *code,
+            Self::Invalid { .. } | Self::NotAttempted { .. } => None,
+        }
+    }
+
+    /// The reply text (or the error, or why the job is invalid or was not attempted).
+    pub fn reply(&self) -> &str {
+        match self {
+            Self::Delivered { reply, .. }
+            | Self::Bounced { reply, .. }
+            | Self::Deferred { reply, .. }
+            | Self::RelayFault { reply, .. } => reply,
+            Self::Invalid { reason } => reason,
+            Self::NotAttempted { why } => why,
+        }
+    }
+}
+
+/// What the broker must do with a delivery after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Delivered: the job is finished.
+    Finish,
+    /// Wait in retry step `step` (1-based) for `delay`, then try again.
+    Retry { step: usize, delay: Duration },
+    /// Set aside in the dead queue, with `x-sluice-reason: reason`.
+    SetAside { reason: &'static str },
+    /// Back to its queue untouched.
+    Requeue,
+}
+
+/// Reason header of a bounced job's copy in the dead queue.
+pub const BOUNCED: &str = "bounced";
+
+/// Header that records the last retry step used, so the ladder only moves forward.
+const STEP: &str = "x-sluice-step";
+
+/// Decide the action for an outcome, given the last retry step this job used (0 = none)
+/// and the ladder. A relay's named wait picks the first step at least that long.
+pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Action {
+    match outcome {
+        Outcome::Delivered { .. } => Action::Finish,
+        Outcome::Bounced { .. } => Action::SetAside { reason: BOUNCED },
+        Outcome::Invalid { .. } => Action::SetAside { reason: "invalid" },
+        Outcome::RelayFault { .. } | Outcome::NotAttempted { .. } => Action::Requeue,
+        Outcome::Deferred { retry_after, .. } => {
+            let mut step = last_step + 1;
+            if step > delays.len() {
+                return Action::SetAside {
+                    reason: "retries exhausted",
+                };
+            }
+            if let Some(wait) = retry_after {
+                while step < delays.len() && delays[step - 1] < *wait {
+                    step += 1;
+                }
+            }
+            Action::Retry {
+                step,
+                delay: delays[step - 1],
+            }
+        }
+    }
+}
+
+/// The event an action reports, if any.
+fn event_of(action: &Action) -> Option<EventOutcome> {
+    match action {
+        Action::Finish => Some(EventOutcome::Delivered),
+        Action::Retry { .. } => Some(EventOutcome::Deferred),
+        Action::SetAside { reason } if *reason == BOUNCED => Some(EventOutcome::Bounced),
+        Action::SetAside { .. } => Some(EventOutcome::Dead),
+        Action::Requeue => None,
+    }
+}
+
+/// What is known about the attempt beyond its outcome.
+pub struct AttemptInfo<'a> {
+    /// The relay the attempt went through (differs from the queue's during failover).
+    pub via_relay: &'a str,
+    pub job_id: &'a str,
+    pub campaign: &'a str,
+    pub to: &'a str,
+    /// The attempt's span: its trace id goes into the event.
+    pub span: &'a DeliverSpan,
+}
+
+/// Why a delivery could not be settled; it stays unacknowledged and comes back.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the broker refused the job's copy for queue {queue}")]
+    Refused { queue: String },
+}
+
+/// At most this many settled deliveries wait for their (one, `multiple`) ack.
+pub const ACK_BATCH: usize = 16;
+
+/// Nor does a settled delivery wait longer than this for its ack (a rate-limited lane
+/// settles slowly): it bounds what a crash repeats on a slow lane.
+pub const ACK_LINGER: Duration = Duration::from_millis(100);
+
+/// A lane's channel on the publishing connection, in confirm mode: copies and events.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    blocked: watch::Receiver<bool>,
+}
+
+impl Publisher {
+    /// Open a confirm-mode channel on the worker's publishing connection.
+    pub async fn open(broker: &Broker) -> Result<Self, BrokerError> {
+        let channel = within(
+            "opening a publishing channel",
+            broker.publish.create_channel(),
+        )
+        .await?;
+        within(
+            "enabling publisher confirms",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(Self {
+            channel,
+            blocked: broker.blocked_changes(),
+        })
+    }
+
+    /// Close the channel (best effort).
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(BROKER_DEADLINE, self.channel.close(200, "lane done".into()))
+            .await;
+    }
+
+    /// Publish a copy of the delivery straight into `queue` and wait for the broker's
+    /// confirm. A Nack, an unroutable message, a deadline or a block is an error: the
+    /// original stays unacknowledged. While the broker blocks publishing nothing is
+    /// published at all, so that no copy lives beside an original that comes back.
+    async fn copy(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        headers: FieldTable,
+        expiration: Option<String>,
+    ) -> Result<(), SettleError> {
+        const WHAT: &str = "copying a job";
+        if *self.blocked.borrow() {
+            return Err(BrokerError::Blocked { what: WHAT }.into());
+        }
+        let mut properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        if let Some(expiration) = expiration {
+            properties = properties.with_expiration(expiration.into());
+        }
+        let published = async {
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let mut blocked = self.blocked.clone();
+        let confirmation = tokio::select! {
+            confirmation = within(WHAT, published) => confirmation?,
+            _ = blocked.wait_for(|blocked| *blocked) => {
+                return Err(BrokerError::Blocked { what: WHAT }.into());
+            }
+        };
+        let refused = match &confirmation {
+            lapin::Confirmation::Ack(returned) => returned.is_some(),
+            lapin::Confirmation::Nack(_) => true,
+            lapin::Confirmation::NotRequested => false,
+        };
+        if refused {
+            return Err(SettleError::Refused {
+                queue: queue.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publish a delivery event. Events are informational: their confirms are not
+    /// awaited, and while the broker blocks publishing the event waits in the client's
+    /// buffer (it goes out when the broker unblocks) rather than holding the lane.
+    async fn event(&self, event: &DeliveryEvent, exchange: &str, job_id: &str) {
+        let body = serde_json::to_vec(event).expect("events serialize");
+        let publish = self.channel.basic_publish(
+            exchange.into(),
+            event.routing_key().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(job_id.into()),
+        );
+        let mut blocked = self.blocked.clone();
+        tokio::select! {
+            published = tokio::time::timeout(BROKER_DEADLINE, publish) => {
+                if !matches!(published, Ok(Ok(_))) {
+                    tracing::warn!(job.id = job_id, "a delivery event could not be published");
+                }
+            }
+            _ = blocked.wait_for(|blocked| *blocked) => {}
+        }
+    }
+}
+
+/// Carries out [`Action`]s for the deliveries of one consumer channel.
+pub struct Settler {
+    publisher: Publisher,
+    /// The relay whose queue the channel consumes (its retry ladder and dead queue).
+    relay: String,
+    topology: Topology,
+    delays: Arc<[Duration]>,
+    metrics: Metrics,
+    /// The last settled delivery whose ack has not been sent, and how many wait with it.
+    unacked: Option<Acker>,
+    waiting: usize,
+    /// When the oldest delivery still waiting for its ack was settled.
+    waiting_since: Option<std::time::Instant>,
+    batch: usize,
+}
+
+impl Settler {
+    /// A settler for the deliveries of `relay`'s queue on one channel, acking in batches of
+    /// up to `batch` (at most [`ACK_BATCH`]; 1 acks every delivery at once).
+    pub fn new(
+        publisher: Publisher,
+        relay: &str,
+        topology: Topology,
+        delays: Arc<[Duration]>,
+        metrics: Metrics,
+        batch: usize,
+    ) -> Self {
+        Self {
+            publisher,
+            relay: relay.to_string(),
+            topology,
+            delays,
+            metrics,
+            unacked: None,
+            waiting: 0,
+            waiting_since: None,
+            batch: batch.clamp(1, ACK_BATCH),
+        }
+    }
+
+    /// Carry out what the outcome requires and return the action taken. An error leaves
+    /// the delivery unacknowledged: the broker gives it to a worker again.
+    pub async fn settle(
+        &mut self,
+        delivery: &Delivery,
+        info: &AttemptInfo<'_>,
+        outcome: &Outcome,
+    ) -> Result<Action, SettleError> {
+        let incoming = delivery.properties.headers().as_ref();
+        let last_step = headers::get_int(incoming, STEP).unwrap_or(0).max(0) as usize;
+        let action = decide(outcome, last_step, &self.delays);
+        let Some(event) = event_of(&action) else {
+            within(
+                "requeueing a job",
+                delivery.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+            return Ok(action);
+        };
+
+        let attempt = headers::get_int(incoming, headers::ATTEMPT)
+            .unwrap_or(1)
+            .max(1);
+        let now = now_rfc3339();
+        let mut carried = self.carried_headers(incoming, info, outcome, &now);
+        let copied = match &action {
+            Action::Retry { step, delay } => {
+                headers::set_int(&mut carried, headers::ATTEMPT, attempt + 1);
+                headers::set_int(&mut carried, STEP, *step as i64);
+                let queue = self.topology.retry_queue(&self.relay, *step);
+                let expiration = delay.as_millis().to_string();
+                self.publisher
+                    .copy(delivery, &queue, carried, Some(expiration))
+                    .await?;
+                true
+            }
+            Action::SetAside { reason } => {
+                headers::set_str(&mut carried, headers::REASON, reason);
+                headers::set_int(&mut carried, headers::ATTEMPTS, attempt);
+                let queue = self.topology.dead_queue(&self.relay);
+                self.publisher.copy(delivery, &queue, carried, None).await?;
+                true
+            }
+            Action::Finish | Action::Requeue => false,
+        };
+
+        match event {
+            EventOutcome::Delivered => self.metrics.delivered(info.via_relay),
+            EventOutcome::Deferred => self.metrics.deferred(info.via_relay),
+            EventOutcome::Bounced => self.metrics.bounced(info.via_relay),
+            EventOutcome::Dead => self.metrics.dead(info.via_relay),
+        }
+        info.span.record_outcome(event);
+        let delivery_event = DeliveryEvent {
+            id: info.job_id.to_string(),
+            campaign: info.campaign.to_string(),
+            to: info.to.to_string(),
+            relay: info.via_relay.to_string(),
+            outcome: event,
+            attempt: attempt as u32,
+            smtp_code: outcome.smtp_code(),
+            smtp_reply: Some(outcome.reply().to_string()),
+            at: now,
+            trace_id: event_trace_id(info.span, incoming),
+        };
+        self.publisher
+            .event(
+                &delivery_event,
+                &self.topology.events_exchange(),
+                info.job_id,
+            )
+            .await;
+
+        self.unacked = Some(delivery.acker.clone());
+        self.waiting += 1;
+        let since = *self
+            .waiting_since
+            .get_or_insert_with(std::time::Instant::now);
+        // A copy is acked at once: the job must not live as both original and copy.
+        if copied || self.waiting >= self.batch || since.elapsed() >= ACK_LINGER {
+            self.flush().await?;
+        }
+        Ok(action)
+    }
+
+    /// Acknowledge every settled delivery not acknowledged yet, with one `multiple` ack.
+    pub async fn flush(&mut self) -> Result<(), SettleError> {
+        if let Some(acker) = self.unacked.take() {
+            self.waiting = 0;
+            self.waiting_since = None;
+            within(
+                "acknowledging settled jobs",
+                acker.ack(BasicAckOptions { multiple: true }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The headers of a retry or dead copy: the incoming ones but the broker's own
+    /// `x-death` history, plus what this attempt adds.
+    fn carried_headers(
+        &self,
+        incoming: Option<&FieldTable>,
+        info: &AttemptInfo<'_>,
+        outcome: &Outcome,
+        now: &str,
+    ) -> FieldTable {
+        let mut carried = FieldTable::default();
+        if let Some(incoming) = incoming {
+            for (key, value) in incoming.inner() {
+                if key.as_str() != "x-death" {
+                    carried.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        let first_attempt =
+            headers::get_str(incoming, headers::FIRST_ATTEMPT).unwrap_or_else(|| now.to_string());
+        headers::set_str(&mut carried, headers::FIRST_ATTEMPT, &first_attempt);
+        headers::set_str(&mut carried, headers::LAST_ATTEMPT, now);
+        headers::set_str(&mut carried, headers::RELAY, &self.relay);
+        headers::set_str(&mut carried, headers::SMTP_REPLY, outcome.reply());
+        if let Some(code) = outcome.smtp_code() {
+            headers::set_int(&mut carried, headers::SMTP_CODE, code.into());
+        }
+        // The incoming `traceparent` (the publisher's span) is carried as is, so every
+        // attempt is a sibling under it. A job that came without one gets this attempt's,
+        // so that its later attempts still join this trace.
+        if !carried.contains_key(trace_context::TRACEPARENT) {
+            if let Some(cx) = info.span.context() {
+                trace_context::inject(cx, &mut carried);
+            }
+        }
+        carried
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deferred(retry_after: Option<u64>) -> Outcome {
+        Outcome::Deferred {
+            code: Some(451),
+            reply: "later".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn every_outcome_has_one_action() {
+        let ladder: Vec<Duration> = [30, 120, 600, 3600]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect();
+        let retry = |step: usize| Action::Retry {
+            step,
+            delay: ladder[step - 1],
+        };
+        let exhausted = Action::SetAside {
+            reason: "retries exhausted",
+        };
+        let cases = [
+            (deferred(None), 0, retry(1)),
+            (deferred(None), 1, retry(2)),
+            (deferred(None), 3, retry(4)),
+            (deferred(None), 4, exhausted.clone()),
+            (deferred(Some(120)), 0, retry(2)),
+            (deferred(Some(100)), 0, retry(2)),
+            (deferred(Some(99999)), 0, retry(4)),
+            (deferred(Some(10)), 2, retry(3)),
+            (
+                Outcome::Invalid { reason: "x".into() },
+                0,
+                Action::SetAside { reason: "invalid" },
+            ),
+            (
+                Outcome::Bounced {
+                    code: 550,
+                    reply: "no".into(),
+                    at_rcpt: true,
+                },
+                0,
+                Action::SetAside { reason: BOUNCED },
+            ),
+            (
+                Outcome::Delivered {
+                    code: 250,
+                    reply: "ok".into(),
+                },
+                2,
+                Action::Finish,
+            ),
+            (
+                Outcome::RelayFault {
+                    code: Some(554),
+                    reply: "5.7.1 Account suspended".into(),
+                },
+                1,
+                Action::Requeue,
+            ),
+            (
+                Outcome::NotAttempted {
+                    why: "no session".into(),
+                },
+                0,
+                Action::Requeue,
+            ),
+        ];
+        for (outcome, last_step, expected) in cases {
+            assert_eq!(
+                decide(&outcome, last_step, &ladder),
+                expected,
+                "{outcome:?} after step {last_step}"
+            );
+        }
+        assert_eq!(decide(&deferred(None), 0, &[]), exhausted);
+    }
+
+    #[test]
+    fn only_a_requeue_goes_without_an_event() {
+        assert_eq!(event_of(&Action::Finish), Some(EventOutcome::Delivered));
+        assert_eq!(
+            event_of(&Action::SetAside { reason: BOUNCED }),
+            Some(EventOutcome::Bounced)
+        );
+        assert_eq!(
+            event_of(&Action::SetAside { reason: "invalid" }),
+            Some(EventOutcome::Dead)
+        );
+        assert_eq!(event_of(&Action::Requeue), None);
+    }
+}

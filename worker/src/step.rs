@@ -1,0 +1,218 @@
+//! One job in a lane: parse, ensure a session, attempt, settle. Every broker action happens
+//! in the last step, through [`crate::settle`].
+
+use anyhow::Context;
+use lapin::message::Delivery;
+use sluice_shared::Job;
+
+use crate::deliver::{self, PreparedMessage};
+use crate::feed::Feed;
+use crate::lane::Lane;
+use crate::settle::{Action, AttemptInfo, Outcome};
+use crate::tracing_spans::{DeliverAttributes, DeliverSpan};
+
+/// What the lane does after a job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// The relay failed or the job could not be attempted: give the slot back.
+    GiveUpSlot,
+}
+
+/// The broker connection has shown no life for half its heartbeat: the slot may already
+/// belong to another worker, so no transaction may start.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker connection shows no sign of life; no SMTP transaction starts")]
+pub struct FenceClosed;
+
+/// A delivery read as a job.
+struct Parsed {
+    job: Result<Job, String>,
+    message: Result<PreparedMessage, String>,
+    /// The job id, or the message id when the body is not a job.
+    id: String,
+}
+
+/// Deliver one job of the `index`-th queue of `feed` and settle it.
+pub(crate) async fn deliver_one(
+    lane: &mut Lane<'_>,
+    feed: &mut Feed,
+    index: usize,
+    delivery: Delivery,
+) -> anyhow::Result<Next> {
+    let ctx = lane.ctx;
+    let source_relay = feed.relay(index).to_string();
+    ctx.metrics.received(&source_relay);
+    let parsed = parse(&delivery, ctx.max_message_bytes);
+    let span = start_span(lane, &source_relay, &delivery, &parsed);
+
+    let outcome = match &parsed.message {
+        Err(reason) => {
+            tracing::warn!(job.id = %parsed.id, relay = %source_relay, %reason, "invalid job set aside");
+            Outcome::Invalid {
+                reason: reason.clone(),
+            }
+        }
+        Ok(message) => attempt(lane, &span, message).await?,
+    };
+    if let Outcome::RelayFault { code, reply } = &outcome {
+        lane.relay.health.mark_down(&format!(
+            "it refuses us, not the recipient: {} {reply}",
+            code.unwrap_or(0)
+        ));
+    }
+
+    let (campaign, to) = match &parsed.job {
+        Ok(job) => (job.campaign_or_default(), job.to.as_str()),
+        Err(_) => ("default", ""),
+    };
+    log(&outcome, &parsed.id, lane.relay.name());
+    let info = AttemptInfo {
+        via_relay: lane.relay.name(),
+        job_id: &parsed.id,
+        campaign,
+        to,
+        span: &span,
+    };
+    let settled = feed.settler(index).settle(&delivery, &info, &outcome).await;
+    match &settled {
+        Ok(Action::Requeue) => span.requeued(outcome.reply()),
+        Ok(_) => span.finish(&outcome),
+        Err(e) => span.failed(e),
+    }
+    let action = settled.with_context(|| format!("settling job {}", parsed.id))?;
+    if action == Action::Requeue || lane.relay.health.record_refusal(&outcome, to) {
+        return Ok(Next::GiveUpSlot);
+    }
+    Ok(Next::Continue)
+}
+
+/// Read the delivery as a job and build its message.
+fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
+    let job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+    let message = job
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|job| deliver::prepare(job).map_err(|e| e.to_string()));
+    let id = match &job {
+        Ok(job) => job.id.clone(),
+        Err(_) => delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| format!("unknown-{}", delivery.delivery_tag)),
+    };
+    Parsed { job, message, id }
+}
+
+fn start_span(
+    lane: &Lane<'_>,
+    source_relay: &str,
+    delivery: &Delivery,
+    parsed: &Parsed,
+) -> DeliverSpan {
+    let incoming = delivery.properties.headers().as_ref();
+    // Builds nothing (the closure is not even called) when tracing is off.
+    DeliverSpan::start(incoming, || DeliverAttributes {
+        queue: lane.ctx.topology.jobs_queue(source_relay).into(),
+        message_id: &parsed.id,
+        routing_key: delivery.routing_key.as_str(),
+        relay: lane.relay.name(),
+        campaign: parsed
+            .job
+            .as_ref()
+            .map_or("default", |job| job.campaign_or_default()),
+        attempt: sluice_shared::headers::get_int(incoming, sluice_shared::headers::ATTEMPT)
+            .unwrap_or(1)
+            .max(1),
+    })
+}
+
+/// Hand the message to the relay, within the lane's pace, through an open session.
+async fn attempt(
+    lane: &mut Lane<'_>,
+    span: &DeliverSpan,
+    message: &PreparedMessage,
+) -> anyhow::Result<Outcome> {
+    let ctx = lane.ctx;
+    if !ctx.broker.fence_open() {
+        return Err(FenceClosed.into());
+    }
+    if ctx.broker.is_blocked() {
+        return Ok(Outcome::NotAttempted {
+            why: "the broker blocks publishing; requeued untouched".into(),
+        });
+    }
+    if !ensure_session(lane, span).await {
+        return Ok(Outcome::NotAttempted {
+            why: "no SMTP session to the relay; requeued untouched".into(),
+        });
+    }
+    lane.pacer.wait_turn().await;
+    if !ctx.broker.fence_open() {
+        return Err(FenceClosed.into());
+    }
+    let settings = lane.relay.client.settings();
+    let send = span.child(
+        "smtp.send",
+        lane.relay.name(),
+        &settings.host,
+        settings.port,
+    );
+    let started = std::time::Instant::now();
+    let session = lane.session.as_mut().expect("a session is open");
+    let outcome = deliver::attempt(session.smtp(), message).await;
+    send.end(
+        outcome.smtp_code(),
+        matches!(outcome, Outcome::Delivered { .. }),
+        outcome.reply(),
+    );
+    let took = started.elapsed();
+    lane.sending += took;
+    ctx.metrics
+        .send_seconds(lane.relay.name(), took.as_secs_f64());
+    if !session.smtp().is_usable() {
+        // A timeout or a broken connection: nothing said on it can be trusted.
+        lane.session = None;
+    }
+    Ok(outcome)
+}
+
+/// Make sure the lane has a usable session with room for one more message.
+async fn ensure_session(lane: &mut Lane<'_>, span: &DeliverSpan) -> bool {
+    let settings = lane.relay.client.settings();
+    let reusable = lane.session.as_mut().is_some_and(|s| {
+        let smtp = s.smtp();
+        smtp.is_usable() && smtp.sent() < settings.max_messages_per_connection
+    });
+    if reusable {
+        return true;
+    }
+    if let Some(old) = lane.session.take() {
+        old.close().await;
+    }
+    let connect = span.child(
+        "smtp.connect",
+        lane.relay.name(),
+        &settings.host,
+        settings.port,
+    );
+    let opened = lane.open_session().await;
+    connect.end(None, opened, "cannot open an SMTP session");
+    opened
+}
+
+fn log(outcome: &Outcome, job_id: &str, relay: &str) {
+    match outcome {
+        Outcome::Delivered { .. } => tracing::debug!(job.id = job_id, relay, "delivered"),
+        Outcome::Invalid { .. } => {}
+        other => tracing::info!(
+            job.id = job_id,
+            relay,
+            code = other.smtp_code(),
+            reply = other.reply(),
+            "not delivered"
+        ),
+    }
+}
