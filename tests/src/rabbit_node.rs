@@ -387,6 +387,24 @@ impl RabbitCluster {
         self.nodes.iter().position(|n| n.name == leader)
     }
 
+    /// Which nodes hold a replica of quorum queue `queue`, by index (empty when no live
+    /// node can tell).
+    pub fn quorum_members(&self, queue: &str) -> Vec<usize> {
+        let Some(node) = self.live_node() else {
+            return Vec::new();
+        };
+        let output = node.queues(&["quorum_status", queue, "--formatter", "json"]);
+        let members: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_default();
+        members
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["Node Name"].as_str())
+            .filter_map(|name| self.nodes.iter().position(|n| n.name == name))
+            .collect()
+    }
+
     /// Wait (polling) until a live node leads `queue`; `None` after `timeout`.
     pub fn await_quorum_leader(&self, queue: &str, timeout: Duration) -> Option<usize> {
         let deadline = Instant::now() + timeout;
