@@ -99,11 +99,19 @@ impl RabbitNode {
     fn await_started(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.server.as_mut().and_then(|s| s.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|s| s.try_wait().ok().flatten())
+            {
                 self.fail_start(&format!("rabbitmq-server exited with {status}"));
             }
             // Fails at once while the node is not yet registered with epmd, hence the loop.
-            if self.ctl(&["await_startup", "--timeout", "10"]).status.success() {
+            if self
+                .ctl(&["await_startup", "--timeout", "10"])
+                .status
+                .success()
+            {
                 break;
             }
             if Instant::now() >= deadline {
@@ -126,7 +134,7 @@ impl RabbitNode {
 
     fn fail_start(&mut self, why: &str) -> ! {
         let logs = self.log_tail(40);
-        self.kill();
+        self.kill_vm();
         panic!("RabbitMQ node {} did not start: {why}\n{logs}", self.name);
     }
 
@@ -187,6 +195,14 @@ impl RabbitNode {
     /// SIGKILL the Erlang VM, as a crash or an OOM kill would: no clean shutdown, no
     /// goodbye to the cluster peers. Returns once the VM is gone.
     pub fn kill(&mut self) {
+        if let Some(pid) = self.kill_vm() {
+            panic!("the Erlang VM {pid} of {} survived SIGKILL", self.name);
+        }
+    }
+
+    /// SIGKILL the server's process group and the VM; the VM's pid if it is still alive
+    /// 10 s later (never panics, for `Drop`).
+    fn kill_vm(&mut self) -> Option<u32> {
         let beam_pid = self.beam_pid.take();
         if let Some(mut server) = self.server.take() {
             // The whole group (script and VM), then the VM by pid in case it left the group.
@@ -203,13 +219,12 @@ impl RabbitNode {
             let _ = server.kill();
             let _ = server.wait();
         }
-        if let Some(pid) = beam_pid {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while process_alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            assert!(!process_alive(pid), "the Erlang VM {pid} survived SIGKILL");
+        let pid = beam_pid?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
+        process_alive(pid).then_some(pid)
     }
 
     /// Stop the node cleanly (`rabbitmqctl stop`), killing it if it takes more than 30 s.
@@ -269,7 +284,7 @@ impl RabbitNode {
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
-        self.kill();
+        self.kill_vm();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -394,8 +409,7 @@ impl RabbitCluster {
             return Vec::new();
         };
         let output = node.queues(&["quorum_status", queue, "--formatter", "json"]);
-        let members: serde_json::Value =
-            serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let members: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         members
             .as_array()
             .into_iter()

@@ -34,7 +34,10 @@ async fn a_memory_alarm_blocks_publishers_until_it_is_lifted() {
     let mut events = Box::pin(connection.events_listener());
     let channel = confirming_channel(&connection).await;
     declare(&channel, "alarm", FieldTable::default()).await;
-    assert!(publish(&channel, "alarm", b"before").await, "first publish not confirmed");
+    assert!(
+        publish(&channel, "alarm", b"before").await,
+        "first publish not confirmed"
+    );
 
     tokio::task::block_in_place(|| node.set_memory_high_watermark(0.000_000_1));
     let mut pending = Box::pin(publish(&channel, "alarm", b"during"));
@@ -70,11 +73,17 @@ async fn a_quorum_queue_survives_the_loss_of_its_leader() {
     let connection = connect(&cluster.urls()[0]).await;
     let channel = confirming_channel(&connection).await;
     let mut quorum = FieldTable::default();
-    quorum.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     declare(&channel, queue, quorum).await;
     for i in 0..10 {
         let body = format!("job-{i}");
-        assert!(publish(&channel, queue, body.as_bytes()).await, "job-{i} not confirmed");
+        assert!(
+            publish(&channel, queue, body.as_bytes()).await,
+            "job-{i} not confirmed"
+        );
     }
     let leader = tokio::task::block_in_place(|| cluster.await_quorum_leader(queue, PROMPTLY))
         .expect("the quorum queue has a leader");
@@ -85,10 +94,9 @@ async fn a_quorum_queue_survives_the_loss_of_its_leader() {
 
     let killed = Instant::now();
     tokio::task::block_in_place(|| cluster.kill(leader));
-    let new_leader = tokio::task::block_in_place(|| {
-        cluster.await_quorum_leader(queue, Duration::from_secs(30))
-    })
-    .expect("a new leader within 30 s");
+    let new_leader =
+        tokio::task::block_in_place(|| cluster.await_quorum_leader(queue, Duration::from_secs(30)))
+            .expect("a new leader within 30 s");
     eprintln!(
         "leader {leader} killed, node {new_leader} leads after {:?}",
         killed.elapsed()
@@ -110,7 +118,10 @@ async fn a_quorum_queue_survives_the_loss_of_its_leader() {
     }
     let expected: Vec<String> = (0..10).map(|i| format!("job-{i}")).collect();
     assert_eq!(bodies, expected, "messages intact and in order");
-    assert!(publish(&channel, queue, b"after").await, "publish after failover");
+    assert!(
+        publish(&channel, queue, b"after").await,
+        "publish after failover"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +135,10 @@ async fn a_cut_proxy_swallows_traffic_without_closing_the_connection() {
     let mut events = Box::pin(connection.events_listener());
     let channel = confirming_channel(&connection).await;
     declare(&channel, "cut", FieldTable::default()).await;
-    assert!(publish(&channel, "cut", b"forwarded").await, "no confirm through the proxy");
+    assert!(
+        publish(&channel, "cut", b"forwarded").await,
+        "no confirm through the proxy"
+    );
 
     proxy.cut();
     assert!(
@@ -150,7 +164,10 @@ async fn a_cut_proxy_swallows_traffic_without_closing_the_connection() {
     proxy.restore();
     let fresh = connect(&via_proxy).await;
     let channel = confirming_channel(&fresh).await;
-    assert!(publish(&channel, "cut", b"restored").await, "no confirm after restore");
+    assert!(
+        publish(&channel, "cut", b"restored").await,
+        "no confirm after restore"
+    );
 
     proxy.close_all();
     assert!(
