@@ -291,6 +291,10 @@ impl Drop for RabbitNode {
 
 /// Several private nodes with one cookie, joined into one cluster (nodes 2..n joined to
 /// node 1), for quorum queues and the loss of a node.
+///
+/// A quorum queue gets `quorum_cluster_size` replicas (3 by default on 3.10, so one on
+/// every node of a 3-node cluster; a larger cluster still gets 3 unless the queue sets
+/// `x-quorum-initial-group-size`).
 pub struct RabbitCluster {
     nodes: Vec<RabbitNode>,
     down: Vec<bool>,
