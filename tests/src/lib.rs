@@ -6,11 +6,15 @@
 //! - [`aiosmtpd`] and [`tls`]: a TLS/AUTH SMTP server and throwaway certificates for it.
 //! - [`scripted_smtp`]: our own scriptable SMTP server for fault injection.
 //! - [`otlp_receiver`]: an OTLP (gRPC and HTTP) receiver recording spans and metrics.
+//! - [`rabbit_node`]: private RabbitMQ nodes and clusters to crash, alarm and partition.
+//! - [`tcp_proxy`]: a loopback TCP proxy whose traffic a test can cut.
 
 pub mod aiosmtpd;
 pub mod broker;
 pub mod otlp_receiver;
 pub mod processes;
+pub mod rabbit_node;
 pub mod scripted_smtp;
 pub mod smtp_sink;
+pub mod tcp_proxy;
 pub mod tls;

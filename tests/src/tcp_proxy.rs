@@ -1,0 +1,116 @@
+//! A loopback TCP proxy the test controls, to partition one client from its upstream.
+//!
+//! A partitioned network does not close sockets: bytes simply stop arriving, and only
+//! heartbeats or timeouts tell. `cut()` does that to every open connection (and accepts new
+//! ones into the same black hole), so a worker can lose its broker while its SMTP relay,
+//! reached directly, stays up.
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the test has asked for so far; connections compare it with what they started under.
+#[derive(Clone, Copy, Default)]
+struct Control {
+    /// Forwarding is cut: open connections go silent, new ones go nowhere.
+    cut: bool,
+    /// How many times `close_all` was called.
+    resets: u64,
+}
+
+/// A proxy on `127.0.0.1:<random port>` forwarding to one upstream address. Dropping it
+/// closes the listener and every connection it holds.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    control: watch::Sender<Control>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Listen on 127.0.0.1 (port 0) and forward each accepted connection to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("proxy address");
+        let (control, _) = watch::channel(Control::default());
+        let accept = tokio::spawn(accept_loop(listener, upstream, control.subscribe()));
+        Self {
+            addr,
+            control,
+            accept,
+        }
+    }
+
+    /// Where clients connect instead of the upstream.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Black-hole every open connection in both directions without closing any socket,
+    /// and accept new connections without forwarding them anywhere.
+    pub fn cut(&self) {
+        self.control.send_modify(|c| c.cut = true);
+    }
+
+    /// Forward new connections again; connections cut before stay silent.
+    pub fn restore(&self) {
+        self.control.send_modify(|c| c.cut = false);
+    }
+
+    /// Reset (RST) every connection open now, forwarding or cut.
+    pub fn close_all(&self) {
+        self.control.send_modify(|c| c.resets += 1);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        // Connection tasks end when the control sender goes away with `self`.
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    control: watch::Receiver<Control>,
+) {
+    while let Ok((client, _)) = listener.accept().await {
+        tokio::spawn(relay(client, upstream, control.clone()));
+    }
+}
+
+/// One client connection: forward until cut, then hold both sockets silently until
+/// `close_all` or the proxy's drop.
+async fn relay(mut client: TcpStream, upstream: SocketAddr, mut control: watch::Receiver<Control>) {
+    let at_start = *control.borrow_and_update();
+    let reset_or_gone = |c: &Control| c.resets != at_start.resets;
+    let mut held_server = None;
+    if !at_start.cut {
+        let Ok(mut server) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        tokio::select! {
+            // Bytes read but not yet written when the cut comes are dropped with this future.
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+            _ = control.wait_for(|c| c.cut || reset_or_gone(c)) => {}
+        }
+        held_server = Some(server);
+    }
+    // Silent: nothing is read or written, the sockets stay open. A dropped proxy (the
+    // sender gone) ends the wait with an error, which closes them too.
+    let _ = control.wait_for(reset_or_gone).await;
+    // Closed with RST rather than FIN, as `close_all` promises.
+    let _ = client.set_zero_linger();
+    if let Some(server) = &held_server {
+        let _ = server.set_zero_linger();
+    }
+}
