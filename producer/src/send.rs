@@ -38,7 +38,7 @@ pub const SUMMARY_KIND: &str = "campaign-summary";
 /// Header of the summary message: the number of jobs published.
 pub const EXPECTED_HEADER: &str = "x-sluice-expected";
 /// Messages published and not yet confirmed, at most.
-const CONFIRM_WINDOW: usize = 1000;
+pub const CONFIRM_WINDOW: usize = 1000;
 /// Read buffer of the recipients file.
 const READ_BUFFER: usize = 256 * 1024;
 

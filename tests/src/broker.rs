@@ -18,6 +18,8 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// other's queues. Its queues are deleted when it is dropped (best effort).
 pub struct TestNamespace {
     pub name: String,
+    /// The broker it lives on.
+    pub url: String,
     pub topology: Topology,
     pub connection: Connection,
     pub channel: Channel,
@@ -28,13 +30,20 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// A fresh namespace `t-<tag>-<random>`; declares the topology for `relays`.
     pub async fn new(tag: &str, relays: &[&str], retry_steps: usize) -> Self {
+        Self::new_at(AMQP_URL, tag, relays, retry_steps).await
+    }
+
+    /// [`TestNamespace::new`] on the broker at `url` (a private node or cluster).
+    pub async fn new_at(url: &str, tag: &str, relays: &[&str], retry_steps: usize) -> Self {
         let name = format!(
             "t-{tag}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
-            .expect("RabbitMQ must run at 127.0.0.1:5672 (see README: the test command starts it)");
+            .unwrap_or_else(|e| {
+                panic!("RabbitMQ must answer at {url} (the test command starts the machine's broker): {e}")
+            });
         let channel = connection.create_channel().await.expect("channel");
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -47,6 +56,7 @@ impl TestNamespace {
             .expect("declare topology");
         Self {
             name,
+            url: url.to_string(),
             topology,
             connection,
             channel,
@@ -223,13 +233,14 @@ impl Drop for TestNamespace {
             }
         }
         // Best effort, from a plain thread: Drop cannot await.
+        let url = self.url.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .ok()?;
             runtime.block_on(async {
-                let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                let connection = Connection::connect(&url, ConnectionProperties::default())
                     .await
                     .ok()?;
                 for queue in queues {

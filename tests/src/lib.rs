@@ -6,11 +6,13 @@
 //! - [`aiosmtpd`] and [`tls`]: a TLS/AUTH SMTP server and throwaway certificates for it.
 //! - [`scripted_smtp`]: our own scriptable SMTP server for fault injection.
 //! - [`otlp_receiver`]: an OTLP (gRPC and HTTP) receiver recording spans and metrics.
+//! - [`http`]: one plain HTTP GET for the worker's endpoints.
 //! - [`rabbit_node`]: private RabbitMQ nodes and clusters to crash, alarm and partition.
 //! - [`tcp_proxy`]: a loopback TCP proxy whose traffic a test can cut.
 
 pub mod aiosmtpd;
 pub mod broker;
+pub mod http;
 pub mod otlp_receiver;
 pub mod processes;
 pub mod rabbit_node;

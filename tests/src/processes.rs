@@ -51,9 +51,18 @@ impl Drop for ConfigFile {
 
 /// The usual test config: one namespace, relays given as `(name, port, extra TOML lines)`.
 pub fn config_toml(namespace: &str, relays: &[(&str, u16, &str)], retry_delays: &[&str]) -> String {
+    config_toml_at(crate::broker::AMQP_URL, namespace, relays, retry_delays)
+}
+
+/// [`config_toml`] for a broker at `url` (a private node, a cluster, a proxy).
+pub fn config_toml_at(
+    url: &str,
+    namespace: &str,
+    relays: &[(&str, u16, &str)],
+    retry_delays: &[&str],
+) -> String {
     let mut toml = format!(
-        "[amqp]\nurl = \"{}\"\nnamespace = \"{namespace}\"\n\n[retry]\ndelays = [{}]\n",
-        crate::broker::AMQP_URL,
+        "[amqp]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\n[retry]\ndelays = [{}]\n",
         retry_delays
             .iter()
             .map(|d| format!("\"{d}\""))

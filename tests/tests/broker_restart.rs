@@ -97,20 +97,6 @@ async fn publish_job(ns: &TestNamespace, id: &str, to: &str) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// The status code of `GET http://{addr}{path}`, `None` when nothing answers.
-async fn status_of(addr: &str, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "stops the shared broker: deploy/test.sh runs it alone after the main suite"]
@@ -127,7 +113,7 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() {
 
     let ready = |want: u16| {
         let listen = listen.clone();
-        async move { status_of(&listen, "/readyz").await == Some(want) }
+        async move { sluice_tests::http::status(&listen, "/readyz").await == Some(want) }
     };
     assert!(
         eventually(Duration::from_secs(30), || ready(200)).await,
@@ -138,10 +124,10 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() {
     assert!(
         eventually(Duration::from_secs(30), || ready(503)).await,
         "/readyz still answers {:?} with the broker stopped",
-        status_of(&listen, "/readyz").await
+        sluice_tests::http::status(&listen, "/readyz").await
     );
     assert_eq!(
-        status_of(&listen, "/healthz").await,
+        sluice_tests::http::status(&listen, "/healthz").await,
         Some(200),
         "the worker is alive while it waits for the broker"
     );

@@ -29,21 +29,6 @@ fn manifest_env(namespace: &str, smtp_port: u16, listen_port: u16) -> Vec<(Strin
     .collect()
 }
 
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on_sigterm() {
@@ -62,14 +47,14 @@ async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on
 
     assert!(
         eventually(Duration::from_secs(20), || async {
-            http_status(listen, "/healthz").await == Some(200)
+            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/healthz").await == Some(200)
         })
         .await,
         "/healthz never answered"
     );
     assert!(
         eventually(Duration::from_secs(20), || async {
-            http_status(listen, "/readyz").await == Some(200)
+            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/readyz").await == Some(200)
         })
         .await,
         "/readyz never became ready"

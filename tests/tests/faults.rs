@@ -168,12 +168,13 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     }
     assert_eq!(per_id.len(), 600, "every job delivered");
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
-    // The killed worker held at most 4 lanes' windows unacknowledged.
-    let held = 4 * usize::from(sluice_worker::lane::MAX_LANE_WINDOW);
+    // The design's bound: per open session of the killed worker, the settled jobs whose
+    // batched ack had not gone out, plus the one being sent.
+    let bound = 4 * sluice_worker::settle::MAX_REPEATED_PER_SESSION;
     assert!(
-        duplicates <= held,
-        "{duplicates} duplicates: more than the killed worker held (4 lanes x {} prefetch)",
-        sluice_worker::lane::MAX_LANE_WINDOW
+        duplicates <= bound,
+        "{duplicates} duplicates: more than 4 sessions x {} (ack batch + in flight)",
+        sluice_worker::settle::MAX_REPEATED_PER_SESSION
     );
 }
 

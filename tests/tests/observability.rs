@@ -302,21 +302,6 @@ async fn a_job_from_another_service_continues_its_trace() {
     smtp.shutdown().await;
 }
 
-/// GET `path` from `addr`: (status, body).
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
 
 /// The value of `series` (name and labels, exactly as exposed) in a scrape.
 fn sample(scrape: &str, series: &str) -> Option<f64> {
@@ -392,7 +377,7 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
         events.seen
     );
 
-    let (code, scrape) = http_get(&listen, "/metrics")
+    let (code, scrape) = sluice_tests::http::get(&listen, "/metrics")
         .await
         .expect("scrape /metrics");
     assert_eq!(code, 200);

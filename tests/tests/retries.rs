@@ -109,7 +109,14 @@ async fn a_550_bounces_once_and_is_never_retried() {
         .unwrap_or("")
         .contains("no such user"));
     assert_eq!(smtp.rcpt_attempts("gone-0@example.org"), 1);
-    assert_eq!(ns.queue_len(&ns.topology.dead_queue("primary")).await, 0);
+    // Kept for a replay after a misclassification, marked as a bounce.
+    let kept = ns.drain(&ns.topology.dead_queue("primary")).await;
+    assert_eq!(kept.len(), 1);
+    let headers = kept[0].properties.headers().as_ref();
+    assert_eq!(
+        sluice_shared::headers::get_str(headers, sluice_shared::headers::REASON).as_deref(),
+        Some("bounced")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@
 //!   `/readyz` and in `sluice_broker_blocked`, and its lanes close their SMTP sessions and
 //!   give back their slots until the broker unblocks it: nobody holds a relay's budget
 //!   while they cannot settle.
-//! - **The pulse and the fence.** A round trip on the consume connection every quarter of
+//! - **The pulse and the fence.** A round trip on the consume connection every eighth of
 //!   the heartbeat interval. The fence is open while the last answer is younger than half
 //!   the heartbeat: a lane starts no SMTP transaction through a closed fence, and the
 //!   worker drops every session and reconnects once it closes. The broker frees a silent
@@ -208,7 +208,7 @@ impl Fence {
     }
 }
 
-/// A round trip on the consume connection every quarter heartbeat; reports the connection
+/// A round trip on the consume connection every eighth of the heartbeat; reports the connection
 /// lost when the fence closes or either connection breaks.
 async fn pulse(
     channel: lapin::Channel,
@@ -218,7 +218,7 @@ async fn pulse(
     heartbeat: Duration,
     lost: watch::Sender<Option<String>>,
 ) {
-    let every = (heartbeat / 4).max(Duration::from_millis(100));
+    let every = (heartbeat / 8).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
         if !consume.status().connected() || !publish.status().connected() {

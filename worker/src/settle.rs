@@ -172,6 +172,11 @@ pub enum SettleError {
 /// At most this many settled deliveries wait for their (one, `multiple`) ack.
 pub const ACK_BATCH: usize = 16;
 
+/// The most jobs one SMTP session can send twice when its worker dies or loses the broker:
+/// the settled deliveries whose batched ack had not gone out (a lane's batches add up to at
+/// most [`ACK_BATCH`], whatever queues it consumes), plus the one being sent.
+pub const MAX_REPEATED_PER_SESSION: usize = ACK_BATCH + 1;
+
 /// Nor does a settled delivery wait longer than this for its ack (a rate-limited lane
 /// settles slowly): it bounds what a crash repeats on a slow lane.
 pub const ACK_LINGER: Duration = Duration::from_millis(100);
