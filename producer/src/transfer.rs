@@ -1,11 +1,11 @@
 //! Moving messages between queues, or round one queue, without losing one: each copy is
 //! published with a confirm, and its original acknowledged only once that copy is confirmed.
 //!
-//! One message at a time: an interruption (a crash, a lost connection) can therefore leave
-//! at most one message in two places, never in none. Nothing is ever returned to a queue
-//! (no nack, no requeue, no channel closed with a message unacknowledged while its copy is
-//! confirmed... except that one), so a quorum queue's `x-delivery-count` never grows and a
-//! delivery limit is never approached.
+//! One message at a time: an interruption (a crash, a lost connection) can leave at most
+//! one message in two places, never in none. No message is handed back to its queue (no
+//! nack, no requeue) in the normal course, so a quorum queue's `x-delivery-count` does not
+//! grow and a delivery limit is never approached; only the one message in flight when an
+//! interruption closes the channel goes back.
 
 use anyhow::Context as _;
 use lapin::message::Delivery;
@@ -79,8 +79,8 @@ impl Transfer {
             .await
             .with_context(|| format!("no confirm from the broker for {routing_key}"))?;
         match confirmation {
-            lapin::publisher_confirm::Confirmation::Ack(None) => {}
-            lapin::publisher_confirm::Confirmation::Ack(Some(_)) => anyhow::bail!(
+            lapin::Confirmation::Ack(None) => {}
+            lapin::Confirmation::Ack(Some(_)) => anyhow::bail!(
                 "the broker could not route a copy to {routing_key} (queue or binding missing)"
             ),
             other => anyhow::bail!("the broker refused a copy for {routing_key}: {other:?}"),
@@ -98,8 +98,13 @@ impl Transfer {
 
     /// Acknowledge (remove) `original` without a copy.
     pub async fn ack(&self, original: &Delivery) -> anyhow::Result<()> {
+        self.ack_tag(original.delivery_tag).await
+    }
+
+    /// Acknowledge the message taken with `delivery_tag`, whose copy was confirmed elsewhere.
+    pub async fn ack_tag(&self, delivery_tag: u64) -> anyhow::Result<()> {
         self.take
-            .basic_ack(original.delivery_tag, BasicAckOptions::default())
+            .basic_ack(delivery_tag, BasicAckOptions::default())
             .await
             .context("cannot acknowledge a message")
     }

@@ -17,7 +17,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// The names of everything in one namespace, and the code that declares them.
 #[derive(Debug, Clone)]
@@ -165,6 +165,45 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether `spec`'s queue exists and, if it does, has exactly the arguments this
+    /// version declares: a mismatch is a [`TopologyError::Mismatch`]. Creates nothing;
+    /// uses channels of its own, since the broker closes a channel on either answer.
+    pub async fn check_queue(
+        &self,
+        connection: &Connection,
+        spec: &QueueSpec,
+    ) -> Result<QueueState, TopologyError> {
+        let channel = connection.create_channel().await?;
+        let passive = channel
+            .queue_declare(
+                spec.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "checked".into()).await;
+        let messages = match passive {
+            Ok(declared) => declared.message_count(),
+            Err(e) if e.to_string().contains("NOT_FOUND") => return Ok(QueueState::Absent),
+            Err(e) => return Err(e.into()),
+        };
+        // Redeclaring an existing queue with the same arguments changes nothing.
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                spec.name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                spec.arguments.clone(),
+            )
+            .await
+            .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(QueueState::Matches { messages })
+    }
+
     /// Declare (idempotently) the exchanges jobs, dead letters and events go through.
     pub async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions {
@@ -230,6 +269,15 @@ pub struct QueueSpec {
     pub name: String,
     pub arguments: FieldTable,
     pub binding: Option<(String, String)>,
+}
+
+/// What [`Topology::check_queue`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// No such queue.
+    Absent,
+    /// The queue exists as declared, holding this many ready messages.
+    Matches { messages: u32 },
 }
 
 /// The command that recreates queues left by an older sluice; every message names it.
