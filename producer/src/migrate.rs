@@ -298,24 +298,33 @@ async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
 }
 
 /// Delete an emptied queue; one that is not empty (something published meanwhile) is an
-/// error, and the next run moves what arrived.
+/// error, and the next run moves what arrived. (Quorum queues refuse `if-empty` on
+/// RabbitMQ 3.10 with a connection error, so the count is checked first.)
 async fn delete(connection: &Connection, queue: &str) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
-    channel
-        .queue_delete(
+    let declared = channel
+        .queue_declare(
             queue.into(),
-            QueueDeleteOptions {
-                if_empty: true,
-                ..QueueDeleteOptions::default()
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
             },
+            FieldTable::default(),
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot delete {queue} (messages arrived while it was emptied: stop every \
-                 worker and publisher, then run migrate-queues again)"
-            )
-        })?;
+        .with_context(|| format!("cannot inspect {queue}"))?;
+    if declared.message_count() > 0 || declared.consumer_count() > 0 {
+        anyhow::bail!(
+            "{queue} is not idle ({} messages arrived, {} consumers): stop every worker and \
+             publisher, then run migrate-queues again",
+            declared.message_count(),
+            declared.consumer_count()
+        );
+    }
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .with_context(|| format!("cannot delete {queue}"))?;
     let _ = channel.close(200, "deleted".into()).await;
     Ok(())
 }
