@@ -70,7 +70,10 @@ pub async fn run(settings: &Settings, args: MigrateArgs) -> anyhow::Result<Statu
     let topology = Topology::new(settings.amqp.namespace.clone());
     let connection = settings
         .amqp
-        .connect_with_backoff("sluice-producer migrate-queues", std::time::Duration::from_secs(30))
+        .connect_with_backoff(
+            "sluice-producer migrate-queues",
+            std::time::Duration::from_secs(30),
+        )
         .await?;
     let channel = connection
         .create_channel()
@@ -109,7 +112,10 @@ async fn migrate_queue(
         Ok(QueueState::Matches { .. }) => {}
         Ok(QueueState::Absent) => declare(connection, topology, spec).await?,
         Err(TopologyError::Mismatch { difference, .. }) => {
-            eprintln!("{}: {difference}; moving its messages to {temporary}", spec.name);
+            eprintln!(
+                "{}: {difference}; moving its messages to {temporary}",
+                spec.name
+            );
             declare_temporary(connection, &temporary, spec).await?;
             let moved = move_all(connection, &spec.name, &temporary, stash_expiration).await?;
             eprintln!("{}: {moved} messages kept in {temporary}", spec.name);
@@ -234,7 +240,10 @@ async fn declare_temporary(
 ) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     channel
         .queue_declare(temporary.into(), QueueDeclareOptions::durable(), args)
         .await

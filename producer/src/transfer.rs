@@ -9,9 +9,7 @@
 
 use anyhow::Context as _;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -139,7 +137,10 @@ mod tests {
     #[test]
     fn a_copy_keeps_everything_but_the_delivery_count() {
         let mut headers = FieldTable::default();
-        headers.insert("x-sluice-reason".into(), AMQPValue::LongString("bounced".into()));
+        headers.insert(
+            "x-sluice-reason".into(),
+            AMQPValue::LongString("bounced".into()),
+        );
         headers.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
         let original = BasicProperties::default()
             .with_message_id("m1".into())

@@ -547,12 +547,14 @@ mod tests {
 
     #[test]
     fn several_urls_are_each_redacted_and_split() {
-        let url = SecretUrl::new(
-            "amqp://u:pw1@h1:5672/v, amqps://u:pw2@h2:5671/v,amqp://h3/v",
-        );
+        let url = SecretUrl::new("amqp://u:pw1@h1:5672/v, amqps://u:pw2@h2:5671/v,amqp://h3/v");
         assert_eq!(
             url.urls(),
-            ["amqp://u:pw1@h1:5672/v", "amqps://u:pw2@h2:5671/v", "amqp://h3/v"]
+            [
+                "amqp://u:pw1@h1:5672/v",
+                "amqps://u:pw2@h2:5671/v",
+                "amqp://h3/v"
+            ]
         );
         assert_eq!(
             url.redacted(),
@@ -565,10 +567,12 @@ mod tests {
     #[test]
     fn every_url_of_a_list_is_validated_and_the_bad_one_named() {
         let mut settings = Settings::default();
-        settings.amqp.url =
-            SecretUrl::new("amqp://u:pw1@h1:5672/v,http://u:pw2@h2:5672/v");
+        settings.amqp.url = SecretUrl::new("amqp://u:pw1@h1:5672/v,http://u:pw2@h2:5672/v");
         let e = settings.validate().unwrap_err().to_string();
-        assert!(e.contains("URL 2 of 2") && e.contains("http://u:***@h2"), "{e}");
+        assert!(
+            e.contains("URL 2 of 2") && e.contains("http://u:***@h2"),
+            "{e}"
+        );
         assert!(!e.contains("pw1") && !e.contains("pw2"), "{e}");
         settings.amqp.url = SecretUrl::new("amqp://u:pw1@h1:5672/v,");
         let e = settings.validate().unwrap_err().to_string();

@@ -27,8 +27,17 @@ async fn a_node_that_does_not_answer_is_skipped_and_no_password_is_printed() {
         let campaign = env.campaign(&format!("urls{i}"));
         runs.push(env.run_with_env(
             &[
-                "send", "--recipients", &recipients, "--from", "news@example.com",
-                "--subject", "Hi", "--text", &text, "--campaign", &campaign,
+                "send",
+                "--recipients",
+                &recipients,
+                "--from",
+                "news@example.com",
+                "--subject",
+                "Hi",
+                "--text",
+                &text,
+                "--campaign",
+                &campaign,
             ],
             &env_vars,
         ));
@@ -47,12 +56,13 @@ async fn a_node_that_does_not_answer_is_skipped_and_no_password_is_printed() {
     let none = format!(
         "amqp://guest:Cl0sedNodePw@127.0.0.1:{closed}/%2f,amqp://guest:OtherPw@127.0.0.1:{closed}/v"
     );
-    let refused = env.run_with_env(
-        &["dead", "list"],
-        &[("SLUICE__AMQP__URL", none.as_str())],
-    );
+    let refused = env.run_with_env(&["dead", "list"], &[("SLUICE__AMQP__URL", none.as_str())]);
     assert_ne!(refused.code, Some(0));
-    assert!(refused.stderr.contains("guest:***@127.0.0.1"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("guest:***@127.0.0.1"),
+        "{}",
+        refused.stderr
+    );
     assert!(
         !refused.stderr.contains("Cl0sedNodePw") && !refused.stderr.contains("OtherPw"),
         "{}",

@@ -20,7 +20,12 @@ async fn declare_old_topology(env: &ProducerEnv) {
     let t = &env.ns.topology;
     let channel = env.ns.connection.create_channel().await.expect("channel");
     let mut queues = vec![
-        (t.jobs_queue("primary"), "quorum", Some(t.dead_exchange()), None),
+        (
+            t.jobs_queue("primary"),
+            "quorum",
+            Some(t.dead_exchange()),
+            None,
+        ),
         (t.dead_queue("primary"), "classic", None, None),
     ];
     for step in 1..=2 {
@@ -69,7 +74,11 @@ async fn declare_old_topology(env: &ProducerEnv) {
 fn props(id: &str, reason: &str) -> BasicProperties {
     let mut table = FieldTable::default();
     headers::set_str(&mut table, headers::REASON, reason);
-    headers::set_str(&mut table, "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    headers::set_str(
+        &mut table,
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
     BasicProperties::default()
         .with_message_id(id.into())
         .with_content_type("application/json".into())
@@ -94,8 +103,12 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
         env.put(&jobs, id.as_bytes(), props(id, "none")).await;
     }
     for id in ["r-1", "r-2"] {
-        env.put(&retry1, id.as_bytes(), props(id, "deferred").with_expiration("600000".into()))
-            .await;
+        env.put(
+            &retry1,
+            id.as_bytes(),
+            props(id, "deferred").with_expiration("600000".into()),
+        )
+        .await;
     }
     // An earlier run was interrupted half-way through the dead queue: d-1 already sits in
     // the temporary queue, d-2 still in the old classic queue.
@@ -104,7 +117,11 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     let mut quorum = FieldTable::default();
     quorum.insert("x-queue-type".into(), long("quorum"));
     channel
-        .queue_declare(temporary.as_str().into(), QueueDeclareOptions::durable(), quorum)
+        .queue_declare(
+            temporary.as_str().into(),
+            QueueDeclareOptions::durable(),
+            quorum,
+        )
         .await
         .expect("temporary queue");
     env.put(&temporary, b"d-1", props("d-1", "bounced")).await;
@@ -118,19 +135,30 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     refused.expect_code(1);
     assert!(
         refused.stderr.contains(&dead)
-            && refused.stderr.contains("is a classic queue, sluice now needs quorum")
+            && refused
+                .stderr
+                .contains("is a classic queue, sluice now needs quorum")
             && refused.stderr.contains("sluice-producer migrate-queues"),
         "{}",
         refused.stderr
     );
     migrated.expect_code(0);
-    assert_eq!(migrated.last_line(), "migrated 4 queues", "{}", migrated.stderr);
+    assert_eq!(
+        migrated.last_line(),
+        "migrated 4 queues",
+        "{}",
+        migrated.stderr
+    );
     assert_eq!(again.expect_code(0).last_line(), "migrated 0 queues");
     listed.expect_code(0);
     assert!(!env.queue_exists(&temporary).await);
     for spec in t.job_queues(&["primary"], 2) {
         let state = t.check_queue(&env.ns.connection, &spec).await;
-        assert!(matches!(state, Ok(QueueState::Matches { .. })), "{}: {state:?}", spec.name);
+        assert!(
+            matches!(state, Ok(QueueState::Matches { .. })),
+            "{}: {state:?}",
+            spec.name
+        );
     }
     let moved = ids_of(&env, &jobs).await;
     let ids: Vec<String> = moved.iter().map(|m| m.message_id().unwrap()).collect();
@@ -142,9 +170,15 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     let ids: Vec<String> = waiting.iter().map(|m| m.message_id().unwrap()).collect();
     assert_eq!(ids, ["r-1", "r-2"]);
     for message in &waiting {
-        assert_eq!(message.properties.expiration().as_ref().map(|e| e.as_str()), Some("600000"));
+        assert_eq!(
+            message.properties.expiration().as_ref().map(|e| e.as_str()),
+            Some("600000")
+        );
         assert_eq!(message.header("x-sluice-migrated-expiration"), None);
-        assert_eq!(message.header("x-sluice-reason").as_deref(), Some("deferred"));
+        assert_eq!(
+            message.header("x-sluice-reason").as_deref(),
+            Some("deferred")
+        );
     }
     let dead_left = ids_of(&env, &dead).await;
     let ids: Vec<String> = dead_left.iter().map(|m| m.message_id().unwrap()).collect();

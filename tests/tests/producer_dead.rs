@@ -260,7 +260,13 @@ async fn list_filters_by_reason_and_campaign_and_keeps_the_queue_in_order() {
     let bounced = env.run(&["dead", "list", "--json", "--reason", "bounced"]);
     let autumn = env.run(&["dead", "list", "--json", "--campaign", "autumn"]);
     let both = env.run(&[
-        "dead", "list", "--json", "--reason", "bounced", "--campaign", "spring",
+        "dead",
+        "list",
+        "--json",
+        "--reason",
+        "bounced",
+        "--campaign",
+        "spring",
     ]);
     let default = env.run(&["dead", "list", "--json", "--campaign", "default"]);
 
@@ -286,7 +292,7 @@ async fn listing_again_and_again_counts_no_delivery_and_keeps_the_order() {
     for message in &left {
         // A quorum queue adds x-delivery-count to a message handed back before; none was.
         assert_eq!(message.header("x-delivery-count"), None);
-        assert_eq!(message.header("x-sluice-reason").is_some(), true);
+        assert!(message.header("x-sluice-reason").is_some());
         assert_eq!(message.header("traceparent").as_deref(), Some(TRACEPARENT));
     }
 }

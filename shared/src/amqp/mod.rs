@@ -213,7 +213,10 @@ mod tests {
         let urls = "amqp://a:first-pw@h1/v,amqp://b:second-pw@h2/v";
         let text = "h1 said amqp://a:first-pw@h1/v, then second-pw leaked";
         let masked = mask_secret(text, urls);
-        assert!(!masked.contains("first-pw") && !masked.contains("second-pw"), "{masked}");
+        assert!(
+            !masked.contains("first-pw") && !masked.contains("second-pw"),
+            "{masked}"
+        );
         assert!(masked.contains("amqp://a:***@h1/v"), "{masked}");
     }
 
@@ -235,7 +238,10 @@ mod tests {
         let text = e.to_string();
         assert!(!e.permanent);
         assert_eq!(text.matches("amqp://u:***@127.0.0.1:").count(), 4, "{text}");
-        assert!(!text.contains("first-pw") && !text.contains("second-pw"), "{text}");
+        assert!(
+            !text.contains("first-pw") && !text.contains("second-pw"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

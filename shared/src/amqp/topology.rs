@@ -408,5 +408,34 @@ mod tests {
         assert_eq!(t.dead_queue("primary"), "acme.dead.primary");
         assert_eq!(t.retry_queue("primary", 2), "acme.retry.primary.2");
         assert_eq!(t.events_exchange(), "acme.events");
+        assert_eq!(
+            t.migration_queue("acme.dead.primary"),
+            "acme.dead.primary.migrating"
+        );
+    }
+
+    #[test]
+    fn the_broker_s_inequivalence_becomes_what_differs() {
+        let cases = [
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received 'quorum' but current is 'classic'",
+                "is a classic queue, sluice now needs quorum",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-strategy' for queue 'q' in vhost '/': received the value 'at-least-once' of type 'longstr' but current is none",
+                "has no x-dead-letter-strategy, sluice now needs x-dead-letter-strategy = at-least-once",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(describe_inequivalence(text), expected);
+        }
+        let e = TopologyError::Mismatch {
+            queue: "acme.dead.primary".into(),
+            difference: "is a classic queue, sluice now needs quorum".into(),
+        };
+        assert!(e
+            .to_string()
+            .contains("acme.dead.primary is a classic queue"));
+        assert!(e.to_string().contains(MIGRATE_COMMAND));
     }
 }
