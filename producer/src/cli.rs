@@ -41,7 +41,30 @@ pub enum Command {
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Recreate the queues an older sluice declared differently (classic retry and dead
+    /// queues, jobs queues without at-least-once dead-lettering), keeping every message.
+    #[command(long_about = MIGRATE_ABOUT, after_help = EXIT_CODES)]
+    MigrateQueues(MigrateArgs),
 }
+
+/// The long help of `migrate-queues`: what it does and what to do when it is interrupted.
+const MIGRATE_ABOUT: &str = "\
+Recreate the queues an older sluice declared differently (classic retry and dead queues, jobs
+queues without at-least-once dead-lettering), keeping every message.
+
+Stop every worker first (and anything else that publishes to or consumes from the namespace):
+a queue is deleted and declared again while this runs.
+
+For each queue of the namespace that does not match what this version declares, it moves the
+messages, in order, with their properties and headers, to the temporary quorum queue
+<queue>.migrating (each copy confirmed by the broker before its original is removed), deletes
+the old queue, declares the new one and moves the messages back the same way, then deletes
+the temporary queue. Queues that already match are left alone. A message waiting in a retry
+step starts its delay again.
+
+If it is interrupted (Ctrl-C, a lost connection, a crash) at any point, nothing is lost: run it
+again with the same options and it completes the work, including queues left half-way (at
+most one message per queue may then exist twice).";
 
 /// `send`: a campaign from a recipients file and templates.
 #[derive(Debug, Args)]
@@ -118,16 +141,46 @@ pub struct WatchArgs {
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
     /// List dead jobs (id, recipient, reason, last SMTP reply, attempts) without removing
-    /// or reordering them.
+    /// or reordering them: every message of the queue is taken and put back at its tail
+    /// (confirmed before its original is removed), so the whole queue is read even with
+    /// --limit; an interrupted listing may leave one job twice in the queue.
     #[command(after_help = EXIT_CODES)]
     List(DeadListArgs),
     /// Publish dead jobs back to their relay's queue with a fresh attempt count; a job leaves
-    /// the dead queue only once the broker confirmed its copy.
+    /// the dead queue only once the broker confirmed its copy. A job id met twice is sent
+    /// once; the jobs not selected stay in place, in order.
     #[command(after_help = EXIT_CODES)]
     Replay(DeadReplayArgs),
-    /// Delete every dead job of the relay(s).
+    /// Delete the dead jobs of the relay(s): all of them, or those matching --reason and
+    /// --campaign (the others stay in place, in order).
     #[command(after_help = EXIT_CODES)]
     Purge(DeadPurgeArgs),
+}
+
+/// `migrate-queues`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Only this relay's queues (repeatable). Default: every configured relay (`primary`
+    /// when none is configured).
+    #[arg(long = "relay", value_name = "NAME")]
+    pub relays: Vec<String>,
+
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Which dead jobs, by why they died and by campaign; without either, all of them.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DeadFilter {
+    /// Only jobs dead for this reason (header x-sluice-reason), e.g. invalid,
+    /// "retries exhausted", bounced.
+    #[arg(long, value_name = "REASON")]
+    pub reason: Option<String>,
+
+    /// Only jobs of this campaign (the job's `campaign`; a job without one is `default`).
+    #[arg(long, value_name = "ID")]
+    pub campaign: Option<String>,
 }
 
 /// Which relays' dead queues.
@@ -144,6 +197,9 @@ pub struct RelayChoice {
 pub struct DeadListArgs {
     #[command(flatten)]
     pub relays: RelayChoice,
+
+    #[command(flatten)]
+    pub filter: DeadFilter,
 
     /// Show at most this many jobs per relay.
     #[arg(long, value_name = "N", default_value_t = 100,
@@ -162,6 +218,9 @@ pub struct DeadReplayArgs {
     #[command(flatten)]
     pub relays: RelayChoice,
 
+    #[command(flatten)]
+    pub filter: DeadFilter,
+
     /// Replay only the job with this id (repeatable). Default: every dead job.
     #[arg(long = "id", value_name = "ID")]
     pub ids: Vec<String>,
@@ -172,6 +231,9 @@ pub struct DeadReplayArgs {
 pub struct DeadPurgeArgs {
     #[command(flatten)]
     pub relays: RelayChoice,
+
+    #[command(flatten)]
+    pub filter: DeadFilter,
 
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(long)]

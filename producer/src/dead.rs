@@ -1,25 +1,42 @@
 //! `dead list | replay | purge`: the jobs that ended in a relay's dead-letter queue.
 //!
-//! Listing takes messages with `basic.get` without acknowledging them, then closes the
-//! channel so the broker puts them back where they were (the dead queues are classic queues
-//! for that reason: see `Topology::declare`). Replay acknowledges a dead job only after the
-//! broker confirmed its copy on the jobs exchange, so an interrupted replay loses nothing
-//! (at worst a job is replayed twice, which the worker recognises by id).
+//! Dead queues are quorum queues. Peeking at one by taking messages and handing them back
+//! (a get-and-requeue, or a consume closed without acks) would reorder it (RabbitMQ 3.10
+//! redelivers returned messages first) and count every peek in `x-delivery-count`
+//! (RabbitMQ 4.x drops a message past its default delivery limit of 20). So every command
+//! reads a dead queue by **rotation**: it notes the queue's message count N, takes those N
+//! messages one by one (manual ack), and for each one it keeps in the queue (all of them
+//! for `list`, the ones not selected for `replay` and `purge`) publishes a copy (same body,
+//! properties and headers) to the tail of the same queue, waits for the broker's confirm,
+//! and only then acknowledges the original. After N steps the kept messages are back in
+//! their order and no message was ever returned, so no delivery count grows.
+//!
+//! The one cost: an interruption between a confirmed copy and its original's ack leaves
+//! that one message twice in the dead queue (the copy at the tail, the original back at the
+//! head). Replay therefore sends a job id at most once per run, acknowledging the other
+//! copies. Replay acknowledges a dead job only after the broker confirmed its copy on the
+//! jobs exchange, so an interrupted replay loses nothing (at worst a job is replayed twice,
+//! which the worker recognises by id).
+//!
+//! `--reason` matches the header `x-sluice-reason` (`invalid`, `retries exhausted`,
+//! `bounced`); `--campaign` the job's `campaign` (`default` when it has none).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::Context as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::QueuePurgeOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use sluice_shared::amqp::topology::{QueueSpec, QueueState};
 use sluice_shared::headers;
 use sluice_shared::{Settings, Topology};
 
-use crate::cli::{DeadListArgs, DeadPurgeArgs, DeadReplayArgs, RelayChoice};
+use crate::cli::{DeadFilter, DeadListArgs, DeadPurgeArgs, DeadReplayArgs, RelayChoice};
 use crate::exit::{Status, UsageError};
 use crate::publish::{Outgoing, Publisher, Setup, PERSISTENT};
 use crate::send::DEFAULT_RELAY;
+use crate::transfer::Transfer;
 
 /// Replayed messages in flight (published, not yet confirmed), at most.
 const REPLAY_WINDOW: usize = 500;
@@ -66,6 +83,40 @@ impl DeadJob {
             smtp_reply: headers::get_str(found, headers::SMTP_REPLY),
             attempts: headers::get_int(found, headers::ATTEMPTS),
         }
+    }
+}
+
+/// The campaign of a job that names none, as in event routing keys.
+const DEFAULT_CAMPAIGN: &str = "default";
+
+impl DeadFilter {
+    /// Whether a dead job is one the filter selects.
+    pub fn matches(&self, job: &DeadJob) -> bool {
+        let reason_ok = self
+            .reason
+            .as_ref()
+            .is_none_or(|wanted| job.reason.as_deref() == Some(wanted.as_str()));
+        let campaign_ok = self.campaign.as_ref().is_none_or(|wanted| {
+            job.campaign.as_deref().unwrap_or(DEFAULT_CAMPAIGN) == wanted.as_str()
+        });
+        reason_ok && campaign_ok
+    }
+
+    /// Whether the filter selects every job.
+    pub fn is_empty(&self) -> bool {
+        self.reason.is_none() && self.campaign.is_none()
+    }
+
+    /// The filter in words, for a question or a summary.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(reason) = &self.reason {
+            parts.push(format!("reason {reason:?}"));
+        }
+        if let Some(campaign) = &self.campaign {
+            parts.push(format!("campaign {campaign:?}"));
+        }
+        parts.join(" and ")
     }
 }
 
@@ -130,32 +181,26 @@ fn is_history_header(name: &str) -> bool {
         || name == "x-delivery-count"
 }
 
-/// A relay's dead queue, if it exists: a channel on it and how many messages it holds.
-async fn open_dead_queue(
+/// How many messages a relay's dead queue holds, or `None` if it does not exist. A dead
+/// queue left by an older sluice (classic) is an error naming the migration command.
+async fn dead_queue_len(
     connection: &Connection,
-    queue: &str,
-) -> anyhow::Result<Option<(Channel, u32)>> {
-    let channel = connection
-        .create_channel()
+    topology: &Topology,
+    relay: &str,
+) -> anyhow::Result<Option<u32>> {
+    let spec: QueueSpec = topology
+        .job_queues(&[relay], 0)
+        .into_iter()
+        .find(|spec| spec.name == topology.dead_queue(relay))
+        .expect("every relay has a dead queue");
+    match topology
+        .check_queue(connection, &spec)
         .await
-        .context("cannot open a channel")?;
-    match channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
-        .await
+        .with_context(|| format!("cannot inspect {}", spec.name))?
     {
-        Ok(declared) => Ok(Some((channel, declared.message_count()))),
-        // 404: nothing was ever dead-lettered for this relay (the broker closed the channel).
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot inspect {queue}")),
+        QueueState::Absent => Ok(None),
+        QueueState::Matches { messages } => Ok(Some(messages)),
     }
-}
-
-fn is_not_found(error: &lapin::Error) -> bool {
-    error.to_string().contains("NOT_FOUND")
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<Connection> {
@@ -165,7 +210,8 @@ async fn connect(settings: &Settings) -> anyhow::Result<Connection> {
         .await?)
 }
 
-/// `dead list`.
+/// `dead list`: every message of the queue is rotated (see the module docs), so the queue
+/// ends as it began even with `--limit`.
 pub async fn list(settings: &Settings, args: DeadListArgs) -> anyhow::Result<Status> {
     let relays = chosen_relays(settings, &args.relays)?;
     let topology = Topology::new(settings.amqp.namespace.clone());
@@ -174,36 +220,31 @@ pub async fn list(settings: &Settings, args: DeadListArgs) -> anyhow::Result<Sta
     let mut more = Vec::new();
     for relay in &relays {
         let queue = topology.dead_queue(relay);
-        let Some((channel, count)) = open_dead_queue(&connection, &queue).await? else {
+        let Some(count) = dead_queue_len(&connection, &topology, relay).await? else {
             continue;
         };
-        let mut taken = 0u32;
-        while taken < args.limit {
-            let Some(message) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .with_context(|| format!("cannot read {queue}"))?
-            else {
+        let transfer = Transfer::open(&connection).await?;
+        let mut shown = 0u32;
+        let mut hidden = 0u32;
+        for _ in 0..count {
+            let Some(delivery) = transfer.take(&queue).await? else {
                 break;
             };
-            taken += 1;
-            let delivery = message.delivery;
-            jobs.push(DeadJob::describe(
-                relay,
-                &delivery.properties,
-                &delivery.data,
-            ));
+            let job = DeadJob::describe(relay, &delivery.properties, &delivery.data);
+            transfer.rotate(&delivery, &queue).await?;
+            if !args.filter.matches(&job) {
+                continue;
+            }
+            if shown < args.limit {
+                shown += 1;
+                jobs.push(job);
+            } else {
+                hidden += 1;
+            }
         }
-        // Never acknowledged: closing the channel puts every message back, in place.
-        channel
-            .close(200, "listed".into())
-            .await
-            .with_context(|| format!("cannot hand the listed messages back to {queue}"))?;
-        if count > taken {
-            more.push(format!(
-                "{relay}: {} more not shown (--limit)",
-                count - taken
-            ));
+        transfer.close().await;
+        if hidden > 0 {
+            more.push(format!("{relay}: {hidden} more not shown (--limit)"));
         }
     }
     let _ = connection.close(200, "done".into()).await;
@@ -280,19 +321,22 @@ fn write_table(out: &mut impl Write, jobs: &[DeadJob], terminal: bool) -> std::i
     Ok(())
 }
 
-/// `dead replay`.
+/// `dead replay`: the selected jobs go to the jobs exchange (a job id at most once per
+/// run), the others are rotated back in place.
 pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result<Status> {
     let relays = chosen_relays(settings, &args.relays)?;
     let wanted: BTreeSet<String> = args.ids.iter().cloned().collect();
     let topology = Topology::new(settings.amqp.namespace.clone());
     let connection = connect(settings).await?;
     let mut replayed = 0u64;
+    let mut duplicates = 0u64;
     let mut found = BTreeSet::new();
     for relay in &relays {
         let queue = topology.dead_queue(relay);
-        let Some((channel, count)) = open_dead_queue(&connection, &queue).await? else {
+        let Some(count) = dead_queue_len(&connection, &topology, relay).await? else {
             continue;
         };
+        let transfer = Transfer::open(&connection).await?;
         let setup = Setup {
             relays: vec![relay.clone()],
             retry_steps: settings.retry.delays.len(),
@@ -303,20 +347,24 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
                 .await
                 .context("cannot start replaying")?;
         let exchange: ShortString = topology.jobs_exchange().into();
+        let mut sent: HashSet<String> = HashSet::new();
         // Only the messages present now: a job that dies again meanwhile is not replayed twice.
         for _ in 0..count {
-            let Some(message) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .with_context(|| format!("cannot read {queue}"))?
-            else {
+            let Some(delivery) = transfer.take(&queue).await? else {
                 break;
             };
-            let delivery = message.delivery;
             let described = DeadJob::describe(relay, &delivery.properties, &delivery.data);
-            if !wanted.is_empty() && !wanted.contains(&described.id) {
-                // Not selected: left unacknowledged, it goes back in place when the channel
-                // closes.
+            let selected = args.filter.matches(&described)
+                && (wanted.is_empty() || wanted.contains(&described.id));
+            if !selected {
+                transfer.rotate(&delivery, &queue).await?;
+                continue;
+            }
+            if !sent.insert(described.id.clone()) {
+                // A second copy of a job sent in this run (left by an interrupted rotation):
+                // the first one's copy is on its way, this one goes.
+                transfer.ack(&delivery).await?;
+                duplicates += 1;
                 continue;
             }
             found.insert(described.id.clone());
@@ -331,26 +379,31 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
                 })
                 .await
                 .with_context(|| format!("while replaying the dead jobs of {relay}"))?;
-            replayed += ack_confirmed(&mut publisher, &channel).await?;
+            replayed += ack_confirmed(&mut publisher, &transfer).await?;
         }
         publisher
             .flush()
             .await
             .with_context(|| format!("while replaying the dead jobs of {relay}"))?;
-        replayed += ack_confirmed(&mut publisher, &channel).await?;
+        replayed += ack_confirmed(&mut publisher, &transfer).await?;
         publisher.close().await;
-        channel
-            .close(200, "replayed".into())
-            .await
-            .with_context(|| format!("cannot hand the jobs not replayed back to {queue}"))?;
+        transfer.close().await;
     }
     let _ = connection.close(200, "done".into()).await;
+    if duplicates > 0 {
+        eprintln!("removed {duplicates} duplicate copies of jobs replayed once");
+    }
     println!("replayed {replayed} jobs");
     let missing: Vec<&String> = wanted.difference(&found).collect();
     if !missing.is_empty() {
         anyhow::bail!(
-            "not found in the dead queue(s) of {}: {}",
+            "not found in the dead queue(s) of {}{}: {}",
             relays.join(", "),
+            if args.filter.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", args.filter.describe())
+            },
             missing
                 .iter()
                 .map(|s| s.as_str())
@@ -362,18 +415,19 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
 }
 
 /// A dead job leaves its queue only once its copy is confirmed.
-async fn ack_confirmed(publisher: &mut Publisher, channel: &Channel) -> anyhow::Result<u64> {
+async fn ack_confirmed(publisher: &mut Publisher, transfer: &Transfer) -> anyhow::Result<u64> {
     let tags: Vec<u64> = publisher.drain_confirmed().collect();
     for &tag in &tags {
-        channel
-            .basic_ack(tag, BasicAckOptions::default())
+        transfer
+            .ack_tag(tag)
             .await
             .context("cannot remove a replayed job from the dead queue")?;
     }
     Ok(tags.len() as u64)
 }
 
-/// `dead purge`.
+/// `dead purge`: without a filter the queue is purged at once; with one, the matching jobs
+/// are removed and the others rotated back in place.
 pub async fn purge(settings: &Settings, args: DeadPurgeArgs) -> anyhow::Result<Status> {
     let relays = chosen_relays(settings, &args.relays)?;
     let interactive = std::io::stdin().is_terminal();
@@ -388,28 +442,56 @@ pub async fn purge(settings: &Settings, args: DeadPurgeArgs) -> anyhow::Result<S
     let mut purged = 0u64;
     for relay in &relays {
         let queue = topology.dead_queue(relay);
-        let Some((channel, count)) = open_dead_queue(&connection, &queue).await? else {
+        let Some(count) = dead_queue_len(&connection, &topology, relay).await? else {
             continue;
         };
-        if !args.yes
-            && !confirm(&format!(
-                "Delete the {count} dead job(s) of relay {relay} ({queue})?"
-            ))?
-        {
+        let question = if args.filter.is_empty() {
+            format!("Delete the {count} dead job(s) of relay {relay} ({queue})?")
+        } else {
+            format!(
+                "Delete the dead jobs with {} of relay {relay} ({queue})?",
+                args.filter.describe()
+            )
+        };
+        if !args.yes && !confirm(&question)? {
             eprintln!("kept the dead jobs of {relay}");
             continue;
         }
-        purged += u64::from(
-            channel
-                .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-                .await
-                .with_context(|| format!("cannot purge {queue}"))?,
-        );
-        let _ = channel.close(200, "purged".into()).await;
+        if args.filter.is_empty() {
+            purged += u64::from(purge_all(&connection, &queue).await?);
+            continue;
+        }
+        let transfer = Transfer::open(&connection).await?;
+        for _ in 0..count {
+            let Some(delivery) = transfer.take(&queue).await? else {
+                break;
+            };
+            let described = DeadJob::describe(relay, &delivery.properties, &delivery.data);
+            if args.filter.matches(&described) {
+                transfer.ack(&delivery).await?;
+                purged += 1;
+            } else {
+                transfer.rotate(&delivery, &queue).await?;
+            }
+        }
+        transfer.close().await;
     }
     let _ = connection.close(200, "done".into()).await;
     println!("purged {purged} jobs");
     Ok(Status::Success)
+}
+
+async fn purge_all(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
+    let channel: Channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    let purged = channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .with_context(|| format!("cannot purge {queue}"))?;
+    let _ = channel.close(200, "purged".into()).await;
+    Ok(purged)
 }
 
 fn confirm(question: &str) -> anyhow::Result<bool> {

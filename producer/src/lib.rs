@@ -10,6 +10,9 @@
 //! - [`publish`]: confirmed, pipelined publishing that survives a lost connection.
 //! - [`watch`]: `watch` (and `send --wait`): follow a campaign's delivery events.
 //! - [`dead`]: `dead list | replay | purge`.
+//! - [`migrate`]: `migrate-queues`: recreate the queues an older sluice declared differently.
+//! - [`transfer`]: moving messages between queues, each copy confirmed before its original
+//!   is removed.
 //! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`exit`]: outcomes and errors → exit codes.
 
@@ -17,10 +20,12 @@ pub mod campaign;
 pub mod cli;
 pub mod dead;
 pub mod exit;
+pub mod migrate;
 pub mod progress;
 pub mod publish;
 pub mod rows;
 pub mod send;
+pub mod transfer;
 pub mod validate;
 pub mod watch;
 
@@ -37,5 +42,6 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<Status>
         Command::Dead(DeadCommand::List(args)) => dead::list(&settings, args).await,
         Command::Dead(DeadCommand::Replay(args)) => dead::replay(&settings, args).await,
         Command::Dead(DeadCommand::Purge(args)) => dead::purge(&settings, args).await,
+        Command::MigrateQueues(args) => migrate::run(&settings, args).await,
     }
 }

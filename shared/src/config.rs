@@ -47,7 +47,10 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// AMQP 0-9-1 URL; credentials in it are never printed.
+    /// AMQP 0-9-1 URL, or several separated by commas (the nodes of a cluster, e.g.
+    /// `amqp://u:p@h1:5672/v,amqp://u:p@h2:5672/v`): every client connects to one that
+    /// answers, starting at a random one, and moves on when it goes away. Credentials in
+    /// them are never printed (write a ',' in a password as `%2C`).
     #[serde(default = "default_amqp_url")]
     pub url: SecretUrl,
     /// Prefix of every exchange and queue name.
@@ -326,6 +329,14 @@ impl SecretUrl {
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
     }
+    /// The comma-separated URLs it holds, trimmed, in the order written.
+    pub fn urls(&self) -> Vec<&str> {
+        split_urls(&self.0)
+    }
+}
+
+fn split_urls(text: &str) -> Vec<&str> {
+    text.split(',').map(str::trim).collect()
 }
 
 /// A printed config shows the URL without its password.
@@ -347,8 +358,20 @@ impl fmt::Display for SecretUrl {
     }
 }
 
-/// Replace the password of `scheme://user:password@host/...` with `***`.
+/// Replace the password of `scheme://user:password@host/...` with `***`, in each URL of a
+/// comma-separated list.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return split_urls(url)
+            .into_iter()
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     // Without a scheme (`user:password@host`, a typo), the whole text is the authority.
     let (scheme, rest) = match url.find("://") {
         Some(end) => url.split_at(end + 3),
@@ -418,13 +441,19 @@ impl Settings {
                 self.amqp.namespace
             ));
         }
-        if !self.amqp.url.expose().starts_with("amqp://")
-            && !self.amqp.url.expose().starts_with("amqps://")
-        {
-            return bad(format!(
-                "amqp.url {}: must start with amqp:// or amqps://",
-                self.amqp.url
-            ));
+        let urls = self.amqp.url.urls();
+        for (i, url) in urls.iter().enumerate() {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+                let which = if urls.len() > 1 {
+                    format!(" (URL {} of {})", i + 1, urls.len())
+                } else {
+                    String::new()
+                };
+                return bad(format!(
+                    "amqp.url {:?}{which}: must start with amqp:// or amqps://",
+                    redact_url(url)
+                ));
+            }
         }
         for (name, relay) in &self.relays {
             if !is_name(name) || name.contains('.') {
@@ -521,6 +550,42 @@ mod tests {
         let secret = SecretUrl::new("amqp://a:topsecret@h/");
         assert!(!format!("{secret:?} {secret}").contains("topsecret"));
         assert!(!format!("{:?}", Secret::new("topsecret")).contains("topsecret"));
+    }
+
+    #[test]
+    fn several_urls_are_each_redacted_and_split() {
+        let url = SecretUrl::new("amqp://u:pw1@h1:5672/v, amqps://u:pw2@h2:5671/v,amqp://h3/v");
+        assert_eq!(
+            url.urls(),
+            [
+                "amqp://u:pw1@h1:5672/v",
+                "amqps://u:pw2@h2:5671/v",
+                "amqp://h3/v"
+            ]
+        );
+        assert_eq!(
+            url.redacted(),
+            "amqp://u:***@h1:5672/v,amqps://u:***@h2:5671/v,amqp://h3/v"
+        );
+        let shown = format!("{url:?} {url} {}", serde_json::to_string(&url).unwrap());
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+    }
+
+    #[test]
+    fn every_url_of_a_list_is_validated_and_the_bad_one_named() {
+        let mut settings = Settings::default();
+        settings.amqp.url = SecretUrl::new("amqp://u:pw1@h1:5672/v,http://u:pw2@h2:5672/v");
+        let e = settings.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("URL 2 of 2") && e.contains("http://u:***@h2"),
+            "{e}"
+        );
+        assert!(!e.contains("pw1") && !e.contains("pw2"), "{e}");
+        settings.amqp.url = SecretUrl::new("amqp://u:pw1@h1:5672/v,");
+        let e = settings.validate().unwrap_err().to_string();
+        assert!(e.contains("URL 2 of 2"), "{e}");
+        settings.amqp.url = SecretUrl::new("amqp://u:pw1@h1/v,amqps://u:pw2@h2/v");
+        settings.validate().unwrap();
     }
 
     #[test]

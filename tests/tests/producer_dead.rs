@@ -213,3 +213,141 @@ async fn purge_asks_for_yes_without_a_terminal() {
     assert_eq!(purged.last_line(), "purged 3 jobs");
     assert_eq!(env.ns.queue_len(&env.dead_queue()).await, 0);
 }
+
+/// A dead job of `campaign` (none: the job names no campaign) that died for `reason`.
+async fn put_dead(env: &ProducerEnv, id: &str, campaign: Option<&str>, reason: &str) {
+    let mut body = serde_json::json!({
+        "id": id, "from": "news@example.com", "to": format!("{id}@example.org"),
+        "subject": "Hello", "text": "Hi"
+    });
+    if let Some(campaign) = campaign {
+        body["campaign"] = campaign.into();
+    }
+    env.put(
+        &env.dead_queue(),
+        body.to_string().as_bytes(),
+        dead_properties(id, reason, 550, "550 5.1.1 no such user", 1),
+    )
+    .await;
+}
+
+/// Five dead jobs over two campaigns (one without any) and three reasons.
+async fn fill_mixed(env: &ProducerEnv) -> Vec<&'static str> {
+    put_dead(env, "a-1", Some("autumn"), "bounced").await;
+    put_dead(env, "s-1", Some("spring"), "retries exhausted").await;
+    put_dead(env, "a-2", Some("autumn"), "invalid").await;
+    put_dead(env, "n-1", None, "bounced").await;
+    put_dead(env, "s-2", Some("spring"), "bounced").await;
+    vec!["a-1", "s-1", "a-2", "n-1", "s-2"]
+}
+
+fn listed_ids(run: &producer_support::Run) -> Vec<String> {
+    run.expect_code(0);
+    run.stdout
+        .lines()
+        .map(|l| {
+            let job: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            job["id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn list_filters_by_reason_and_campaign_and_keeps_the_queue_in_order() {
+    let env = ProducerEnv::new("pdeadfilter").await;
+    let ids = fill_mixed(&env).await;
+
+    let bounced = env.run(&["dead", "list", "--json", "--reason", "bounced"]);
+    let autumn = env.run(&["dead", "list", "--json", "--campaign", "autumn"]);
+    let both = env.run(&[
+        "dead",
+        "list",
+        "--json",
+        "--reason",
+        "bounced",
+        "--campaign",
+        "spring",
+    ]);
+    let default = env.run(&["dead", "list", "--json", "--campaign", "default"]);
+
+    assert_eq!(listed_ids(&bounced), ["a-1", "n-1", "s-2"]);
+    assert_eq!(listed_ids(&autumn), ["a-1", "a-2"]);
+    assert_eq!(listed_ids(&both), ["s-2"]);
+    assert_eq!(listed_ids(&default), ["n-1"]);
+    assert_eq!(dead_ids(&env).await, ids);
+}
+
+#[tokio::test]
+async fn listing_again_and_again_counts_no_delivery_and_keeps_the_order() {
+    let env = ProducerEnv::new("pdeadcount").await;
+    let ids = fill_mixed(&env).await;
+
+    for _ in 0..5 {
+        assert_eq!(listed_ids(&env.run(&["dead", "list", "--json"])), ids);
+    }
+
+    let left = env.take_all(&env.dead_queue()).await;
+    let order: Vec<String> = left.iter().map(|m| m.message_id().unwrap()).collect();
+    assert_eq!(order, ids);
+    for message in &left {
+        // A quorum queue adds x-delivery-count to a message handed back before; none was.
+        assert_eq!(message.header("x-delivery-count"), None);
+        assert!(message.header("x-sluice-reason").is_some());
+        assert_eq!(message.header("traceparent").as_deref(), Some(TRACEPARENT));
+    }
+}
+
+#[tokio::test]
+async fn replay_of_bounced_jobs_sends_only_those_and_keeps_the_others_in_order() {
+    let env = ProducerEnv::new("pdeadrbounce").await;
+    fill_mixed(&env).await;
+
+    let run = env.run(&["dead", "replay", "--reason", "bounced"]);
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), "replayed 3 jobs");
+    let mut sent: Vec<String> = env
+        .take_all(&env.jobs_queue())
+        .await
+        .iter()
+        .map(|m| m.message_id().unwrap())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["a-1", "n-1", "s-2"]);
+    assert_eq!(dead_ids(&env).await, ["s-1", "a-2"]);
+}
+
+#[tokio::test]
+async fn replay_by_campaign_sends_a_job_left_twice_only_once() {
+    let env = ProducerEnv::new("pdeaddup").await;
+    fill_mixed(&env).await;
+    // An interrupted listing left a second copy of s-1 at the tail.
+    put_dead(&env, "s-1", Some("spring"), "retries exhausted").await;
+
+    let run = env.run(&["dead", "replay", "--campaign", "spring"]);
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), "replayed 2 jobs");
+    let mut sent: Vec<String> = env
+        .take_all(&env.jobs_queue())
+        .await
+        .iter()
+        .map(|m| m.message_id().unwrap())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["s-1", "s-2"]);
+    assert_eq!(dead_ids(&env).await, ["a-1", "a-2", "n-1"]);
+}
+
+#[tokio::test]
+async fn purge_with_a_filter_removes_only_matching_jobs_and_keeps_the_order() {
+    let env = ProducerEnv::new("pdeadpfilter").await;
+    fill_mixed(&env).await;
+
+    let by_reason = env.run(&["dead", "purge", "--yes", "--reason", "invalid"]);
+    let by_campaign = env.run(&["dead", "purge", "--yes", "--campaign", "spring"]);
+
+    assert_eq!(by_reason.expect_code(0).last_line(), "purged 1 jobs");
+    assert_eq!(by_campaign.expect_code(0).last_line(), "purged 2 jobs");
+    assert_eq!(dead_ids(&env).await, ["a-1", "n-1"]);
+}

@@ -1,5 +1,10 @@
 //! Connecting to RabbitMQ: credentials never printed, back-off while the broker is away,
 //! `amqps://` verified against the webpki roots plus `amqp.ca_file`.
+//!
+//! `amqp.url` may list several nodes of a cluster. Each connection attempt tries them in
+//! turn from a random one (so a fleet spreads over the nodes) and keeps the first that
+//! answers; since every client reconnects through these functions, a client whose node
+//! went away (or paused as a minority) lands on another one.
 
 pub mod topology;
 
@@ -34,30 +39,37 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 15;
 const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
 impl AmqpSettings {
-    /// One connection attempt. `name` shows in the management UI (`sluice-worker`, ...).
+    /// One connection attempt on each URL of `amqp.url` in turn, from a random one, until
+    /// one answers. `name` shows in the management UI (`sluice-worker`, ...).
     pub async fn connect(&self, name: &str) -> Result<Connection, ConnectError> {
-        let mut url = self.url.expose().to_string();
-        for (key, value) in [
-            ("heartbeat", DEFAULT_HEARTBEAT_SECS.to_string()),
-            ("frame_max", DEFAULT_FRAME_MAX.to_string()),
-        ] {
-            if !url.contains(&format!("{key}=")) {
-                url.push(if url.contains('?') { '&' } else { '?' });
-                url.push_str(&format!("{key}={value}"));
+        let urls = self.url.urls();
+        let tls = self.tls_config()?;
+        let start = rand::random_range(0..urls.len().max(1));
+        let mut failures = Vec::new();
+        for i in 0..urls.len() {
+            let url = urls[(start + i) % urls.len()];
+            match connect_one(url, name, tls.clone()).await {
+                Ok(connection) => {
+                    if !failures.is_empty() {
+                        tracing::info!(
+                            url = %crate::config::redact_url(url),
+                            "connected to RabbitMQ after other nodes did not answer"
+                        );
+                    }
+                    return Ok(connection);
+                }
+                Err(e) => failures.push(format!(
+                    "{}: {}",
+                    crate::config::redact_url(url),
+                    mask_secret(&e.to_string(), self.url.expose())
+                )),
             }
         }
-        let tls = self.tls_config()?;
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(name.to_string()));
-        let failed = |e: lapin::Error| ConnectError {
+        Err(ConnectError {
             url: self.url.redacted(),
-            reason: mask_secret(&e.to_string(), self.url.expose()),
+            reason: failures.join("; "),
             permanent: false,
-        };
-        let runtime = lapin::runtime::default_runtime().map_err(failed)?;
-        Connection::connect_with_config(&url, properties, tls, runtime)
-            .await
-            .map_err(failed)
+        })
     }
 
     /// TLS settings for `amqps://`: the webpki roots, plus the CA certificates of
@@ -120,13 +132,42 @@ impl AmqpSettings {
     }
 }
 
-/// Remove the password of `url` from an error text, should a dependency have echoed it.
-fn mask_secret(text: &str, url: &str) -> String {
-    let redacted = crate::config::redact_url(url);
-    let mut out = text.replace(url, &redacted);
-    if let Some(password) = password_of(url) {
-        if !password.is_empty() {
-            out = out.replace(password, "***");
+/// One connection attempt on one URL, with sluice's heartbeat and frame size unless the
+/// URL names its own.
+async fn connect_one(
+    url: &str,
+    name: &str,
+    tls: OwnedTLSConfig,
+) -> Result<Connection, lapin::Error> {
+    let mut url = url.to_string();
+    for (key, value) in [
+        ("heartbeat", DEFAULT_HEARTBEAT_SECS.to_string()),
+        ("frame_max", DEFAULT_FRAME_MAX.to_string()),
+    ] {
+        if !url.contains(&format!("{key}=")) {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{key}={value}"));
+        }
+    }
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(&url, properties, tls, runtime).await
+}
+
+/// Remove the passwords of `urls` (one URL or a comma-separated list) from an error text,
+/// should a dependency have echoed them.
+pub fn mask_secret(text: &str, urls: &str) -> String {
+    let mut out = text.to_string();
+    for url in crate::config::SecretUrl::new(urls).urls() {
+        if url.is_empty() {
+            continue;
+        }
+        out = out.replace(url, &crate::config::redact_url(url));
+        if let Some(password) = password_of(url) {
+            if !password.is_empty() {
+                out = out.replace(password, "***");
+            }
         }
     }
     out
@@ -165,6 +206,42 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("S3cr3tPw"), "{text}");
+    }
+
+    #[test]
+    fn every_password_of_a_list_is_masked() {
+        let urls = "amqp://a:first-pw@h1/v,amqp://b:second-pw@h2/v";
+        let text = "h1 said amqp://a:first-pw@h1/v, then second-pw leaked";
+        let masked = mask_secret(text, urls);
+        assert!(
+            !masked.contains("first-pw") && !masked.contains("second-pw"),
+            "{masked}"
+        );
+        assert!(masked.contains("amqp://a:***@h1/v"), "{masked}");
+    }
+
+    #[tokio::test]
+    async fn no_node_answering_is_an_error_naming_each_without_passwords() {
+        let closed = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let settings = AmqpSettings {
+            url: crate::config::SecretUrl::new(format!(
+                "amqp://u:first-pw@127.0.0.1:{}/%2f,amqp://u:second-pw@127.0.0.1:{}/%2f",
+                closed(),
+                closed()
+            )),
+            ..AmqpSettings::default()
+        };
+        let e = settings.connect("test").await.expect_err("nothing listens");
+        let text = e.to_string();
+        assert!(!e.permanent);
+        assert_eq!(text.matches("amqp://u:***@127.0.0.1:").count(), 4, "{text}");
+        assert!(
+            !text.contains("first-pw") && !text.contains("second-pw"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -3,16 +3,21 @@
 //! Nobody else spells a queue name. Both binaries call [`Topology::declare`] at start; the
 //! declarations are idempotent, so the producer may run before any worker exists.
 //!
+//! Every queue that holds a job (jobs, retry steps, dead) is a quorum queue, replicated
+//! across the cluster, and every move the broker makes between them (a retry step's
+//! expiry back to the jobs exchange, a jobs queue's dead-lettering) is at-least-once:
+//! the broker keeps the message until the target queue confirmed it.
+//!
 //! ```text
-//! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay> (classic)
-//! worker --deferred--> <ns>.retry.<relay>.<step> --expires--> <ns>.jobs (routing key <relay>)
+//! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay> (quorum)
+//! worker --deferred--> <ns>.retry.<relay>.<step> (quorum) --expires--> <ns>.jobs (routing key <relay>)
 //! worker --outcome--> <ns>.events (topic, key <outcome>.<campaign>)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// The names of everything in one namespace, and the code that declares them.
 #[derive(Debug, Clone)]
@@ -100,13 +105,107 @@ impl Topology {
         format!("{}.budget.{relay}.{slot}", self.namespace)
     }
 
+    /// Temporary queue `sluice-producer migrate-queues` keeps a queue's messages in while
+    /// it recreates that queue. A relay name holds no '.', so this never names a real queue.
+    pub fn migration_queue(&self, queue: &str) -> String {
+        format!("{queue}.migrating")
+    }
+
+    /// Every queue that holds jobs for these relays, with the arguments it must have and
+    /// the binding that feeds it: the one definition both [`Topology::declare`] and the
+    /// migration use.
+    pub fn job_queues(&self, relays: &[&str], retry_steps: usize) -> Vec<QueueSpec> {
+        let mut specs = Vec::new();
+        for relay in relays {
+            // Jobs: anything the broker itself gives up on (a delivery limit, as RabbitMQ 4
+            // sets by default) is dead-lettered, at least once, never dropped.
+            specs.push(QueueSpec {
+                name: self.jobs_queue(relay),
+                arguments: at_least_once_dead_lettering(&self.dead_exchange(), None),
+                binding: Some((self.jobs_exchange(), relay.to_string())),
+            });
+            // Retry steps: messages carry their own expiration (the step's delay), so
+            // changing `retry.delays` never makes a redeclaration fail; when they expire the
+            // broker moves them back to the jobs exchange with the relay's routing key, and
+            // keeps them until the jobs queue confirmed them (at-least-once).
+            for step in 1..=retry_steps {
+                specs.push(QueueSpec {
+                    name: self.retry_queue(relay, step),
+                    arguments: at_least_once_dead_lettering(&self.jobs_exchange(), Some(relay)),
+                    binding: None,
+                });
+            }
+            // Dead: replicated like the rest. `dead list` reads it by rotation (take, copy
+            // to the tail, confirm, ack), never by returning messages, so neither its order
+            // nor `x-delivery-count` changes (see producer/src/dead.rs).
+            specs.push(QueueSpec {
+                name: self.dead_queue(relay),
+                arguments: quorum(),
+                binding: Some((self.dead_exchange(), relay.to_string())),
+            });
+        }
+        specs
+    }
+
     /// Declare the exchanges, and for each relay its jobs, retry and dead queues.
+    ///
+    /// A queue left by an older sluice with other arguments (a classic retry or dead queue,
+    /// a jobs queue without at-least-once dead-lettering) is a [`TopologyError::Mismatch`]
+    /// naming it and the migration command: it is never used as it is.
     pub async fn declare(
         &self,
         channel: &Channel,
         relays: &[&str],
         retry_steps: usize,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), TopologyError> {
+        self.declare_exchanges(channel).await?;
+        for spec in self.job_queues(relays, retry_steps) {
+            self.declare_queue(channel, &spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `spec`'s queue exists and, if it does, has exactly the arguments this
+    /// version declares: a mismatch is a [`TopologyError::Mismatch`]. Creates nothing;
+    /// uses channels of its own, since the broker closes a channel on either answer.
+    pub async fn check_queue(
+        &self,
+        connection: &Connection,
+        spec: &QueueSpec,
+    ) -> Result<QueueState, TopologyError> {
+        let channel = connection.create_channel().await?;
+        let passive = channel
+            .queue_declare(
+                spec.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "checked".into()).await;
+        let messages = match passive {
+            Ok(declared) => declared.message_count(),
+            Err(e) if e.to_string().contains("NOT_FOUND") => return Ok(QueueState::Absent),
+            Err(e) => return Err(e.into()),
+        };
+        // Redeclaring an existing queue with the same arguments changes nothing.
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                spec.name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                spec.arguments.clone(),
+            )
+            .await
+            .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(QueueState::Matches { messages })
+    }
+
+    /// Declare (idempotently) the exchanges jobs, dead letters and events go through.
+    pub async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -120,61 +219,26 @@ impl Topology {
                 .exchange_declare(exchange.into(), kind, durable, FieldTable::default())
                 .await?;
         }
-        for relay in relays {
-            self.declare_relay(channel, relay, retry_steps).await?;
-        }
         Ok(())
     }
 
-    async fn declare_relay(
+    /// Declare one queue of [`Topology::job_queues`] and its binding. On a mismatch the
+    /// broker closes `channel` (PRECONDITION_FAILED); the error says what differs.
+    pub async fn declare_queue(
         &self,
         channel: &Channel,
-        relay: &str,
-        retry_steps: usize,
-    ) -> lapin::Result<()> {
-        let durable = QueueDeclareOptions::durable();
-
-        // Jobs: quorum (replicated), and anything the broker itself gives up on (a delivery
-        // limit, as RabbitMQ 4 sets by default) is dead-lettered, never dropped.
-        let mut jobs_args = quorum();
-        jobs_args.insert(
-            "x-dead-letter-exchange".into(),
-            string(&self.dead_exchange()),
-        );
-        let jobs_queue = self.jobs_queue(relay);
+        spec: &QueueSpec,
+    ) -> Result<(), TopologyError> {
         channel
-            .queue_declare(jobs_queue.as_str().into(), durable, jobs_args)
-            .await?;
-        self.bind(channel, &jobs_queue, &self.jobs_exchange(), relay)
-            .await?;
-
-        // Dead: a classic durable queue, not quorum. `sluice-producer dead list` peeks by
-        // consuming without acking and closing the channel; a classic queue puts returned
-        // messages back in their original place, while on RabbitMQ 3.10 a quorum queue
-        // redelivers them ahead of the rest (reordering the list) and counts every peek
-        // towards `x-delivery-count` (RabbitMQ 4 drops messages past its default limit of 20).
-        let dead_queue = self.dead_queue(relay);
-        let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), string("classic"));
-        channel
-            .queue_declare(dead_queue.as_str().into(), durable, dead_args)
-            .await?;
-        self.bind(channel, &dead_queue, &self.dead_exchange(), relay)
-            .await?;
-
-        // Retry steps: messages carry their own expiration (the step's delay), so changing
-        // `retry.delays` never makes a redeclaration fail; when they expire the broker
-        // dead-letters them back to the jobs exchange with the relay's routing key.
-        for step in 1..=retry_steps {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                string(&self.jobs_exchange()),
-            );
-            args.insert("x-dead-letter-routing-key".into(), string(relay));
-            channel
-                .queue_declare(self.retry_queue(relay, step).into(), durable, args)
-                .await?;
+            .queue_declare(
+                spec.name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                spec.arguments.clone(),
+            )
+            .await
+            .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+        if let Some((exchange, key)) = &spec.binding {
+            self.bind(channel, &spec.name, exchange, key).await?;
         }
         Ok(())
     }
@@ -198,12 +262,133 @@ impl Topology {
     }
 }
 
+/// One queue that holds jobs: its name, the arguments it is declared with, and the
+/// `(exchange, routing key)` binding that feeds it, if any.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub arguments: FieldTable,
+    pub binding: Option<(String, String)>,
+}
+
+/// What [`Topology::check_queue`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// No such queue.
+    Absent,
+    /// The queue exists as declared, holding this many ready messages.
+    Matches { messages: u32 },
+}
+
+/// The command that recreates queues left by an older sluice; every message names it.
+pub const MIGRATE_COMMAND: &str = "sluice-producer migrate-queues";
+
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A queue exists with other arguments than this version declares (typically one left
+    /// by an older sluice). Retrying cannot help: the queue must be migrated.
+    #[error(
+        "queue {queue} {difference}: stop the workers and run `{MIGRATE_COMMAND}` \
+         (it moves the messages to a temporary queue, recreates the queue and moves them back)"
+    )]
+    Mismatch {
+        /// The queue at fault.
+        queue: String,
+        /// What differs, e.g. "is a classic queue, sluice now needs quorum".
+        difference: String,
+    },
+    /// The broker or the connection failed; retrying may help.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+impl TopologyError {
+    /// Classify a failed `queue.declare` of `queue`.
+    fn from_declare(queue: &str, error: lapin::Error) -> TopologyError {
+        let text = error.to_string();
+        if !text.contains("PRECONDITION_FAILED") || !text.contains("inequivalent arg") {
+            return TopologyError::Broker(error);
+        }
+        TopologyError::Mismatch {
+            queue: queue.to_string(),
+            difference: describe_inequivalence(&text),
+        }
+    }
+
+    /// Whether this is a queue to migrate rather than a broker fault.
+    pub fn is_mismatch(&self) -> bool {
+        matches!(self, TopologyError::Mismatch { .. })
+    }
+}
+
+/// A lapin error, for callers that handle every broker failure alike; the message of a
+/// mismatch is kept.
+impl From<TopologyError> for lapin::Error {
+    fn from(error: TopologyError) -> lapin::Error {
+        match error {
+            TopologyError::Broker(e) => e,
+            mismatch => std::io::Error::other(mismatch.to_string()).into(),
+        }
+    }
+}
+
+/// Turn RabbitMQ's "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
+/// 'quorum' but current is 'classic'" into "is a classic queue, sluice now needs quorum".
+fn describe_inequivalence(text: &str) -> String {
+    let quoted = |after: &str| -> Option<String> {
+        let rest = &text[text.find(after)? + after.len()..];
+        let rest = rest.strip_prefix('\'').unwrap_or(rest);
+        Some(rest[..rest.find('\'')?].to_string())
+    };
+    let arg = quoted("inequivalent arg ").unwrap_or_else(|| "?".into());
+    let current = if text.contains("but current is none") {
+        None
+    } else {
+        quoted("but current is ")
+    };
+    let wanted = quoted("received the value ").or_else(|| quoted("received "));
+    match (arg.as_str(), current, wanted) {
+        ("x-queue-type", Some(current), Some(wanted)) => {
+            format!("is a {current} queue, sluice now needs {wanted}")
+        }
+        ("x-queue-type", None, Some(wanted)) => {
+            format!("is a classic queue, sluice now needs {wanted}")
+        }
+        (arg, None, Some(wanted)) => {
+            format!("has no {arg}, sluice now needs {arg} = {wanted}")
+        }
+        (arg, Some(current), Some(wanted)) => {
+            format!("has {arg} = {current}, sluice now needs {wanted}")
+        }
+        (arg, current, None) => format!(
+            "has {arg} = {}, which this version of sluice does not declare",
+            current.unwrap_or_else(|| "none".into())
+        ),
+    }
+}
+
 /// A campaign's watch queue disappears after a week without a consumer.
 const WATCH_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), string("quorum"));
+    args
+}
+
+/// A quorum queue whose expired or rejected messages the broker moves to `exchange` (with
+/// `routing_key`, else their own), keeping each until the target confirmed it. On RabbitMQ
+/// 3.10 `at-least-once` only takes effect together with `x-overflow = reject-publish`;
+/// without a length limit that never rejects anything.
+fn at_least_once_dead_lettering(exchange: &str, routing_key: Option<&str>) -> FieldTable {
+    let mut args = quorum();
+    args.insert("x-dead-letter-exchange".into(), string(exchange));
+    if let Some(key) = routing_key {
+        args.insert("x-dead-letter-routing-key".into(), string(key));
+    }
+    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    args.insert("x-overflow".into(), string("reject-publish"));
     args
 }
 
@@ -223,5 +408,34 @@ mod tests {
         assert_eq!(t.dead_queue("primary"), "acme.dead.primary");
         assert_eq!(t.retry_queue("primary", 2), "acme.retry.primary.2");
         assert_eq!(t.events_exchange(), "acme.events");
+        assert_eq!(
+            t.migration_queue("acme.dead.primary"),
+            "acme.dead.primary.migrating"
+        );
+    }
+
+    #[test]
+    fn the_broker_s_inequivalence_becomes_what_differs() {
+        let cases = [
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received 'quorum' but current is 'classic'",
+                "is a classic queue, sluice now needs quorum",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-strategy' for queue 'q' in vhost '/': received the value 'at-least-once' of type 'longstr' but current is none",
+                "has no x-dead-letter-strategy, sluice now needs x-dead-letter-strategy = at-least-once",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(describe_inequivalence(text), expected);
+        }
+        let e = TopologyError::Mismatch {
+            queue: "acme.dead.primary".into(),
+            difference: "is a classic queue, sluice now needs quorum".into(),
+        };
+        assert!(e
+            .to_string()
+            .contains("acme.dead.primary is a classic queue"));
+        assert!(e.to_string().contains(MIGRATE_COMMAND));
     }
 }
