@@ -128,6 +128,12 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     env.put(&dead, b"d-2", props("d-2", "invalid")).await;
 
     let refused = env.run(&["dead", "list"]);
+    let worker = std::process::Command::new(sluice_tests::processes::bin("sluice-worker"))
+        .arg("--config")
+        .arg(&env.config.path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice-worker");
     let migrated = env.run(&["migrate-queues", "--yes"]);
     let again = env.run(&["migrate-queues", "--yes"]);
     let listed = env.run(&["dead", "list", "--json"]);
@@ -141,6 +147,15 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
             && refused.stderr.contains("sluice-producer migrate-queues"),
         "{}",
         refused.stderr
+    );
+    // The worker stops at start with the same message instead of retrying for ever.
+    let worker_said = String::from_utf8_lossy(&worker.stderr);
+    assert!(!worker.status.success(), "{worker_said}");
+    assert!(
+        worker_said.contains("sluice now needs")
+            && worker_said.contains(&env.ns.topology.jobs_queue("primary"))
+            && worker_said.contains("sluice-producer migrate-queues"),
+        "{worker_said}"
     );
     migrated.expect_code(0);
     assert_eq!(

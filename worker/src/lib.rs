@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use sluice_shared::shutdown::Shutdown;
+use sluice_shared::amqp::topology::TopologyError;
 use sluice_shared::{Settings, Topology};
 use tokio::task::JoinSet;
 
@@ -87,15 +88,18 @@ pub async fn run(
         let relay_names: Vec<&str> = lanes_for.iter().map(String::as_str).collect();
         let declared = async {
             let channel = within("opening a channel", broker.consume.create_channel()).await?;
-            topology
-                .declare(&channel, &relay_names, delays.len())
-                .await
-                .map_err(anyhow::Error::from)?;
+            let declared = topology.declare(&channel, &relay_names, delays.len()).await;
             let _ = channel.close(200, "declared".into()).await;
-            anyhow::Ok(())
+            anyhow::Ok(declared)
         };
         let declared = match tokio::time::timeout(broker::BROKER_DEADLINE, declared).await {
-            Ok(result) => result,
+            Ok(Ok(Err(mismatch @ TopologyError::Mismatch { .. }))) => {
+                // An older version's queues: retrying cannot help, the operator must migrate.
+                broker.close("topology mismatch").await;
+                return Err(mismatch.into());
+            }
+            Ok(Ok(declared)) => declared.map_err(anyhow::Error::from),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(anyhow::anyhow!(
                 "declaring the topology took longer than {:?}",
                 broker::BROKER_DEADLINE

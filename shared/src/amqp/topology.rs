@@ -324,14 +324,6 @@ impl TopologyError {
 
 /// A lapin error, for callers that handle every broker failure alike; the message of a
 /// mismatch is kept.
-impl From<TopologyError> for lapin::Error {
-    fn from(error: TopologyError) -> lapin::Error {
-        match error {
-            TopologyError::Broker(e) => e,
-            mismatch => std::io::Error::other(mismatch.to_string()).into(),
-        }
-    }
-}
 
 /// Turn RabbitMQ's "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
 /// 'quorum' but current is 'classic'" into "is a classic queue, sluice now needs quorum".
