@@ -16,6 +16,9 @@ use tokio::task::JoinHandle;
 struct Control {
     /// Forwarding is cut: open connections go silent, new ones go nowhere.
     cut: bool,
+    /// Only the client's bytes are cut: the upstream's still reach the client, but not its
+    /// closing of the connection.
+    one_way: bool,
     /// How many times `close_all` was called.
     resets: u64,
 }
@@ -60,9 +63,23 @@ impl TcpProxy {
         self.control.send_modify(|c| c.cut = true);
     }
 
+    /// Cut only what clients send: every open connection still hears the upstream (its
+    /// heartbeats, say) but the upstream hears nothing, and when the upstream gives up and
+    /// closes, the client is not told. New connections go nowhere. This is the partition in
+    /// which a client learns last that it was cut off.
+    pub fn cut_towards_upstream(&self) {
+        self.control.send_modify(|c| {
+            c.cut = true;
+            c.one_way = true;
+        });
+    }
+
     /// Forward new connections again; connections cut before stay silent.
     pub fn restore(&self) {
-        self.control.send_modify(|c| c.cut = false);
+        self.control.send_modify(|c| {
+            c.cut = false;
+            c.one_way = false;
+        });
     }
 
     /// Reset (RST) every connection open now, forwarding or cut.
@@ -102,6 +119,15 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, mut control: watch::
             // Bytes read but not yet written when the cut comes are dropped with this future.
             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
             _ = control.wait_for(|c| c.cut || reset_or_gone(c)) => {}
+        }
+        if control.borrow().one_way && !reset_or_gone(&control.borrow()) {
+            // Upstream to client only, and never the upstream's end of the connection.
+            let (mut from_server, _) = server.split();
+            let (_, mut to_client) = client.split();
+            tokio::select! {
+                _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+                _ = control.wait_for(reset_or_gone) => {}
+            }
         }
         held_server = Some(server);
     }

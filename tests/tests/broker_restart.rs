@@ -97,7 +97,6 @@ async fn publish_job(ns: &TestNamespace, id: &str, to: &str) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "stops the shared broker: deploy/test.sh runs it alone after the main suite"]
 async fn readyz_follows_the_broker_going_away_and_coming_back() {

@@ -29,7 +29,6 @@ fn manifest_env(namespace: &str, smtp_port: u16, listen_port: u16) -> Vec<(Strin
     .collect()
 }
 
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on_sigterm() {
     let ns = TestNamespace::new("container", &["primary"], 2).await;
@@ -47,14 +46,16 @@ async fn a_worker_configured_by_environment_alone_is_healthy_ready_and_drains_on
 
     assert!(
         eventually(Duration::from_secs(20), || async {
-            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/healthz").await == Some(200)
+            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/healthz").await
+                == Some(200)
         })
         .await,
         "/healthz never answered"
     );
     assert!(
         eventually(Duration::from_secs(20), || async {
-            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/readyz").await == Some(200)
+            sluice_tests::http::status(&format!("127.0.0.1:{}", listen), "/readyz").await
+                == Some(200)
         })
         .await,
         "/readyz never became ready"

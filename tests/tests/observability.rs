@@ -302,7 +302,6 @@ async fn a_job_from_another_service_continues_its_trace() {
     smtp.shutdown().await;
 }
 
-
 /// The value of `series` (name and labels, exactly as exposed) in a scrape.
 fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|line| {

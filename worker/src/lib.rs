@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use sluice_shared::shutdown::Shutdown;
 use sluice_shared::amqp::topology::TopologyError;
+use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Settings, Topology};
 use tokio::task::JoinSet;
 
