@@ -15,4 +15,7 @@ cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" --skip the_
 cargo test -p sluice-tests --test budget -- --test-threads 1 the_budget_holds
 # These stop and restart the shared broker, so they run alone, after everything else.
 cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1
+# A three-node cluster of private nodes (other ports, other data directories) loses a node
+# mid-campaign: alone too, since three more Erlang VMs fill a 2-core machine.
+cargo test -p sluice-tests --test cluster -- --ignored --test-threads 1
 bash deploy/validate.sh

@@ -35,10 +35,26 @@ impl TestNamespace {
 
     /// [`TestNamespace::new`] on the broker at `url` (a private node or cluster).
     pub async fn new_at(url: &str, tag: &str, relays: &[&str], retry_steps: usize) -> Self {
-        let name = format!(
+        let ns = Self::attach(url, &Self::fresh_name(tag), relays, retry_steps).await;
+        ns.topology
+            .declare(&ns.channel, relays, retry_steps)
+            .await
+            .expect("declare topology");
+        ns
+    }
+
+    /// A name no other test uses: `t-<tag>-<random>`.
+    pub fn fresh_name(tag: &str) -> String {
+        format!(
             "t-{tag}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        )
+    }
+
+    /// Look into namespace `name` on the broker at `url` without declaring anything (the
+    /// binaries under test declare it, or it exists already).
+    pub async fn attach(url: &str, name: &str, relays: &[&str], retry_steps: usize) -> Self {
+        let name = name.to_string();
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| {
@@ -50,10 +66,6 @@ impl TestNamespace {
             .await
             .expect("confirms");
         let topology = Topology::new(&name);
-        topology
-            .declare(&channel, relays, retry_steps)
-            .await
-            .expect("declare topology");
         Self {
             name,
             url: url.to_string(),
