@@ -16,7 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 
 use crate::broker::{within, BrokerError, BROKER_DEADLINE};
-use crate::lane::LaneContext;
+use crate::context::LaneContext;
 use crate::settle::{Publisher, SettleError, Settler};
 
 /// One consumed queue of a lane.

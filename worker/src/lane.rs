@@ -20,20 +20,17 @@ use std::time::Duration;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;
-use prometheus::IntGauge;
 use rand::Rng;
 use sluice_shared::shutdown::Shutdown;
-use sluice_shared::Topology;
 use tokio::time::Instant;
 
-use crate::broker::{within, Broker};
-use crate::budget::{Pacer, RateShare, Slot};
+use crate::broker::within;
+use crate::budget::{RateShare, Slot};
+pub use crate::context::LaneContext;
 use crate::feed::Feed;
-use crate::metrics::Metrics;
-use crate::relay::{Relay, Relays};
+use crate::relay::Relay;
 use crate::settle::Publisher;
-use crate::smtp::SmtpSession;
-use crate::step::{deliver_one, Next};
+use crate::step::{deliver_one, Next, Sender};
 
 /// A lane gives its slot back after its queues have been empty this long.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
@@ -65,17 +62,6 @@ pub fn lane_window(share: Option<RateShare>, per_message: Duration) -> u16 {
         f64::from(share.messages) / share.window.as_secs_f64().max(1e-3)
     });
     (by_time.min(by_rate).floor() as u16).clamp(1, MAX_LANE_WINDOW)
-}
-
-/// What every lane of a worker shares.
-pub struct LaneContext {
-    pub broker: Arc<Broker>,
-    pub topology: Topology,
-    pub relays: Arc<Relays>,
-    pub delays: Arc<[Duration]>,
-    pub max_message_bytes: usize,
-    pub metrics: Metrics,
-    pub shutdown: Shutdown,
 }
 
 /// Run one lane of `relay` until shutdown. An error means the broker connection failed
@@ -127,16 +113,12 @@ async fn serve(
     // its sessions close before this one opens.
     tokio::time::sleep(SLOT_SETTLE).await;
     let mut lane = Lane {
-        ctx,
-        relay,
+        sender: Sender::new(ctx, relay),
         queues: &queues,
-        session: None,
-        pacer: Pacer::new(relay.rate_share),
-        sending: Duration::ZERO,
         last_delivery: Instant::now(),
         last_recheck: Instant::now(),
     };
-    if !lane.open_session().await {
+    if !lane.sender.open_session().await {
         return Ok(());
     }
     let result = match Publisher::open(&ctx.broker).await {
@@ -147,49 +129,8 @@ async fn serve(
         }
         Err(e) => Err(e.into()),
     };
-    if let Some(session) = lane.session.take() {
-        session.close().await;
-    }
+    lane.sender.close_session().await;
     result
-}
-
-/// An open SMTP session, counted in `sluice_smtp_sessions_open` for exactly as long as it
-/// lives: dropping it (a broken session, an aborted lane) drops the connection and the
-/// count together.
-pub struct LaneSession {
-    /// `Some` until [`LaneSession::close`].
-    session: Option<SmtpSession>,
-    open: IntGauge,
-}
-
-impl LaneSession {
-    fn new(session: SmtpSession, open: IntGauge) -> Self {
-        open.inc();
-        Self {
-            session: Some(session),
-            open,
-        }
-    }
-
-    /// The session itself.
-    pub fn smtp(&mut self) -> &mut SmtpSession {
-        self.session
-            .as_mut()
-            .expect("a session is open until closed")
-    }
-
-    /// Say QUIT and close.
-    pub async fn close(mut self) {
-        if let Some(session) = self.session.take() {
-            session.close().await;
-        }
-    }
-}
-
-impl Drop for LaneSession {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
 }
 
 /// Why [`Lane::deliver_from`] returned.
@@ -203,52 +144,27 @@ enum LaneEnd {
 }
 
 /// One lane's state while it holds a slot.
-pub(crate) struct Lane<'a> {
-    pub ctx: &'a LaneContext,
-    pub relay: &'a Relay,
+struct Lane<'a> {
+    sender: Sender<'a>,
     queues: &'a [String],
-    pub session: Option<LaneSession>,
-    pub pacer: Pacer,
-    /// Time spent in SMTP transactions (what the window is sized by).
-    pub sending: Duration,
     last_delivery: Instant,
     last_recheck: Instant,
 }
 
 impl Lane<'_> {
-    /// Open a session with the relay, marking the relay up or down.
-    pub async fn open_session(&mut self) -> bool {
-        match self.relay.client.open().await {
-            Ok(session) => {
-                self.relay.health.mark_up();
-                let open = self.ctx.metrics.sessions_open(self.relay.name());
-                self.session = Some(LaneSession::new(session, open));
-                true
-            }
-            Err(error) => {
-                self.relay.health.mark_down(&error);
-                false
-            }
-        }
-    }
-
     /// Consume the lane's queues: time the relay at prefetch 1, then widen the window if
     /// it is fast, on channels of their own opened once the first ones' deliveries are all
     /// settled (the batched, `multiple` acks rely on a channel's deliveries being settled
     /// in order).
     async fn consume(&mut self, publisher: &Publisher) -> anyhow::Result<()> {
-        let ctx = self.ctx;
+        let ctx = self.sender.ctx;
+        let relay = self.sender.relay;
         let mut feed = Feed::open(ctx, publisher, self.queues, 1).await?;
         let mut end = self.deliver_from(&mut feed, Some(PROBE_JOBS)).await;
         if matches!(end, LaneEnd::Probed) {
-            let per_message = self.sending / PROBE_JOBS as u32;
-            let window = lane_window(self.relay.rate_share, per_message);
-            tracing::debug!(
-                relay = self.relay.name(),
-                ?per_message,
-                window,
-                "relay timed"
-            );
+            let per_message = self.sender.sending / PROBE_JOBS as u32;
+            let window = lane_window(relay.rate_share, per_message);
+            tracing::debug!(relay = relay.name(), ?per_message, window, "relay timed");
             if window > 1 {
                 feed.cancel().await;
                 end = self.deliver_from(&mut feed, None).await;
@@ -285,7 +201,7 @@ impl Lane<'_> {
 
     /// Deliver what `feed` brings, up to `limit` deliveries when given.
     async fn deliver_from(&mut self, feed: &mut Feed, limit: Option<usize>) -> LaneEnd {
-        let ctx = self.ctx;
+        let ctx = self.sender.ctx;
         let mut recheck = tokio::time::interval(RECHECK);
         let mut blocked = ctx.broker.blocked_changes();
         let mut done = 0;
@@ -298,7 +214,7 @@ impl Lane<'_> {
             }
             if self.last_recheck.elapsed() >= RECHECK {
                 self.last_recheck = Instant::now();
-                if ctx.relays.served_by(self.relay) != self.queues {
+                if ctx.relays.served_by(self.sender.relay) != self.queues {
                     return LaneEnd::Stop(Ok(()));
                 }
             }
@@ -331,7 +247,7 @@ impl Lane<'_> {
             };
             self.last_delivery = Instant::now();
             done += 1;
-            match deliver_one(self, feed, index, delivery).await {
+            match deliver_one(&mut self.sender, feed, index, delivery).await {
                 Ok(Next::Continue) => {}
                 Ok(Next::GiveUpSlot) => return LaneEnd::Stop(Ok(())),
                 Err(e) => return LaneEnd::Stop(Err(e)),

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`cli`]: command-line arguments.
 //! - [`broker`]: the two broker connections (consume, publish), the fence, the alarm watch.
+//! - [`context`]: what every lane shares.
 //! - [`lane`]: a lane's life — slot, session, channels, window.
 //! - [`feed`]: a lane's consumers, one channel and settler per queue.
 //! - [`step`]: one job — parse, ensure a session, attempt, settle.
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod budget;
 pub mod classify;
 pub mod cli;
+pub mod context;
 pub mod deliver;
 pub mod feed;
 pub mod health;
@@ -38,15 +40,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use sluice_shared::amqp::topology::TopologyError;
 use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Settings, Topology};
 use tokio::task::JoinSet;
 
 use crate::broker::{within, Broker};
 use crate::budget::Budget;
+use crate::context::LaneContext;
 use crate::health::Readiness;
-use crate::lane::{run_lane, LaneContext};
+use crate::lane::run_lane;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, Relays};
 use crate::smtp::RelayClient;
@@ -93,7 +95,7 @@ pub async fn run(
             anyhow::Ok(declared)
         };
         let declared = match tokio::time::timeout(broker::BROKER_DEADLINE, declared).await {
-            Ok(Ok(Err(mismatch @ TopologyError::Mismatch { .. }))) => {
+            Ok(Ok(Err(mismatch))) if mismatch.is_mismatch() => {
                 // An older version's queues: retrying cannot help, the operator must migrate.
                 broker.close("topology mismatch").await;
                 return Err(mismatch.into());

@@ -1,15 +1,106 @@
 //! One job in a lane: parse, ensure a session, attempt, settle. Every broker action happens
 //! in the last step, through [`crate::settle`].
 
+use std::time::Duration;
+
 use anyhow::Context;
 use lapin::message::Delivery;
+use prometheus::IntGauge;
 use sluice_shared::Job;
 
+use crate::budget::Pacer;
+use crate::context::LaneContext;
 use crate::deliver::{self, PreparedMessage};
 use crate::feed::Feed;
-use crate::lane::Lane;
+use crate::relay::Relay;
 use crate::settle::{Action, AttemptInfo, Outcome};
+use crate::smtp::SmtpSession;
 use crate::tracing_spans::{DeliverAttributes, DeliverSpan};
+
+/// What a lane needs to send jobs while it holds a slot: its relay, its session, its pace.
+pub struct Sender<'a> {
+    pub ctx: &'a LaneContext,
+    pub relay: &'a Relay,
+    session: Option<LaneSession>,
+    pacer: Pacer,
+    /// Time spent in SMTP transactions (what the lane's window is sized by).
+    pub sending: Duration,
+}
+
+impl<'a> Sender<'a> {
+    /// A sender for a slot of `relay` taken just now (no session yet).
+    pub fn new(ctx: &'a LaneContext, relay: &'a Relay) -> Self {
+        Self {
+            ctx,
+            relay,
+            session: None,
+            pacer: Pacer::new(relay.rate_share),
+            sending: Duration::ZERO,
+        }
+    }
+
+    /// Open a session with the relay, marking the relay up or down.
+    pub async fn open_session(&mut self) -> bool {
+        match self.relay.client.open().await {
+            Ok(session) => {
+                self.relay.health.mark_up();
+                let open = self.ctx.metrics.sessions_open(self.relay.name());
+                self.session = Some(LaneSession::new(session, open));
+                true
+            }
+            Err(error) => {
+                self.relay.health.mark_down(&error);
+                false
+            }
+        }
+    }
+
+    /// Say QUIT, if a session is open.
+    pub async fn close_session(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.close().await;
+        }
+    }
+}
+
+/// An open SMTP session, counted in `sluice_smtp_sessions_open` for exactly as long as it
+/// lives: dropping it (a broken session, an aborted lane) drops the connection and the
+/// count together.
+pub struct LaneSession {
+    /// `Some` until [`LaneSession::close`].
+    session: Option<SmtpSession>,
+    open: IntGauge,
+}
+
+impl LaneSession {
+    fn new(session: SmtpSession, open: IntGauge) -> Self {
+        open.inc();
+        Self {
+            session: Some(session),
+            open,
+        }
+    }
+
+    /// The session itself.
+    pub fn smtp(&mut self) -> &mut SmtpSession {
+        self.session
+            .as_mut()
+            .expect("a session is open until closed")
+    }
+
+    /// Say QUIT and close.
+    pub async fn close(mut self) {
+        if let Some(session) = self.session.take() {
+            session.close().await;
+        }
+    }
+}
+
+impl Drop for LaneSession {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
 
 /// What the lane does after a job.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,16 +126,16 @@ struct Parsed {
 
 /// Deliver one job of the `index`-th queue of `feed` and settle it.
 pub(crate) async fn deliver_one(
-    lane: &mut Lane<'_>,
+    sender: &mut Sender<'_>,
     feed: &mut Feed,
     index: usize,
     delivery: Delivery,
 ) -> anyhow::Result<Next> {
-    let ctx = lane.ctx;
+    let ctx = sender.ctx;
     let source_relay = feed.relay(index).to_string();
     ctx.metrics.received(&source_relay);
     let parsed = parse(&delivery, ctx.max_message_bytes);
-    let span = start_span(lane, &source_relay, &delivery, &parsed);
+    let span = start_span(sender, &source_relay, &delivery, &parsed);
 
     let outcome = match &parsed.message {
         Err(reason) => {
@@ -53,10 +144,10 @@ pub(crate) async fn deliver_one(
                 reason: reason.clone(),
             }
         }
-        Ok(message) => attempt(lane, &span, message).await?,
+        Ok(message) => attempt(sender, &span, message).await?,
     };
     if let Outcome::RelayFault { code, reply } = &outcome {
-        lane.relay.health.mark_down(&format!(
+        sender.relay.health.mark_down(&format!(
             "it refuses us, not the recipient: {} {reply}",
             code.unwrap_or(0)
         ));
@@ -66,9 +157,9 @@ pub(crate) async fn deliver_one(
         Ok(job) => (job.campaign_or_default(), job.to.as_str()),
         Err(_) => ("default", ""),
     };
-    log(&outcome, &parsed.id, lane.relay.name());
+    log(&outcome, &parsed.id, sender.relay.name());
     let info = AttemptInfo {
-        via_relay: lane.relay.name(),
+        via_relay: sender.relay.name(),
         job_id: &parsed.id,
         campaign,
         to,
@@ -77,11 +168,15 @@ pub(crate) async fn deliver_one(
     let settled = feed.settler(index).settle(&delivery, &info, &outcome).await;
     match &settled {
         Ok(Action::Requeue) => span.requeued(outcome.reply()),
-        Ok(_) => span.finish(&outcome),
+        Ok(_) => span.finish(
+            outcome.smtp_code(),
+            matches!(outcome, Outcome::Delivered { .. }),
+            outcome.reply(),
+        ),
         Err(e) => span.failed(e),
     }
     let action = settled.with_context(|| format!("settling job {}", parsed.id))?;
-    if action == Action::Requeue || lane.relay.health.record_refusal(&outcome, to) {
+    if action == Action::Requeue || sender.relay.health.record_refusal(&outcome, to) {
         return Ok(Next::GiveUpSlot);
     }
     Ok(Next::Continue)
@@ -107,7 +202,7 @@ fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
 }
 
 fn start_span(
-    lane: &Lane<'_>,
+    sender: &Sender<'_>,
     source_relay: &str,
     delivery: &Delivery,
     parsed: &Parsed,
@@ -115,10 +210,10 @@ fn start_span(
     let incoming = delivery.properties.headers().as_ref();
     // Builds nothing (the closure is not even called) when tracing is off.
     DeliverSpan::start(incoming, || DeliverAttributes {
-        queue: lane.ctx.topology.jobs_queue(source_relay).into(),
+        queue: sender.ctx.topology.jobs_queue(source_relay).into(),
         message_id: &parsed.id,
         routing_key: delivery.routing_key.as_str(),
-        relay: lane.relay.name(),
+        relay: sender.relay.name(),
         campaign: parsed
             .job
             .as_ref()
@@ -131,11 +226,11 @@ fn start_span(
 
 /// Hand the message to the relay, within the lane's pace, through an open session.
 async fn attempt(
-    lane: &mut Lane<'_>,
+    sender: &mut Sender<'_>,
     span: &DeliverSpan,
     message: &PreparedMessage,
 ) -> anyhow::Result<Outcome> {
-    let ctx = lane.ctx;
+    let ctx = sender.ctx;
     if !ctx.broker.fence_open() {
         return Err(FenceClosed.into());
     }
@@ -144,24 +239,24 @@ async fn attempt(
             why: "the broker blocks publishing; requeued untouched".into(),
         });
     }
-    if !ensure_session(lane, span).await {
+    if !ensure_session(sender, span).await {
         return Ok(Outcome::NotAttempted {
             why: "no SMTP session to the relay; requeued untouched".into(),
         });
     }
-    lane.pacer.wait_turn().await;
+    sender.pacer.wait_turn().await;
     if !ctx.broker.fence_open() {
         return Err(FenceClosed.into());
     }
-    let settings = lane.relay.client.settings();
+    let settings = sender.relay.client.settings();
     let send = span.child(
         "smtp.send",
-        lane.relay.name(),
+        sender.relay.name(),
         &settings.host,
         settings.port,
     );
     let started = std::time::Instant::now();
-    let session = lane.session.as_mut().expect("a session is open");
+    let session = sender.session.as_mut().expect("a session is open");
     let outcome = deliver::attempt(session.smtp(), message).await;
     send.end(
         outcome.smtp_code(),
@@ -169,36 +264,36 @@ async fn attempt(
         outcome.reply(),
     );
     let took = started.elapsed();
-    lane.sending += took;
+    sender.sending += took;
     ctx.metrics
-        .send_seconds(lane.relay.name(), took.as_secs_f64());
+        .send_seconds(sender.relay.name(), took.as_secs_f64());
     if !session.smtp().is_usable() {
         // A timeout or a broken connection: nothing said on it can be trusted.
-        lane.session = None;
+        sender.session = None;
     }
     Ok(outcome)
 }
 
 /// Make sure the lane has a usable session with room for one more message.
-async fn ensure_session(lane: &mut Lane<'_>, span: &DeliverSpan) -> bool {
-    let settings = lane.relay.client.settings();
-    let reusable = lane.session.as_mut().is_some_and(|s| {
+async fn ensure_session(sender: &mut Sender<'_>, span: &DeliverSpan) -> bool {
+    let settings = sender.relay.client.settings();
+    let reusable = sender.session.as_mut().is_some_and(|s| {
         let smtp = s.smtp();
         smtp.is_usable() && smtp.sent() < settings.max_messages_per_connection
     });
     if reusable {
         return true;
     }
-    if let Some(old) = lane.session.take() {
+    if let Some(old) = sender.session.take() {
         old.close().await;
     }
     let connect = span.child(
         "smtp.connect",
-        lane.relay.name(),
+        sender.relay.name(),
         &settings.host,
         settings.port,
     );
-    let opened = lane.open_session().await;
+    let opened = sender.open_session().await;
     connect.end(None, opened, "cannot open an SMTP session");
     opened
 }

@@ -14,8 +14,6 @@ use opentelemetry::{Context, KeyValue};
 use sluice_shared::events::EventOutcome;
 use sluice_shared::{telemetry, trace_context};
 
-use crate::settle::Outcome;
-
 /// What a `deliver` span is about; only read when tracing is on.
 pub struct DeliverAttributes<'a> {
     /// The queue the job was consumed from.
@@ -113,16 +111,16 @@ impl DeliverSpan {
         }
     }
 
-    /// Record how the attempt ended and end the span: an error status for every outcome
-    /// but delivered.
-    pub fn finish(self, outcome: &Outcome) {
+    /// Record how the attempt ended and end the span: the relay's reply code, and an error
+    /// status with the reply for every outcome but delivered.
+    pub fn finish(self, code: Option<u16>, delivered: bool, reply: &str) {
         let Some(cx) = self.cx else { return };
         let span = cx.span();
-        if let Some(code) = outcome.smtp_code() {
+        if let Some(code) = code {
             span.set_attribute(KeyValue::new("smtp.reply.code", i64::from(code)));
         }
-        if !matches!(outcome, Outcome::Delivered { .. }) {
-            span.set_status(Status::error(outcome.reply().to_string()));
+        if !delivered {
+            span.set_status(Status::error(reply.to_string()));
         }
         span.end();
     }

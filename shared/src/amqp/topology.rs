@@ -322,9 +322,6 @@ impl TopologyError {
     }
 }
 
-/// A lapin error, for callers that handle every broker failure alike; the message of a
-/// mismatch is kept.
-
 /// Turn RabbitMQ's "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
 /// 'quorum' but current is 'classic'" into "is a classic queue, sluice now needs quorum".
 fn describe_inequivalence(text: &str) -> String {

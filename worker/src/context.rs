@@ -1,0 +1,22 @@
+//! What every lane of a worker shares, built once per broker connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_shared::shutdown::Shutdown;
+use sluice_shared::Topology;
+
+use crate::broker::Broker;
+use crate::metrics::Metrics;
+use crate::relay::Relays;
+
+/// What every lane of a worker shares.
+pub struct LaneContext {
+    pub broker: Arc<Broker>,
+    pub topology: Topology,
+    pub relays: Arc<Relays>,
+    pub delays: Arc<[Duration]>,
+    pub max_message_bytes: usize,
+    pub metrics: Metrics,
+    pub shutdown: Shutdown,
+}
