@@ -32,10 +32,10 @@ use sluice_shared::amqp::topology::{QueueSpec, QueueState};
 use sluice_shared::headers;
 use sluice_shared::{Settings, Topology};
 
-use crate::cli::{DeadFilter, DeadListArgs, DeadPurgeArgs, DeadReplayArgs, RelayChoice};
+use crate::cli::{DeadFilter, DeadListArgs, DeadPurgeArgs, DeadReplayArgs};
 use crate::exit::{Status, UsageError};
 use crate::publish::{Outgoing, Publisher, Setup, PERSISTENT};
-use crate::send::DEFAULT_RELAY;
+use crate::relays::chosen_relays;
 use crate::transfer::Transfer;
 
 /// Replayed messages in flight (published, not yet confirmed), at most.
@@ -117,35 +117,6 @@ impl DeadFilter {
             parts.push(format!("campaign {campaign:?}"));
         }
         parts.join(" and ")
-    }
-}
-
-/// The relays a `dead` command acts on: `--relay`, else every configured relay, else
-/// `primary`. A relay no longer configured may still have dead jobs, so any name goes.
-pub fn chosen_relays(settings: &Settings, choice: &RelayChoice) -> Result<Vec<String>, UsageError> {
-    match &choice.relay {
-        Some(name) => {
-            check_relay_name(name)?;
-            Ok(vec![name.clone()])
-        }
-        None if settings.relays.is_empty() => Ok(vec![DEFAULT_RELAY.to_string()]),
-        None => Ok(settings.relays.keys().cloned().collect()),
-    }
-}
-
-/// A relay name goes into queue names: letters, digits, '-' and '_'.
-pub fn check_relay_name(name: &str) -> Result<(), UsageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(UsageError(format!(
-            "--relay {name:?}: a relay name uses letters, digits, '-' and '_'"
-        )))
     }
 }
 

@@ -13,6 +13,8 @@
 //! - [`migrate`]: `migrate-queues`: recreate the queues an older sluice declared differently.
 //! - [`transfer`]: moving messages between queues, each copy confirmed before its original
 //!   is removed.
+//! - [`relays`]: which relay a command acts on.
+//! - [`summary`]: the campaign summary message between `send` and `watch`.
 //! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`exit`]: outcomes and errors → exit codes.
 
@@ -23,8 +25,10 @@ pub mod exit;
 pub mod migrate;
 pub mod progress;
 pub mod publish;
+pub mod relays;
 pub mod rows;
 pub mod send;
+pub mod summary;
 pub mod transfer;
 pub mod validate;
 pub mod watch;

@@ -25,9 +25,8 @@ use sluice_shared::amqp::topology::{QueueSpec, QueueState, TopologyError};
 use sluice_shared::{Settings, Topology};
 
 use crate::cli::MigrateArgs;
-use crate::dead::check_relay_name;
 use crate::exit::{Status, UsageError};
-use crate::send::DEFAULT_RELAY;
+use crate::relays::{check_relay_name, DEFAULT_RELAY};
 use crate::transfer::{kept_properties, Transfer};
 
 /// Where a message's expiration waits while it is in the temporary queue.

@@ -27,16 +27,12 @@ use crate::progress::Progress;
 use crate::publish::{
     int_header, job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT,
 };
+use crate::relays::choose_relay;
 use crate::rows::{Limits, RawRecord};
+use crate::summary::{EXPECTED_HEADER, SUMMARY_KIND};
 use crate::validate::{validate_rows, Validation};
 use crate::watch;
 
-/// Relay name used when the configuration names none.
-pub const DEFAULT_RELAY: &str = "primary";
-/// AMQP `type` of the message that tells `watch` how many jobs a campaign has.
-pub const SUMMARY_KIND: &str = "campaign-summary";
-/// Header of the summary message: the number of jobs published.
-pub const EXPECTED_HEADER: &str = "x-sluice-expected";
 /// Messages published and not yet confirmed, at most.
 pub const CONFIRM_WINDOW: usize = 1000;
 /// Read buffer of the recipients file.
@@ -162,37 +158,6 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         println!("published {published} jobs");
     }
     Ok(Status::Success)
-}
-
-/// The relay whose queue takes the jobs: `--relay`, else the only configured one, else
-/// `primary` when none is configured.
-pub fn choose_relay(settings: &Settings, asked: Option<&str>) -> Result<String, UsageError> {
-    let configured: Vec<&String> = settings.relays.keys().collect();
-    match (asked, configured.as_slice()) {
-        (Some(name), []) => {
-            crate::dead::check_relay_name(name)?;
-            Ok(name.to_string())
-        }
-        (Some(name), _) if settings.relays.contains_key(name) => Ok(name.to_string()),
-        (Some(name), names) => Err(UsageError(format!(
-            "--relay {name}: no such relay in the configuration (configured: {})",
-            join(names)
-        ))),
-        (None, []) => Ok(DEFAULT_RELAY.to_string()),
-        (None, [only]) => Ok(only.to_string()),
-        (None, names) => Err(UsageError(format!(
-            "several relays are configured ({}): choose one with --relay",
-            join(names)
-        ))),
-    }
-}
-
-fn join(names: &[&String]) -> String {
-    names
-        .iter()
-        .map(|n| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// `--from` and `--return-path` are the same for every row: check them once, up front.

@@ -27,7 +27,7 @@ use crate::cli::WatchArgs;
 use crate::exit::Status;
 use crate::progress::Progress;
 use crate::publish::PERSISTENT;
-use crate::send::{EXPECTED_HEADER, SUMMARY_KIND};
+use crate::summary::{EXPECTED_HEADER, SUMMARY_KIND};
 
 /// Events handed to `watch` before it acknowledges them.
 const PREFETCH: u16 = 500;

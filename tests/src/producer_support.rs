@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -19,8 +18,6 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sluice_tests::broker::{TestNamespace, AMQP_URL};
 use sluice_tests::processes::{bin, config_toml, ConfigFile};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// A namespace of its own, a config file naming it (relay `primary`), and a scratch
 /// directory for CSV and template files. Everything it created on the broker is deleted
@@ -364,66 +361,6 @@ impl Run {
             .lines()
             .find(|l| l.starts_with(&prefix))
             .unwrap_or_else(|| panic!("no problem reported on line {line}:\n{}", self.stderr))
-    }
-}
-
-/// A TCP proxy to RabbitMQ whose connections can all be cut at once (the listener stays, so
-/// clients can reconnect through it).
-pub struct CuttingProxy {
-    pub port: u16,
-    cut: watch::Sender<u64>,
-    connections: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl CuttingProxy {
-    /// Listen on a free port and forward to 127.0.0.1:5672.
-    pub async fn start() -> CuttingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let (cut, _) = watch::channel(0u64);
-        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let cut_rx = cut.subscribe();
-        let count = connections.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut cut_rx = cut_rx.clone();
-                let generation = *cut_rx.borrow_and_update();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect("127.0.0.1:5672").await else {
-                        return;
-                    };
-                    let (mut client, mut server) = (client, server);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut_rx.wait_for(|g| *g != generation) => {}
-                    }
-                });
-            }
-        });
-        CuttingProxy {
-            port,
-            cut,
-            connections,
-        }
-    }
-
-    /// Drop every connection open now.
-    pub fn cut(&self) {
-        self.cut.send_modify(|g| *g += 1);
-    }
-
-    /// Connections accepted so far.
-    pub fn connections(&self) -> u64 {
-        self.connections.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// AMQP URL through the proxy.
-    pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 }
 

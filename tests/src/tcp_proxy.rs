@@ -6,6 +6,8 @@
 //! reached directly, stays up.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -27,6 +29,7 @@ struct Control {
 /// closes the listener and every connection it holds.
 pub struct TcpProxy {
     addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
     control: watch::Sender<Control>,
     accept: JoinHandle<()>,
 }
@@ -39,9 +42,16 @@ impl TcpProxy {
             .expect("bind the proxy on 127.0.0.1:0");
         let addr = listener.local_addr().expect("proxy address");
         let (control, _) = watch::channel(Control::default());
-        let accept = tokio::spawn(accept_loop(listener, upstream, control.subscribe()));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            control.subscribe(),
+            accepted.clone(),
+        ));
         Self {
             addr,
+            accepted,
             control,
             accept,
         }
@@ -50,6 +60,11 @@ impl TcpProxy {
     /// Where clients connect instead of the upstream.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections accepted so far (a client that reconnects counts again).
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// The proxy's port on 127.0.0.1.
@@ -99,8 +114,10 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     control: watch::Receiver<Control>,
+    accepted: Arc<AtomicU64>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(relay(client, upstream, control.clone()));
     }
 }

@@ -74,6 +74,11 @@ async fn a_memory_alarm_mid_campaign_loses_nothing_and_the_worker_recovers_by_it
     );
     assert!(readyz.contains("blocked"), "{readyz}");
     assert_eq!(sample(&scrape, "sluice_broker_blocked"), Some(1.0));
+    assert_eq!(
+        sample(&scrape, "sluice_budget_slots_held{relay=\"primary\"}"),
+        Some(0.0),
+        "blocked, the worker must give its slots back"
+    );
     // While blocked, nothing new is sent.
     let during = smtp.accepted_count();
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -232,4 +232,12 @@ async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
     );
     let duplicates = smtp.accepted_count() - ROWS;
     eprintln!("broker restart: {ROWS} delivered, {duplicates} duplicates (at least once)");
+    // Every session repeats at most its ack batch plus the message in flight; the producer
+    // publishes again at most what was unconfirmed (its confirm window).
+    let bound =
+        4 * sluice_worker::settle::MAX_REPEATED_PER_SESSION + sluice_producer::send::CONFIRM_WINDOW;
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates, more than the design's {bound}"
+    );
 }

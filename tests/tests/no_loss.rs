@@ -241,9 +241,10 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
     let ns = TestNamespace::new("bouncekeep", &["primary"], 2).await;
+    // The relay refuses k-1 once, wrongly: its next answer is yes.
     let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
         "k-1@example.org",
-        &["550 5.1.1 no such user"],
+        &["550 5.1.1 no such user", "250 2.1.5 ok"],
     ))
     .await;
     let config = ConfigFile::new(&config_toml(
@@ -269,4 +270,16 @@ async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
     assert!(text.contains("k-1"), "{text}");
     assert!(text.contains("bounced"), "{text}");
     assert!(text.contains("5.1.1"), "{text}");
+
+    // After a look, the operator sends the bounces again.
+    let replayed = run_producer(&config.path, &["dead", "replay", "--reason", "bounced"]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert_eq!(smtp.wait_for_accepted(3, Duration::from_secs(20)).await, 3);
+    assert!(recipients(&smtp).contains("k-1@example.org"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ns.queue_len(&dead).await == 0
+        })
+        .await
+    );
 }

@@ -7,8 +7,9 @@ mod producer_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use producer_support::{run_producer_raw, CuttingProxy, ProducerEnv};
+use producer_support::{run_producer_raw, ProducerEnv};
 use sluice_shared::Job;
+use sluice_tests::tcp_proxy::TcpProxy;
 
 const FROM: &str = "Example News <news@example.com>";
 
@@ -349,12 +350,13 @@ async fn usage_and_configuration_errors_have_their_own_exit_codes() {
 #[tokio::test]
 async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
     let env = ProducerEnv::new("preconnect").await;
-    let proxy = CuttingProxy::start().await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
     let config = env.file(
         "proxied.toml",
         format!(
             "[amqp]\nurl = \"{}\"\nnamespace = \"{}\"\n[relays.primary]\nhost = \"127.0.0.1\"\n[retry]\ndelays = [\"1s\", \"2s\"]\n",
-            proxy.url(),
+            url,
             env.ns.name
         ),
     );
@@ -380,7 +382,7 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
             .await,
         "publishing did not start"
     );
-    proxy.cut();
+    proxy.close_all();
     let run = tokio::time::timeout(Duration::from_secs(120), producer)
         .await
         .expect("the producer finished")

@@ -95,6 +95,9 @@ impl Broker {
             0 => FALLBACK_HEARTBEAT,
             secs => Duration::from_secs(u64::from(secs)),
         };
+        // A new connection starts unblocked; the broker says so again if its alarm is on.
+        ready.set_blocked(false);
+        metrics.broker_blocked(false);
         let consume = Arc::new(consume);
         let publish = Arc::new(publish);
         let fence = Fence::new(heartbeat / 2);

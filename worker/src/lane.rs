@@ -117,6 +117,7 @@ async fn serve(
         queues: &queues,
         last_delivery: Instant::now(),
         last_recheck: Instant::now(),
+        draining: false,
     };
     if !lane.sender.open_session().await {
         return Ok(());
@@ -135,8 +136,10 @@ async fn serve(
 
 /// Why [`Lane::deliver_from`] returned.
 enum LaneEnd {
-    /// Idle, stop asked, relays changed, relay failed, broker blocked (`Ok`), or an error.
+    /// Idle, stop asked, relay failed, broker blocked (`Ok`), or an error.
     Stop(anyhow::Result<()>),
+    /// The queues this lane should serve changed (a failover began or ended).
+    Changed,
     /// The consumers were cancelled and everything they received is settled.
     StreamEnded,
     /// The number of deliveries asked for is done.
@@ -149,6 +152,8 @@ struct Lane<'a> {
     queues: &'a [String],
     last_delivery: Instant,
     last_recheck: Instant,
+    /// Consumers cancelled: deliver what was received, whatever changed meanwhile.
+    draining: bool,
 }
 
 impl Lane<'_> {
@@ -187,9 +192,16 @@ impl Lane<'_> {
                 end = self.deliver_from(&mut feed, None).await;
             }
         }
+        if matches!(end, LaneEnd::Changed) {
+            // Send what was already received before giving the slot back: returned jobs
+            // count towards a quorum queue's delivery limit (RabbitMQ 4 sets one).
+            feed.cancel().await;
+            self.draining = true;
+            end = self.deliver_from(&mut feed, None).await;
+        }
         let result = match end {
             LaneEnd::Stop(result) => result,
-            LaneEnd::StreamEnded | LaneEnd::Probed => Ok(()),
+            LaneEnd::StreamEnded | LaneEnd::Probed | LaneEnd::Changed => Ok(()),
         };
         // Ack what is settled, then stop taking jobs; closing the channels hands back
         // anything prefetched.
@@ -212,10 +224,10 @@ impl Lane<'_> {
             if ctx.shutdown.is_triggered() || ctx.broker.is_blocked() {
                 return LaneEnd::Stop(Ok(()));
             }
-            if self.last_recheck.elapsed() >= RECHECK {
+            if !self.draining && self.last_recheck.elapsed() >= RECHECK {
                 self.last_recheck = Instant::now();
                 if ctx.relays.served_by(self.sender.relay) != self.queues {
-                    return LaneEnd::Stop(Ok(()));
+                    return LaneEnd::Changed;
                 }
             }
             // Take the next delivery if it is already here; otherwise ack what is settled

@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::budget::{rate_share, Budget, RateShare};
@@ -61,7 +60,6 @@ pub struct RelayHealth {
     cooloff: Duration,
     down_until: Mutex<Option<Instant>>,
     streak: Mutex<RefusalStreak>,
-    changes: watch::Sender<u64>,
     metrics: Metrics,
 }
 
@@ -72,7 +70,6 @@ impl RelayHealth {
             cooloff,
             down_until: Mutex::new(None),
             streak: Mutex::new(RefusalStreak::new(refusals_before_down)),
-            changes: watch::channel(0).0,
             metrics,
         }
     }
@@ -99,7 +96,6 @@ impl RelayHealth {
         if was_up {
             tracing::warn!(relay = %self.relay, %error, cooloff = ?self.cooloff, "relay marked down");
             self.metrics.relay_up(&self.relay, false);
-            self.changes.send_modify(|n| *n += 1);
         } else {
             tracing::debug!(relay = %self.relay, %error, "relay still down");
         }
@@ -112,7 +108,6 @@ impl RelayHealth {
             drop(down);
             tracing::info!(relay = %self.relay, "relay answers again");
             self.metrics.relay_up(&self.relay, true);
-            self.changes.send_modify(|n| *n += 1);
         }
     }
 
@@ -132,11 +127,6 @@ impl RelayHealth {
             ));
         }
         tripped
-    }
-
-    /// Notified whenever the relay goes down or comes back.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
     }
 }
 
