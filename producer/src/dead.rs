@@ -22,7 +22,7 @@
 //! `bounced`); `--campaign` the job's `campaign` (`default` when it has none).
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 
 use anyhow::Context as _;
 use lapin::options::QueuePurgeOptions;
@@ -34,6 +34,7 @@ use sluice_shared::{Settings, Topology};
 
 use crate::cli::{DeadFilter, DeadListArgs, DeadPurgeArgs, DeadReplayArgs};
 use crate::exit::{Status, UsageError};
+use crate::prompt::confirm;
 use crate::publish::{Outgoing, Publisher, Setup, PERSISTENT};
 use crate::relays::chosen_relays;
 use crate::transfer::Transfer;
@@ -463,14 +464,6 @@ async fn purge_all(connection: &Connection, queue: &str) -> anyhow::Result<u32> 
         .with_context(|| format!("cannot purge {queue}"))?;
     let _ = channel.close(200, "purged".into()).await;
     Ok(purged)
-}
-
-fn confirm(question: &str) -> anyhow::Result<bool> {
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //!   is removed.
 //! - [`relays`]: which relay a command acts on.
 //! - [`summary`]: the campaign summary message between `send` and `watch`.
+//! - [`prompt`]: asking before destroying.
 //! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`exit`]: outcomes and errors → exit codes.
 
@@ -24,6 +25,7 @@ pub mod dead;
 pub mod exit;
 pub mod migrate;
 pub mod progress;
+pub mod prompt;
 pub mod publish;
 pub mod relays;
 pub mod rows;

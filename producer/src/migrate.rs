@@ -15,7 +15,7 @@
 //! 4 if a temporary queue is left). A copy's expiration is kept aside in a header while it
 //! sits in the temporary queue (which has no dead-letter target), and restored after.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 
 use anyhow::Context as _;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -26,6 +26,7 @@ use sluice_shared::{Settings, Topology};
 
 use crate::cli::MigrateArgs;
 use crate::exit::{Status, UsageError};
+use crate::prompt::confirm;
 use crate::relays::{check_relay_name, DEFAULT_RELAY};
 use crate::transfer::{kept_properties, Transfer};
 
@@ -335,14 +336,6 @@ async fn delete(connection: &Connection, queue: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot delete {queue}"))?;
     let _ = channel.close(200, "deleted".into()).await;
     Ok(())
-}
-
-fn confirm(question: &str) -> anyhow::Result<bool> {
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 #[cfg(test)]
