@@ -38,6 +38,10 @@ const DEFAULT_HEARTBEAT_SECS: u16 = 15;
 /// 32 KiB frame; larger ones are split, as AMQP does anyway.
 const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
+/// How long one node may take to accept a connection (TCP, TLS, AMQP handshake) before
+/// the next URL is tried: a node behind a silent network must not hold a client for ever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl AmqpSettings {
     /// One connection attempt on each URL of `amqp.url` in turn, from a random one, until
     /// one answers. `name` shows in the management UI (`sluice-worker`, ...).
@@ -48,7 +52,13 @@ impl AmqpSettings {
         let mut failures = Vec::new();
         for i in 0..urls.len() {
             let url = urls[(start + i) % urls.len()];
-            match connect_one(url, name, tls.clone()).await {
+            let attempt =
+                tokio::time::timeout(CONNECT_TIMEOUT, connect_one(url, name, tls.clone()));
+            let attempt = match attempt.await {
+                Ok(attempt) => attempt.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+            };
+            match attempt {
                 Ok(connection) => {
                     if !failures.is_empty() {
                         tracing::info!(
@@ -61,7 +71,7 @@ impl AmqpSettings {
                 Err(e) => failures.push(format!(
                     "{}: {}",
                     crate::config::redact_url(url),
-                    mask_secret(&e.to_string(), self.url.expose())
+                    mask_secret(&e, self.url.expose())
                 )),
             }
         }
@@ -183,6 +193,29 @@ fn password_of(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_node_that_accepts_but_never_answers_is_given_up_on() {
+        // The kernel completes the TCP handshake into the backlog; nothing ever speaks AMQP.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let settings = AmqpSettings {
+            url: crate::config::SecretUrl::new(&format!(
+                "amqp://sluice:S3cr3tPw@127.0.0.1:{port}/%2f"
+            )),
+            ..AmqpSettings::default()
+        };
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(CONNECT_TIMEOUT * 2, settings.connect("test"))
+            .await
+            .expect("connect gives up on a silent node")
+            .expect_err("a silent node is no connection");
+        assert!(started.elapsed() >= CONNECT_TIMEOUT);
+        let text = e.to_string();
+        assert!(text.contains("no answer within"), "{text}");
+        assert!(!text.contains("S3cr3tPw"), "{text}");
+        drop(silent);
+    }
 
     fn settings(ca_file: &str) -> AmqpSettings {
         AmqpSettings {
