@@ -200,7 +200,7 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = silent.local_addr().unwrap().port();
         let settings = AmqpSettings {
-            url: crate::config::SecretUrl::new(&format!(
+            url: crate::config::SecretUrl::new(format!(
                 "amqp://sluice:S3cr3tPw@127.0.0.1:{port}/%2f"
             )),
             ..AmqpSettings::default()
