@@ -94,6 +94,29 @@ impl TestNamespace {
         declared.map(|q| q.message_count()).unwrap_or(0)
     }
 
+    /// Whether a queue exists (a passive declaration); panics when the broker cannot say.
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = channel.close(200, "ok".into()).await;
+                true
+            }
+            Err(e) if e.to_string().contains("NOT_FOUND") => false,
+            Err(e) => panic!("cannot tell whether {queue} exists: {e}"),
+        }
+    }
+
     /// Publish a raw body to the jobs exchange for `relay`, as another service would.
     pub async fn publish_raw(&self, relay: &str, message_id: &str, body: &[u8]) {
         self.publish_with(

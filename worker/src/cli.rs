@@ -38,6 +38,16 @@ pub enum Command {
     /// Print the effective configuration (file + environment + defaults) as JSON, with
     /// secrets masked, and exit; a bad key or value fails as it would at start.
     PrintConfig,
+    /// Try the configuration against the real broker and relays, one line per check:
+    /// every broker URL, every queue the worker would declare (absent is fine, another
+    /// type or other arguments is not), and one SMTP session per relay within its budget
+    /// (greeting, EHLO, STARTTLS and certificate, AUTH). Declares nothing, sends nothing.
+    /// Exit 0 when every check passed, 1 otherwise.
+    Check {
+        /// Only check this relay (repeatable; default: every configured relay).
+        #[arg(long = "relay", value_name = "NAME")]
+        relays: Vec<String>,
+    },
 }
 
 const AFTER_HELP: &str = "\

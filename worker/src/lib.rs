@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`cli`]: command-line arguments.
+//! - [`check`]: `sluice-worker check`, the configuration tried against the broker and relays.
 //! - [`broker`]: the two broker connections (consume, publish), the fence, the alarm watch.
 //! - [`context`]: what every lane shares.
 //! - [`lane`]: a lane's life — slot, session, channels, window.
@@ -20,6 +21,7 @@
 
 pub mod broker;
 pub mod budget;
+pub mod check;
 pub mod classify;
 pub mod cli;
 pub mod context;

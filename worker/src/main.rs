@@ -32,6 +32,16 @@ async fn main() -> ExitCode {
         println!("{json}");
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Check { relays }) = &cli.command {
+        return match sluice_worker::check::run(&settings, relays).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("sluice-worker: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let shutdown = sluice_shared::shutdown::Shutdown::on_signals();
     match sluice_worker::run(settings, cli.relays, cli.listen, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
