@@ -57,7 +57,10 @@ fn the_example_config_loads_documents_every_key_and_states_the_real_defaults() {
             let line = line.trim_start_matches(['#', ' ']);
             line.starts_with(&format!("{name} ="))
         });
-        assert!(mentioned, "deploy/sluice.example.toml does not document {key}");
+        assert!(
+            mentioned,
+            "deploy/sluice.example.toml does not document {key}"
+        );
     }
 
     // The values it sets are the defaults: the same as a config that sets nothing but a

@@ -122,15 +122,18 @@ async fn serve(
     if !lane.sender.open_session().await {
         return Ok(());
     }
-    let result = match Publisher::open(&ctx.broker).await {
-        Ok(publisher) => {
-            let result = lane.consume(&publisher).await;
-            publisher.close().await;
-            result
+    let publisher = match Publisher::open(&ctx.broker).await {
+        Ok(publisher) => publisher,
+        Err(e) => {
+            lane.sender.close_session().await;
+            return Err(e.into());
         }
-        Err(e) => Err(e.into()),
     };
+    let result = lane.consume(&publisher).await;
     lane.sender.close_session().await;
+    // Closing the publishing channel waits for the broker, which may be blocking us: the
+    // slot must not wait for it.
+    tokio::spawn(async move { publisher.close().await });
     result
 }
 
