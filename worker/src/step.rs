@@ -8,12 +8,13 @@ use lapin::message::Delivery;
 use prometheus::IntGauge;
 use sluice_shared::Job;
 
+use crate::broker::BrokerError;
 use crate::budget::Pacer;
 use crate::context::LaneContext;
 use crate::deliver::{self, PreparedMessage};
 use crate::feed::Feed;
 use crate::relay::Relay;
-use crate::settle::{Action, AttemptInfo, Outcome};
+use crate::settle::{Action, AttemptInfo, Outcome, SettleError};
 use crate::smtp::SmtpSession;
 use crate::tracing_spans::{DeliverAttributes, DeliverSpan};
 
@@ -175,7 +176,12 @@ pub(crate) async fn deliver_one(
         ),
         Err(e) => span.failed(e),
     }
-    let action = settled.with_context(|| format!("settling job {}", parsed.id))?;
+    let action = match settled {
+        // Not a failure of the lane: it gives its slot back and waits for the broker to
+        // unblock; the job, unacknowledged, goes back to its queue with the channel.
+        Err(SettleError::Broker(BrokerError::Blocked { .. })) => return Ok(Next::GiveUpSlot),
+        settled => settled.with_context(|| format!("settling job {}", parsed.id))?,
+    };
     if action == Action::Requeue || sender.relay.health.record_refusal(&outcome, to) {
         return Ok(Next::GiveUpSlot);
     }
