@@ -400,7 +400,7 @@ impl SmtpSession {
         }
         let reply = self.conn.command(Data).await;
         self.finish(Stage::Data, reply).await?;
-        let reply = self.conn.message(message).await;
+        let reply = self.conn.message(&crlf_line_endings(message)).await;
         self.finish(Stage::Content, reply).await
     }
 
@@ -447,22 +447,67 @@ impl SmtpSession {
     }
 }
 
-/// Message content as sent after DATA's 354: a dot at the start of a line is doubled
-/// (RFC 5321 4.5.2), and the content ends with `CRLF . CRLF`.
+/// Message content as sent after DATA's 354: every line ends with CRLF (a bare CR or LF
+/// becomes CRLF), a dot at the start of a line is doubled (RFC 5321 4.5.2), and the
+/// content ends with `CRLF . CRLF`. So no lone dot (`<CR>.<CR>`, `<LF>.<LF>`...) can end
+/// the message early at a relay that accepts other line endings than CRLF.
 struct DataContent<'a>(&'a str);
 
 impl std::fmt::Display for DataContent<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut at_line_start = true;
-        for line in self.0.split_inclusive("\r\n") {
-            if at_line_start && line.starts_with('.') {
+        let mut rest = self.0;
+        while !rest.is_empty() {
+            let (line, ending) = match rest.find(['\r', '\n']) {
+                Some(at) => (&rest[..at], Some(at)),
+                None => (rest, None),
+            };
+            if line.starts_with('.') {
                 f.write_str(".")?;
             }
             f.write_str(line)?;
-            at_line_start = line.ends_with("\r\n");
+            rest = match ending {
+                None => "",
+                Some(at) => {
+                    f.write_str("\r\n")?;
+                    let after = &rest[at..];
+                    let length = if after.starts_with("\r\n") { 2 } else { 1 };
+                    &after[length..]
+                }
+            };
         }
         f.write_str("\r\n.\r\n")
     }
+}
+
+/// The message with every line ending CRLF: a bare CR or a bare LF becomes CRLF. lettre's
+/// `message()` dot-stuffs only after CRLF, so a `<CR>.<CR>` or `<LF>.<LF>` left in would
+/// reach the relay as a lone dot some relays take for the end of the message (SMTP
+/// smuggling). Borrowed when there is nothing to change.
+fn crlf_line_endings(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let bare = message.iter().enumerate().any(|(i, &b)| match b {
+        b'\r' => message.get(i + 1) != Some(&b'\n'),
+        b'\n' => i == 0 || message[i - 1] != b'\r',
+        _ => false,
+    });
+    if !bare {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                // CRLF is one line ending, not two.
+                if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Send EHLO again and look for PIPELINING among the keywords.
@@ -518,7 +563,7 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::DataContent;
+    use super::{crlf_line_endings, DataContent};
 
     #[test]
     fn content_is_dot_stuffed_and_terminated() {
@@ -526,10 +571,67 @@ mod tests {
             ("Hello\r\n", "Hello\r\n\r\n.\r\n"),
             (".hidden\r\nline\r\n", "..hidden\r\nline\r\n\r\n.\r\n"),
             ("a\r\n.\r\nb.c\r\n..x", "a\r\n..\r\nb.c\r\n...x\r\n.\r\n"),
-            ("no\nbare.\n.lf", "no\nbare.\n.lf\r\n.\r\n"),
         ];
         for (content, wire) in cases {
             assert_eq!(DataContent(content).to_string(), wire, "{content:?}");
         }
+    }
+
+    /// The SMTP-smuggling primitives, whatever line ending surrounds the dot.
+    const SMUGGLING: [(&str, &str); 6] = [
+        ("a\r.\rb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\n.\r\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\r\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\r\n.\rb", "a\r\n..\r\nb\r\n.\r\n"),
+        (".\r.\n.", "..\r\n..\r\n..\r\n.\r\n"),
+    ];
+
+    #[test]
+    fn bare_cr_and_lf_become_crlf_and_every_lone_dot_is_stuffed() {
+        let cases = [
+            ("no\nbare.\n.lf", "no\r\nbare.\r\n..lf\r\n.\r\n"),
+            ("cr\ronly", "cr\r\nonly\r\n.\r\n"),
+            ("\r\r\n\n", "\r\n\r\n\r\n\r\n.\r\n"),
+            ("ends\r", "ends\r\n\r\n.\r\n"),
+        ];
+        for (content, wire) in cases.into_iter().chain(SMUGGLING) {
+            let sent = DataContent(content).to_string();
+            assert_eq!(sent, wire, "{content:?}");
+            assert_only_the_last_line_is_a_dot(&sent);
+        }
+    }
+
+    #[test]
+    fn the_stepwise_path_gets_crlf_only_content() {
+        let cases: [(&[u8], &[u8]); 7] = [
+            (b"plain\r\ntext\r\n", b"plain\r\ntext\r\n"),
+            (b"a\r.\rb", b"a\r\n.\r\nb"),
+            (b"a\n.\nb", b"a\r\n.\r\nb"),
+            (b"a\n.\r\nb", b"a\r\n.\r\nb"),
+            (b"\r", b"\r\n"),
+            (b"\n", b"\r\n"),
+            (b"\n\r", b"\r\n\r\n"),
+        ];
+        for (content, normalised) in cases {
+            assert_eq!(
+                &*crlf_line_endings(content),
+                normalised,
+                "{:?}",
+                String::from_utf8_lossy(content)
+            );
+        }
+        assert!(matches!(
+            crlf_line_endings(b"clean\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    /// No line of the wire content but the last is a lone dot: nothing ends the DATA early.
+    fn assert_only_the_last_line_is_a_dot(wire: &str) {
+        let lines: Vec<&str> = wire.split("\r\n").collect();
+        assert!(!wire.replace("\r\n", "").contains(['\r', '\n']), "{wire:?}");
+        let dots: Vec<usize> = (0..lines.len()).filter(|&i| lines[i] == ".").collect();
+        assert_eq!(dots, [lines.len() - 2], "{wire:?}");
     }
 }
