@@ -99,3 +99,96 @@ async fn smuggling_sequences_in_a_job_never_reach_a_relay_without_pipelining() {
     )
     .await;
 }
+
+/// A job for `to`, published for `primary`.
+async fn publish_job_to(ns: &TestNamespace, id: &str, to: &str) {
+    let job = serde_json::json!({
+        "id": id, "campaign": "test", "from": "news@example.com", "to": to,
+        "subject": "Hi", "text": "Hello",
+    });
+    ns.publish_raw("primary", id, job.to_string().as_bytes())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idn_domain_reaches_a_relay_without_smtputf8_as_punycode() {
+    let ns = TestNamespace::new("idn", &["primary"], 1).await;
+    let smtp = ScriptedSmtp::start(Behaviour::accept_all().without_extension("SMTPUTF8")).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "")],
+        &["1s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+
+    publish_job_to(&ns, "idn-0", "ann@bücher.example").await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| seen
+                .iter()
+                .any(|e| e.outcome.is_final()))
+            .await,
+        "no final outcome: {:?}",
+        events.seen
+    );
+    assert_eq!(
+        events.seen.iter().map(|e| e.outcome).collect::<Vec<_>>(),
+        [EventOutcome::Delivered],
+        "{:?}",
+        events.seen
+    );
+    let accepted = smtp.accepted();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].rcpt_to, ["ann@xn--bcher-kva.example"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_ascii_local_part_bounces_at_once_on_a_relay_without_smtputf8_and_the_session_goes_on(
+) {
+    let ns = TestNamespace::new("utf8-local", &["primary"], 2).await;
+    let smtp = ScriptedSmtp::start(Behaviour::accept_all().without_extension("SMTPUTF8")).await;
+    // One session, and a refusal streak shorter than the jobs that cannot be sent: a
+    // local decision must neither tear the session down nor count as the relay's refusal.
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[(
+            "primary",
+            smtp.port(),
+            "max_connections = 1\nrefusals_before_down = 3\ndown_cooloff = \"60s\"",
+        )],
+        &["1s", "1s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+
+    for i in 0..5 {
+        publish_job_to(&ns, &format!("zoe-{i}"), &format!("zoë{i}@example.org")).await;
+    }
+    publish_job_to(&ns, "plain-0", "plain-0@example.org").await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| seen
+                .iter()
+                .filter(|e| e.outcome.is_final())
+                .count()
+                == 6)
+            .await,
+        "not every job ended: {:?}",
+        events.seen
+    );
+    for event in &events.seen {
+        if event.id.starts_with("zoe-") {
+            assert_eq!(event.outcome, EventOutcome::Bounced, "{event:?}");
+            let reply = event.smtp_reply.as_deref().unwrap_or("");
+            assert!(reply.contains("SMTPUTF8"), "{reply}");
+        } else {
+            assert_eq!(event.outcome, EventOutcome::Delivered, "{event:?}");
+        }
+    }
+    assert_eq!(events.seen.len(), 6, "no deferrals: {:?}", events.seen);
+    assert_eq!(smtp.accepted_count(), 1);
+    assert_eq!(smtp.sessions_total(), 1, "the session was torn down");
+}

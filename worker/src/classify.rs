@@ -33,6 +33,13 @@ pub fn classify(result: Result<(u16, String), SendError>) -> Outcome {
             reply: reason,
             retry_after: None,
         },
+        // Our own decision about this job, not the relay's reply: never a relay fault, and
+        // not at RCPT, so it never counts towards a refusal streak.
+        Err(SendError::Unsendable { code, text }) => Outcome::Bounced {
+            code,
+            reply: text,
+            at_rcpt: false,
+        },
     }
 }
 
@@ -250,6 +257,13 @@ mod tests {
             (reply(Data, 530, "5.7.0 Authentication required"), "relay fault"),
             (Err(SendError::Timeout(Duration::from_secs(1))), "deferred"),
             (Err(SendError::Connection("reset".into())), "deferred"),
+            (
+                Err(SendError::Unsendable {
+                    code: 553,
+                    text: "5.6.7 <zoë@example.org>: the local part is not ASCII".into(),
+                }),
+                "bounced",
+            ),
         ];
         for (result, expected) in cases {
             let text = format!("{result:?}");

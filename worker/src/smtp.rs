@@ -56,6 +56,10 @@ pub enum SendError {
     Timeout(Duration),
     /// The connection broke (reset, closed before the reply...).
     Connection(String),
+    /// This relay cannot take the message at all (an address it cannot carry): decided
+    /// here, before any command, so it is the job's permanent failure and says nothing
+    /// about the relay. The session stays usable.
+    Unsendable { code: u16, text: String },
 }
 
 /// Everything needed to open sessions with one relay; built once at start.
@@ -263,6 +267,12 @@ impl SmtpSession {
         message: &[u8],
     ) -> Result<Response, SendError> {
         self.sent += 1;
+        let smtputf8 = self
+            .conn
+            .server_info()
+            .supports_feature(lettre::transport::smtp::extension::Extension::SmtpUtfEight);
+        let envelope = &*envelope_for_relay(envelope, smtputf8)
+            .map_err(|text| SendError::Unsendable { code: 553, text })?;
         // The timeout covers the whole transaction: a relay that stalls at any command
         // (or after the final dot) defers the job instead of holding it forever.
         let timeout = self.command_timeout * 4;
@@ -370,8 +380,7 @@ impl SmtpSession {
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
         if !(envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)) {
             if !info.supports_feature(Extension::SmtpUtfEight) {
-                return Err(SendError::Reply {
-                    stage: Stage::Rcpt,
+                return Err(SendError::Unsendable {
                     code: 553,
                     text: "5.6.7 non-ASCII address but the relay does not offer SMTPUTF8".into(),
                 });
@@ -380,8 +389,7 @@ impl SmtpSession {
         }
         if !message.is_ascii() {
             if !info.supports_feature(Extension::EightBitMime) {
-                return Err(SendError::Reply {
-                    stage: Stage::Content,
+                return Err(SendError::Unsendable {
                     code: 554,
                     text: "5.6.1 8-bit content but the relay does not offer 8BITMIME".into(),
                 });
@@ -510,6 +518,43 @@ fn crlf_line_endings(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The envelope as this relay can take it. A relay that offers SMTPUTF8 takes any address;
+/// for one that does not, an internationalised domain goes as its punycode (A-label) form,
+/// which names the same domain, while a non-ASCII local part has no ASCII form at all: the
+/// job cannot go through this relay (the error is the reply text to report).
+fn envelope_for_relay(
+    envelope: &Envelope,
+    smtputf8: bool,
+) -> Result<std::borrow::Cow<'_, Envelope>, String> {
+    use std::borrow::Cow;
+    let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+    if smtputf8 || (envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)) {
+        return Ok(Cow::Borrowed(envelope));
+    }
+    let to_ascii = |address: &lettre::Address| -> Result<lettre::Address, String> {
+        if ascii(address) {
+            return Ok(address.clone());
+        }
+        if !address.user().is_ascii() {
+            return Err(format!(
+                "5.6.7 <{address}>: the local part is not ASCII and the relay does not offer SMTPUTF8"
+            ));
+        }
+        let domain = idna::domain_to_ascii(address.domain())
+            .map_err(|_| format!("5.1.2 <{address}>: the domain has no ASCII (punycode) form"))?;
+        lettre::Address::new(address.user(), domain).map_err(|e| format!("5.1.2 <{address}>: {e}"))
+    };
+    let from = envelope.from().map(to_ascii).transpose()?;
+    let to = envelope
+        .to()
+        .iter()
+        .map(to_ascii)
+        .collect::<Result<Vec<_>, _>>()?;
+    Envelope::new(from, to)
+        .map(Cow::Owned)
+        .map_err(|e| format!("5.1.3 {e}"))
+}
+
 /// Send EHLO again and look for PIPELINING among the keywords.
 async fn offers_pipelining(
     conn: &mut AsyncSmtpConnection,
@@ -563,7 +608,48 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{crlf_line_endings, DataContent};
+    use super::{crlf_line_endings, envelope_for_relay, DataContent};
+    use lettre::address::Envelope;
+
+    #[test]
+    fn a_relay_without_smtputf8_gets_punycode_domains_and_no_utf8_local_parts() {
+        let envelope = |to: &str| {
+            Envelope::new(
+                Some("news@example.com".parse().unwrap()),
+                vec![to.parse().unwrap()],
+            )
+            .unwrap()
+        };
+        let cases = [
+            ("ann@example.org", false, Ok("ann@example.org")),
+            ("ann@bücher.example", false, Ok("ann@xn--bcher-kva.example")),
+            ("ann@BÜCHER.example", false, Ok("ann@xn--bcher-kva.example")),
+            ("ann@例え.テスト", false, Ok("ann@xn--r8jz45g.xn--zckzah")),
+            ("zoë@example.org", false, Err("local part is not ASCII")),
+            ("zoë@bücher.example", false, Err("local part is not ASCII")),
+            // A relay that offers SMTPUTF8 takes them as they are.
+            ("ann@bücher.example", true, Ok("ann@bücher.example")),
+            ("zoë@example.org", true, Ok("zoë@example.org")),
+        ];
+        for (to, smtputf8, expected) in cases {
+            let original = envelope(to);
+            let sent = envelope_for_relay(&original, smtputf8);
+            match (sent, expected) {
+                (Ok(sent), Ok(address)) => {
+                    assert_eq!(sent.to()[0].to_string(), address, "{to}");
+                    assert_eq!(sent.from().unwrap().to_string(), "news@example.com");
+                }
+                (Err(text), Err(needle)) => {
+                    assert!(text.contains(needle) && text.contains("SMTPUTF8"), "{text}");
+                    assert!(text.starts_with("5.6.7 "), "{text}");
+                }
+                (sent, expected) => panic!(
+                    "{to}: {:?} but expected {expected:?}",
+                    sent.map(|e| e.to().to_vec())
+                ),
+            }
+        }
+    }
 
     #[test]
     fn content_is_dot_stuffed_and_terminated() {
