@@ -147,6 +147,12 @@ pub struct RelaySettings {
     /// Skip certificate verification. Dangerous; a warning is logged at start.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// Let the credentials go in clear text (`tls = "none"` with a username) to a relay
+    /// whose host is not a loopback address. Off, such a relay stops the worker at start,
+    /// before any connection: a password sent in clear is readable by anyone on the path.
+    /// On, a warning is logged at start. A relay on loopback never needs it.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
     /// Name sent in EHLO; defaults to this machine's host name.
     #[serde(default)]
     pub helo_name: Option<String>,
@@ -609,5 +615,6 @@ mod tests {
         assert_eq!(relay.port, 25);
         assert_eq!(relay.tls, TlsMode::None);
         assert_eq!(relay.command_timeout, Duration::from_secs(30));
+        assert!(!relay.allow_plaintext_auth);
     }
 }

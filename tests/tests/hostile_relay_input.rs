@@ -192,3 +192,73 @@ async fn a_non_ascii_local_part_bounces_at_once_on_a_relay_without_smtputf8_and_
     assert_eq!(smtp.accepted_count(), 1);
     assert_eq!(smtp.sessions_total(), 1, "the session was torn down");
 }
+
+/// A relay on a host that is not a loopback address, with credentials and no TLS. The
+/// host is never contacted: the worker decides from its configuration, and the tests
+/// publish no job.
+fn cleartext_auth_config(ns: &TestNamespace, extra: &str) -> ConfigFile {
+    ConfigFile::new(&format!(
+        "[amqp]\nurl = \"{}\"\nnamespace = \"{}\"\n\n[relays.faraway]\nhost = \"relay.example.invalid\"\nport = 25\ntls = \"none\"\nusername = \"sluice\"\npassword = \"s3cret-cleartext\"\n{extra}\n",
+        sluice_tests::broker::AMQP_URL,
+        ns.name
+    ))
+}
+
+/// Wait (bounded) for the worker to exit.
+async fn exit_status(
+    worker: &mut WorkerProcess,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = worker.child.try_wait().expect("worker status") {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_without_tls_to_a_remote_relay_stops_the_worker_at_start_naming_the_relay() {
+    let ns = TestNamespace::new("cleartext-auth", &["faraway"], 1).await;
+    let config = cleartext_auth_config(&ns, "");
+
+    let mut worker = WorkerProcess::start_logged(&config.path, &[]);
+
+    let status = exit_status(&mut worker, Duration::from_secs(20)).await;
+    let logs = worker.logs();
+    let status = status.unwrap_or_else(|| panic!("the worker did not stop:\n{logs}"));
+    assert!(!status.success(), "{status:?}\n{logs}");
+    assert!(logs.contains("faraway"), "the relay is not named:\n{logs}");
+    assert!(
+        logs.contains("allow_plaintext_auth"),
+        "no way out is named:\n{logs}"
+    );
+    assert!(logs.contains("clear"), "no reason given:\n{logs}");
+    assert!(!logs.contains("s3cret-cleartext"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_without_tls_to_a_remote_relay_starts_with_a_warning_when_allowed() {
+    let ns = TestNamespace::new("cleartext-allowed", &["faraway"], 1).await;
+    let config = cleartext_auth_config(&ns, "allow_plaintext_auth = true");
+
+    let mut worker = WorkerProcess::start_logged(&config.path, &[]);
+
+    let warned = sluice_tests::broker::eventually(Duration::from_secs(20), || {
+        let logs = worker.logs();
+        async move { logs.contains("allow_plaintext_auth") && logs.contains("faraway") }
+    })
+    .await;
+    let logs = worker.logs();
+    assert!(warned, "no warning at start:\n{logs}");
+    assert!(logs.contains("WARN"), "{logs}");
+    assert!(!logs.contains("s3cret-cleartext"), "{logs}");
+    assert_eq!(
+        exit_status(&mut worker, Duration::from_secs(1)).await,
+        None,
+        "the worker stopped:\n{logs}"
+    );
+    assert!(worker.terminate().success());
+}
