@@ -8,7 +8,7 @@ use std::time::Duration;
 use sluice_shared::events::EventOutcome;
 use sluice_tests::broker::TestNamespace;
 use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::scripted_smtp::{Behaviour, Phase, ScriptedSmtp};
 
 /// A job text holding every SMTP-smuggling primitive: `<CR>.<CR>`, `<LF>.<LF>`,
 /// `<LF>.<CR><LF>` and `<CR><LF>.<LF>`, each followed by what a smuggler would send next.
@@ -261,4 +261,68 @@ async fn auth_without_tls_to_a_remote_relay_starts_with_a_warning_when_allowed()
         "the worker stopped:\n{logs}"
     );
     assert!(worker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_slow_after_the_final_dot_within_data_timeout_delivers_not_defers() {
+    let ns = TestNamespace::new("slow-dot", &["primary"], 1).await;
+    // Longer than four command timeouts (what once bounded the whole transaction), far
+    // shorter than the default data_timeout (10 minutes).
+    let smtp = ScriptedSmtp::start(Behaviour::stall_at(
+        Phase::EndOfData,
+        Duration::from_secs(3),
+    ))
+    .await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "command_timeout = \"500ms\"")],
+        &["1s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+
+    ns.publish_jobs("primary", "slow-dot", 1).await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| !seen.is_empty())
+            .await,
+        "no outcome"
+    );
+    assert_eq!(
+        events.seen.iter().map(|e| e.outcome).collect::<Vec<_>>(),
+        [EventOutcome::Delivered],
+        "{:?}",
+        events.seen
+    );
+    assert_eq!(smtp.accepted_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_stalling_at_rcpt_past_the_command_timeout_defers_within_it() {
+    let ns = TestNamespace::new("slow-rcpt", &["primary"], 1).await;
+    let smtp = ScriptedSmtp::start(Behaviour::stall_at(Phase::Rcpt, Duration::from_secs(30))).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[("primary", smtp.port(), "command_timeout = \"500ms\"")],
+        &["10s"],
+    ));
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &[]);
+
+    ns.publish_jobs("primary", "slow-rcpt", 1).await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
+            .await,
+        "no outcome: the data_timeout must not cover the commands"
+    );
+    assert_eq!(events.seen[0].outcome, EventOutcome::Deferred);
+    assert_eq!(
+        events.seen[0].smtp_reply.as_deref(),
+        Some("no reply within 500ms"),
+        "{:?}",
+        events.seen
+    );
 }

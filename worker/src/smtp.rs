@@ -52,7 +52,8 @@ pub enum SendError {
         code: u16,
         text: String,
     },
-    /// No reply within the command timeout: the session is unusable.
+    /// No reply within the step's timeout (`command_timeout`, or `data_timeout` after the
+    /// content): the session is unusable.
     Timeout(Duration),
     /// The connection broke (reset, closed before the reply...).
     Connection(String),
@@ -233,6 +234,7 @@ impl RelayClient {
             conn,
             sent: 0,
             command_timeout,
+            data_timeout: self.settings.data_timeout,
             pipelining,
             broken: false,
         })
@@ -265,7 +267,10 @@ impl RelayClient {
 pub struct SmtpSession {
     conn: AsyncSmtpConnection,
     sent: u32,
+    /// For each command's reply (MAIL, RCPT, DATA, RSET, QUIT).
     command_timeout: Duration,
+    /// For the content and the reply to its final dot.
+    data_timeout: Duration,
     /// The relay offered PIPELINING in its EHLO reply.
     pipelining: bool,
     /// A timeout or a protocol surprise left the session in an unknown state.
@@ -275,7 +280,9 @@ pub struct SmtpSession {
 impl SmtpSession {
     /// Hand one message to the relay: MAIL, RCPT, DATA. After a negative reply the
     /// transaction is reset and the session stays usable; after a timeout or a broken
-    /// connection it is not.
+    /// connection it is not. Each command's reply has `command_timeout`, the content and
+    /// the reply to its final dot `data_timeout` (RFC 5321 4.5.3.2: a relay may check the
+    /// whole message before it answers).
     pub async fn send(
         &mut self,
         envelope: &Envelope,
@@ -288,9 +295,6 @@ impl SmtpSession {
             .supports_feature(lettre::transport::smtp::extension::Extension::SmtpUtfEight);
         let envelope = &*envelope_for_relay(envelope, smtputf8)
             .map_err(|text| SendError::Unsendable { code: 553, text })?;
-        // The timeout covers the whole transaction: a relay that stalls at any command
-        // (or after the final dot) defers the job instead of holding it forever.
-        let timeout = self.command_timeout * 4;
         // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: such messages
         // are rare enough to take the step-by-step path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
@@ -307,26 +311,29 @@ impl SmtpSession {
             }
             _ => None,
         };
+        // Every step has its own timeout (see `within`), so a relay that stalls anywhere
+        // defers the job instead of holding it forever.
         let result = if let Some(text) = pipelined {
-            tokio::time::timeout(timeout, self.send_pipelined(envelope, text)).await
+            self.send_pipelined(envelope, text).await
         } else {
-            tokio::time::timeout(timeout, self.send_stepwise(envelope, message)).await
+            self.send_stepwise(envelope, message).await
         };
         match result {
-            Err(_) => {
+            Err(SendError::Timeout(after)) => {
                 // Somewhere mid-transaction: nothing said on this connection can be trusted.
                 self.broken = true;
-                Err(SendError::Timeout(timeout))
+                let after = if after.is_zero() {
+                    self.command_timeout
+                } else {
+                    after
+                };
+                Err(SendError::Timeout(after))
             }
-            Ok(Err(SendError::Timeout(_))) => {
-                self.broken = true;
-                Err(SendError::Timeout(timeout))
-            }
-            Ok(Err(e @ SendError::Connection(_))) => {
+            Err(e @ SendError::Connection(_)) => {
                 self.broken = true;
                 Err(e)
             }
-            Ok(result) => result,
+            result => result,
         }
     }
 
@@ -343,9 +350,10 @@ impl SmtpSession {
         group.push_str(&Data.to_string());
         // `command` writes the whole group and reads the first reply (MAIL's); one reply
         // per RCPT and DATA's follow.
-        let mut replies = vec![self.conn.command(group).await];
+        let command = self.command_timeout;
+        let mut replies = vec![within(command, self.conn.command(group)).await?];
         for _ in 0..=envelope.to().len() {
-            replies.push(self.conn.read_response().await);
+            replies.push(within(command, self.conn.read_response()).await?);
         }
         // Every reply is read before acting on any, so the session stays in step.
         let data_accepted = replies.last().is_some_and(Result::is_ok);
@@ -376,8 +384,9 @@ impl SmtpSession {
             }
             return Err(send_error(stage, refused));
         }
-        // The content, dot-stuffed, and its final dot in one write.
-        let sent = self.conn.command(DataContent(message)).await;
+        // The content, dot-stuffed, and its final dot in one write; the relay may take its
+        // time (a content scan) before it answers.
+        let sent = within(self.data_timeout, self.conn.command(DataContent(message))).await?;
         self.finish(Stage::Content, sent).await
     }
 
@@ -411,19 +420,19 @@ impl SmtpSession {
             }
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
+        let command = self.command_timeout;
         let mail = Mail::new(envelope.from().cloned(), parameters);
-        let reply = self.conn.command(mail).await;
+        let reply = within(command, self.conn.command(mail)).await?;
         self.finish(Stage::Mail, reply).await?;
         for recipient in envelope.to() {
-            let reply = self
-                .conn
-                .command(Rcpt::new(recipient.clone(), Vec::new()))
-                .await;
+            let rcpt = Rcpt::new(recipient.clone(), Vec::new());
+            let reply = within(command, self.conn.command(rcpt)).await?;
             self.finish(Stage::Rcpt, reply).await?;
         }
-        let reply = self.conn.command(Data).await;
+        let reply = within(command, self.conn.command(Data)).await?;
         self.finish(Stage::Data, reply).await?;
-        let reply = self.conn.message(&crlf_line_endings(message)).await;
+        let content = crlf_line_endings(message);
+        let reply = within(self.data_timeout, self.conn.message(&content)).await?;
         self.finish(Stage::Content, reply).await
     }
 
@@ -446,7 +455,8 @@ impl SmtpSession {
 
     /// RSET after a refused transaction, so the session can carry the next message.
     async fn reset(&mut self) {
-        if self.conn.command(Rset).await.is_err() {
+        let reset = tokio::time::timeout(self.command_timeout, self.conn.command(Rset)).await;
+        if !matches!(reset, Ok(Ok(_))) {
             self.broken = true;
         }
     }
@@ -620,6 +630,17 @@ async fn offers_pipelining(
             .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
     });
     Ok(offered)
+}
+
+/// One step of a transaction, within its own timeout: a relay that does not answer in
+/// time is a [`SendError::Timeout`], whatever step it stalls at.
+async fn within<T>(
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<Result<T, lettre::transport::smtp::Error>, SendError> {
+    tokio::time::timeout(timeout, step)
+        .await
+        .map_err(|_| SendError::Timeout(timeout))
 }
 
 /// A lettre error as a [`SendError`]: a negative reply, a timeout, or a broken connection.
