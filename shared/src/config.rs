@@ -119,9 +119,15 @@ pub struct RelaySettings {
     /// How long to wait for the TCP connection and the greeting.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long to wait for any reply to an SMTP command.
+    /// How long to wait for the reply to each SMTP command (EHLO, STARTTLS, AUTH, MAIL,
+    /// RCPT, DATA, RSET, QUIT), each on its own.
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long sending a message's content and waiting for the reply to its final dot may
+    /// take: 10 minutes by default, as RFC 5321 4.5.3.2.6 recommends, since a relay may
+    /// scan the whole message before it answers (and a job given up too early is sent twice).
+    #[serde(default = "default_data_timeout", with = "humantime_serde")]
+    pub data_timeout: Duration,
     /// Relay that takes this relay's jobs while it is marked down.
     #[serde(default)]
     pub failover: Option<String>,
@@ -147,6 +153,12 @@ pub struct RelaySettings {
     /// Skip certificate verification. Dangerous; a warning is logged at start.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// Let the credentials go in clear text (`tls = "none"` with a username) to a relay
+    /// whose host is not a loopback address. Off, such a relay stops the worker at start,
+    /// before any connection: a password sent in clear is readable by anyone on the path.
+    /// On, a warning is logged at start. A relay on loopback never needs it.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
     /// Name sent in EHLO; defaults to this machine's host name.
     #[serde(default)]
     pub helo_name: Option<String>,
@@ -176,6 +188,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_command_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(10 * 60)
 }
 fn default_down_cooloff() -> Duration {
     Duration::from_secs(30)
@@ -609,5 +624,7 @@ mod tests {
         assert_eq!(relay.port, 25);
         assert_eq!(relay.tls, TlsMode::None);
         assert_eq!(relay.command_timeout, Duration::from_secs(30));
+        assert!(!relay.allow_plaintext_auth);
+        assert_eq!(relay.data_timeout, Duration::from_secs(600));
     }
 }

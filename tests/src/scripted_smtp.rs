@@ -128,6 +128,9 @@ pub struct Behaviour {
     /// Reply to every MAIL FROM instead of `250` (e.g. `554 5.7.1 Account
     /// suspended`): a relay that refuses the sender or the account.
     pub mail_reply: Option<String>,
+    /// EHLO keywords not to advertise (e.g. `PIPELINING`, `SMTPUTF8`),
+    /// compared case-insensitively: a more old-fashioned relay.
+    pub withheld_extensions: Vec<String>,
 }
 
 impl Behaviour {
@@ -226,6 +229,12 @@ impl Behaviour {
         self
     }
 
+    /// Do not advertise the EHLO keyword `keyword` (e.g. `PIPELINING`).
+    pub fn without_extension(mut self, keyword: &str) -> Self {
+        self.withheld_extensions.push(keyword.to_ascii_uppercase());
+        self
+    }
+
     /// Require authentication with these credentials.
     pub fn with_auth(mut self, username: &str, password: &str) -> Self {
         self.auth = Some((username.to_owned(), password.to_owned()));
@@ -276,6 +285,10 @@ pub struct ReceivedMessage {
     /// The payload without the terminating `.` line, dot-unstuffed, with the
     /// client's line endings kept as sent.
     pub data: Vec<u8>,
+    /// The bytes exactly as they came after `354`, dot-stuffing and the
+    /// terminating `.` line included, for tests of what went over the wire.
+    /// A bare LF ends a line here as it does for lenient relays.
+    pub raw: Vec<u8>,
     /// When the message was recorded: immediately before its final reply was
     /// written (or, for [`Mode::AcceptThenClose`], before the close).
     pub at: Instant,
@@ -696,12 +709,12 @@ impl Session<'_> {
         if !extended {
             return self.reply(&format!("250 {SERVER_NAME}")).await;
         }
-        let mut lines = vec![
-            format!("250-{SERVER_NAME}"),
-            "250-PIPELINING".to_owned(),
-            "250-8BITMIME".to_owned(),
-            "250-SMTPUTF8".to_owned(),
-        ];
+        let mut lines = vec![format!("250-{SERVER_NAME}")];
+        for keyword in ["PIPELINING", "8BITMIME", "SMTPUTF8"] {
+            if !behaviour.withheld_extensions.iter().any(|w| w == keyword) {
+                lines.push(format!("250-{keyword}"));
+            }
+        }
         if behaviour.auth.is_some() {
             lines.push("250-AUTH PLAIN LOGIN".to_owned());
         }
@@ -870,6 +883,7 @@ impl Session<'_> {
         self.reply("354 End data with <CR><LF>.<CR><LF>").await?;
 
         let mut data = Vec::new();
+        let mut raw_data = Vec::new();
         let mut too_big = false;
         let mut first_line = true;
         loop {
@@ -877,6 +891,9 @@ impl Session<'_> {
             if !raw.ends_with(b"\n") {
                 // EOF in the middle of a line: the client went away.
                 return Err(End::Closed);
+            }
+            if raw_data.len() + raw.len() <= MAX_MESSAGE_SIZE + 2 {
+                raw_data.extend_from_slice(&raw);
             }
             let content = raw
                 .strip_suffix(b"\r\n")
@@ -907,6 +924,7 @@ impl Session<'_> {
             mail_from: self.mail_from.take().unwrap_or_default(),
             rcpt_to: std::mem::take(&mut self.rcpt_to),
             data,
+            raw: raw_data,
             at: Instant::now(),
             auth_user: self.auth_user.clone(),
             session: self.number,

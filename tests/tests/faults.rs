@@ -45,7 +45,7 @@ async fn a_connection_dropped_mid_data_defers_the_job_which_is_delivered_later()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_relay_stalling_past_the_command_timeout_defers_the_job() {
+async fn a_relay_stalling_past_the_data_timeout_after_the_final_dot_defers_the_job() {
     let ns = TestNamespace::new("stall", &["primary"], 2).await;
     let smtp = ScriptedSmtp::start(Behaviour::stall_at(
         Phase::EndOfData,
@@ -57,7 +57,7 @@ async fn a_relay_stalling_past_the_command_timeout_defers_the_job() {
         &[(
             "primary",
             smtp.port(),
-            "max_connections = 2\ncommand_timeout = \"500ms\"",
+            "max_connections = 2\ncommand_timeout = \"500ms\"\ndata_timeout = \"1s\"",
         )],
         &["1s", "1s"],
     ));

@@ -33,6 +33,13 @@ pub fn classify(result: Result<(u16, String), SendError>) -> Outcome {
             reply: reason,
             retry_after: None,
         },
+        // Our own decision about this job, not the relay's reply: never a relay fault, and
+        // not at RCPT, so it never counts towards a refusal streak.
+        Err(SendError::Unsendable { code, text }) => Outcome::Bounced {
+            code,
+            reply: text,
+            at_rcpt: false,
+        },
     }
 }
 
@@ -165,7 +172,9 @@ impl RefusalStreak {
 }
 
 /// A wait named in a temporary-failure reply: "try again in 120 seconds", "retry in 2
-/// minutes", "in 1 hour". The first number followed by a time unit wins.
+/// minutes", "in 1 hour". The first number followed by a time unit wins. The reply is the
+/// relay's to write: a number too large for a u64, or whose seconds would be, saturates
+/// (the ladder's last step), never wraps around to a short wait.
 pub fn retry_hint(reply: &str) -> Option<Duration> {
     let lower = reply.to_ascii_lowercase();
     let words: Vec<&str> = lower
@@ -173,16 +182,18 @@ pub fn retry_hint(reply: &str) -> Option<Duration> {
         .filter(|w| !w.is_empty())
         .collect();
     for pair in words.windows(2) {
-        let Ok(n) = pair[0].parse::<u64>() else {
+        if !pair[0].bytes().all(|b| b.is_ascii_digit()) {
             continue;
-        };
+        }
+        // All digits: the only way to fail is to be too large.
+        let n = pair[0].parse::<u64>().unwrap_or(u64::MAX);
         let unit = match pair[1] {
             "s" | "sec" | "secs" | "second" | "seconds" => 1,
             "m" | "min" | "mins" | "minute" | "minutes" => 60,
             "h" | "hour" | "hours" => 3600,
             _ => continue,
         };
-        return Some(Duration::from_secs(n * unit));
+        return Some(Duration::from_secs(n.saturating_mul(unit)));
     }
     None
 }
@@ -246,6 +257,13 @@ mod tests {
             (reply(Data, 530, "5.7.0 Authentication required"), "relay fault"),
             (Err(SendError::Timeout(Duration::from_secs(1))), "deferred"),
             (Err(SendError::Connection("reset".into())), "deferred"),
+            (
+                Err(SendError::Unsendable {
+                    code: 553,
+                    text: "5.6.7 <zoë@example.org>: the local part is not ASCII".into(),
+                }),
+                "bounced",
+            ),
         ];
         for (result, expected) in cases {
             let text = format!("{result:?}");
@@ -293,6 +311,15 @@ mod tests {
             ("please wait 1 hour", Some(3600)),
             ("4.2.0 mailbox busy", None),
             ("451 4.7.1 come back later", None),
+            // Absurd waits saturate: the ladder's last step, never a short one.
+            ("try again in 18446744073709551615 hours", Some(u64::MAX)),
+            // 2^64 / 3600 + 1 hours: the seconds wrap a u64 to a small number.
+            ("try again in 5124095576030432 hours", Some(u64::MAX)),
+            (
+                "retry in 99999999999999999999999999 seconds",
+                Some(u64::MAX),
+            ),
+            ("try again in 18446744073709551615 s", Some(u64::MAX)),
         ];
         for (reply, secs) in cases {
             assert_eq!(retry_hint(reply), secs.map(Duration::from_secs), "{reply}");

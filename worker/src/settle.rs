@@ -119,7 +119,7 @@ pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Actio
         Outcome::Invalid { .. } => Action::SetAside { reason: "invalid" },
         Outcome::RelayFault { .. } | Outcome::NotAttempted { .. } => Action::Requeue,
         Outcome::Deferred { retry_after, .. } => {
-            let mut step = last_step + 1;
+            let mut step = last_step.saturating_add(1);
             if step > delays.len() {
                 return Action::SetAside {
                     reason: "retries exhausted",
@@ -135,6 +135,30 @@ pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Actio
                 delay: delays[step - 1],
             }
         }
+    }
+}
+
+/// A job's attempt number as its headers give it, and what follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AttemptNumbers {
+    /// This attempt (1 for the first; a missing or absurd header counts as 1).
+    this: i64,
+    /// The number its retry copy carries.
+    next: i64,
+    /// This attempt as a delivery event reports it.
+    reported: u32,
+}
+
+/// Read `x-sluice-attempt`. The header comes from the broker, so anyone who can publish
+/// can set it: the arithmetic saturates, never wraps or panics.
+fn attempt_numbers(incoming: Option<&FieldTable>) -> AttemptNumbers {
+    let this = headers::get_int(incoming, headers::ATTEMPT)
+        .unwrap_or(1)
+        .max(1);
+    AttemptNumbers {
+        this,
+        next: this.saturating_add(1),
+        reported: u32::try_from(this).unwrap_or(u32::MAX),
     }
 }
 
@@ -347,7 +371,9 @@ impl Settler {
         outcome: &Outcome,
     ) -> Result<Action, SettleError> {
         let incoming = delivery.properties.headers().as_ref();
-        let last_step = headers::get_int(incoming, STEP).unwrap_or(0).max(0) as usize;
+        let last_step = headers::get_int(incoming, STEP)
+            .and_then(|step| usize::try_from(step).ok())
+            .unwrap_or(0);
         let action = decide(outcome, last_step, &self.delays);
         let Some(event) = event_of(&action) else {
             within(
@@ -361,14 +387,12 @@ impl Settler {
             return Ok(action);
         };
 
-        let attempt = headers::get_int(incoming, headers::ATTEMPT)
-            .unwrap_or(1)
-            .max(1);
+        let attempt = attempt_numbers(incoming);
         let now = now_rfc3339();
         let mut carried = self.carried_headers(incoming, info, outcome, &now);
         let copied = match &action {
             Action::Retry { step, delay } => {
-                headers::set_int(&mut carried, headers::ATTEMPT, attempt + 1);
+                headers::set_int(&mut carried, headers::ATTEMPT, attempt.next);
                 headers::set_int(&mut carried, STEP, *step as i64);
                 let queue = self.topology.retry_queue(&self.relay, *step);
                 let expiration = delay.as_millis().to_string();
@@ -379,7 +403,7 @@ impl Settler {
             }
             Action::SetAside { reason } => {
                 headers::set_str(&mut carried, headers::REASON, reason);
-                headers::set_int(&mut carried, headers::ATTEMPTS, attempt);
+                headers::set_int(&mut carried, headers::ATTEMPTS, attempt.this);
                 let queue = self.topology.dead_queue(&self.relay);
                 self.publisher.copy(delivery, &queue, carried, None).await?;
                 true
@@ -400,7 +424,7 @@ impl Settler {
             to: info.to.to_string(),
             relay: info.via_relay.to_string(),
             outcome: event,
-            attempt: attempt as u32,
+            attempt: attempt.reported,
             smtp_code: outcome.smtp_code(),
             smtp_reply: Some(outcome.reply().to_string()),
             at: now,
@@ -558,6 +582,53 @@ mod tests {
             );
         }
         assert_eq!(decide(&deferred(None), 0, &[]), exhausted);
+        // A forged or corrupt step header never wraps around to an early step.
+        assert_eq!(decide(&deferred(None), usize::MAX, &ladder), exhausted);
+        assert_eq!(
+            decide(
+                &Outcome::Deferred {
+                    code: Some(451),
+                    reply: "later".into(),
+                    retry_after: Some(Duration::MAX),
+                },
+                0,
+                &ladder
+            ),
+            retry(4)
+        );
+    }
+
+    #[test]
+    fn attempt_numbers_saturate_whatever_the_header_says() {
+        let with = |value: Option<i64>| {
+            let mut table = FieldTable::default();
+            if let Some(value) = value {
+                headers::set_int(&mut table, headers::ATTEMPT, value);
+            }
+            attempt_numbers(Some(&table))
+        };
+        let cases = [
+            (None, (1, 2, 1)),
+            (Some(1), (1, 2, 1)),
+            (Some(3), (3, 4, 3)),
+            (Some(0), (1, 2, 1)),
+            (Some(-5), (1, 2, 1)),
+            (Some(i64::MIN), (1, 2, 1)),
+            (Some(i64::MAX), (i64::MAX, i64::MAX, u32::MAX)),
+            (
+                Some(i64::from(u32::MAX) + 1),
+                (1 << 32, (1 << 32) + 1, u32::MAX),
+            ),
+        ];
+        for (header, expected) in cases {
+            let numbers = with(header);
+            assert_eq!(
+                (numbers.this, numbers.next, numbers.reported),
+                expected,
+                "{header:?}"
+            );
+        }
+        assert_eq!(attempt_numbers(None).this, 1);
     }
 
     #[test]

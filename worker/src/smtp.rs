@@ -52,10 +52,15 @@ pub enum SendError {
         code: u16,
         text: String,
     },
-    /// No reply within the command timeout: the session is unusable.
+    /// No reply within the step's timeout (`command_timeout`, or `data_timeout` after the
+    /// content): the session is unusable.
     Timeout(Duration),
     /// The connection broke (reset, closed before the reply...).
     Connection(String),
+    /// This relay cannot take the message at all (an address it cannot carry): decided
+    /// here, before any command, so it is the job's permanent failure and says nothing
+    /// about the relay. The session stays usable.
+    Unsendable { code: u16, text: String },
 }
 
 /// Everything needed to open sessions with one relay; built once at start.
@@ -114,6 +119,21 @@ impl RelayClient {
             (None, Some(_)) => anyhow::bail!("relays.{name}: a password is set but no username"),
             (None, None) => None,
         };
+        match cleartext_auth(settings, credentials.is_some()) {
+            CleartextAuth::Refused => anyhow::bail!(
+                "relays.{name}: the credentials would go in clear text to {host}, which is not \
+                 a loopback address (tls = \"none\" with a username): use tls = \"starttls\" or \
+                 \"tls\", or set relays.{name}.allow_plaintext_auth = true if the network to it \
+                 is trusted",
+                host = settings.host
+            ),
+            CleartextAuth::Allowed => tracing::warn!(
+                relay = name,
+                host = %settings.host,
+                "allow_plaintext_auth is on: the relay's credentials go in clear text over the network"
+            ),
+            CleartextAuth::NoCredentials | CleartextAuth::Encrypted | CleartextAuth::Loopback => {}
+        }
         let hello = match &settings.helo_name {
             Some(name) => ClientId::Domain(name.clone()),
             None => ClientId::default(),
@@ -214,6 +234,7 @@ impl RelayClient {
             conn,
             sent: 0,
             command_timeout,
+            data_timeout: self.settings.data_timeout,
             pipelining,
             broken: false,
         })
@@ -246,7 +267,10 @@ impl RelayClient {
 pub struct SmtpSession {
     conn: AsyncSmtpConnection,
     sent: u32,
+    /// For each command's reply (MAIL, RCPT, DATA, RSET, QUIT).
     command_timeout: Duration,
+    /// For the content and the reply to its final dot.
+    data_timeout: Duration,
     /// The relay offered PIPELINING in its EHLO reply.
     pipelining: bool,
     /// A timeout or a protocol surprise left the session in an unknown state.
@@ -256,16 +280,21 @@ pub struct SmtpSession {
 impl SmtpSession {
     /// Hand one message to the relay: MAIL, RCPT, DATA. After a negative reply the
     /// transaction is reset and the session stays usable; after a timeout or a broken
-    /// connection it is not.
+    /// connection it is not. Each command's reply has `command_timeout`, the content and
+    /// the reply to its final dot `data_timeout` (RFC 5321 4.5.3.2: a relay may check the
+    /// whole message before it answers).
     pub async fn send(
         &mut self,
         envelope: &Envelope,
         message: &[u8],
     ) -> Result<Response, SendError> {
         self.sent += 1;
-        // The timeout covers the whole transaction: a relay that stalls at any command
-        // (or after the final dot) defers the job instead of holding it forever.
-        let timeout = self.command_timeout * 4;
+        let smtputf8 = self
+            .conn
+            .server_info()
+            .supports_feature(lettre::transport::smtp::extension::Extension::SmtpUtfEight);
+        let envelope = &*envelope_for_relay(envelope, smtputf8)
+            .map_err(|text| SendError::Unsendable { code: 553, text })?;
         // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: such messages
         // are rare enough to take the step-by-step path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
@@ -282,26 +311,29 @@ impl SmtpSession {
             }
             _ => None,
         };
+        // Every step has its own timeout (see `within`), so a relay that stalls anywhere
+        // defers the job instead of holding it forever.
         let result = if let Some(text) = pipelined {
-            tokio::time::timeout(timeout, self.send_pipelined(envelope, text)).await
+            self.send_pipelined(envelope, text).await
         } else {
-            tokio::time::timeout(timeout, self.send_stepwise(envelope, message)).await
+            self.send_stepwise(envelope, message).await
         };
         match result {
-            Err(_) => {
+            Err(SendError::Timeout(after)) => {
                 // Somewhere mid-transaction: nothing said on this connection can be trusted.
                 self.broken = true;
-                Err(SendError::Timeout(timeout))
+                let after = if after.is_zero() {
+                    self.command_timeout
+                } else {
+                    after
+                };
+                Err(SendError::Timeout(after))
             }
-            Ok(Err(SendError::Timeout(_))) => {
-                self.broken = true;
-                Err(SendError::Timeout(timeout))
-            }
-            Ok(Err(e @ SendError::Connection(_))) => {
+            Err(e @ SendError::Connection(_)) => {
                 self.broken = true;
                 Err(e)
             }
-            Ok(result) => result,
+            result => result,
         }
     }
 
@@ -318,9 +350,10 @@ impl SmtpSession {
         group.push_str(&Data.to_string());
         // `command` writes the whole group and reads the first reply (MAIL's); one reply
         // per RCPT and DATA's follow.
-        let mut replies = vec![self.conn.command(group).await];
+        let command = self.command_timeout;
+        let mut replies = vec![within(command, self.conn.command(group)).await?];
         for _ in 0..=envelope.to().len() {
-            replies.push(self.conn.read_response().await);
+            replies.push(within(command, self.conn.read_response()).await?);
         }
         // Every reply is read before acting on any, so the session stays in step.
         let data_accepted = replies.last().is_some_and(Result::is_ok);
@@ -351,8 +384,9 @@ impl SmtpSession {
             }
             return Err(send_error(stage, refused));
         }
-        // The content, dot-stuffed, and its final dot in one write.
-        let sent = self.conn.command(DataContent(message)).await;
+        // The content, dot-stuffed, and its final dot in one write; the relay may take its
+        // time (a content scan) before it answers.
+        let sent = within(self.data_timeout, self.conn.command(DataContent(message))).await?;
         self.finish(Stage::Content, sent).await
     }
 
@@ -370,8 +404,7 @@ impl SmtpSession {
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
         if !(envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)) {
             if !info.supports_feature(Extension::SmtpUtfEight) {
-                return Err(SendError::Reply {
-                    stage: Stage::Rcpt,
+                return Err(SendError::Unsendable {
                     code: 553,
                     text: "5.6.7 non-ASCII address but the relay does not offer SMTPUTF8".into(),
                 });
@@ -380,27 +413,26 @@ impl SmtpSession {
         }
         if !message.is_ascii() {
             if !info.supports_feature(Extension::EightBitMime) {
-                return Err(SendError::Reply {
-                    stage: Stage::Content,
+                return Err(SendError::Unsendable {
                     code: 554,
                     text: "5.6.1 8-bit content but the relay does not offer 8BITMIME".into(),
                 });
             }
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
+        let command = self.command_timeout;
         let mail = Mail::new(envelope.from().cloned(), parameters);
-        let reply = self.conn.command(mail).await;
+        let reply = within(command, self.conn.command(mail)).await?;
         self.finish(Stage::Mail, reply).await?;
         for recipient in envelope.to() {
-            let reply = self
-                .conn
-                .command(Rcpt::new(recipient.clone(), Vec::new()))
-                .await;
+            let rcpt = Rcpt::new(recipient.clone(), Vec::new());
+            let reply = within(command, self.conn.command(rcpt)).await?;
             self.finish(Stage::Rcpt, reply).await?;
         }
-        let reply = self.conn.command(Data).await;
+        let reply = within(command, self.conn.command(Data)).await?;
         self.finish(Stage::Data, reply).await?;
-        let reply = self.conn.message(message).await;
+        let content = crlf_line_endings(message);
+        let reply = within(self.data_timeout, self.conn.message(&content)).await?;
         self.finish(Stage::Content, reply).await
     }
 
@@ -423,7 +455,8 @@ impl SmtpSession {
 
     /// RSET after a refused transaction, so the session can carry the next message.
     async fn reset(&mut self) {
-        if self.conn.command(Rset).await.is_err() {
+        let reset = tokio::time::timeout(self.command_timeout, self.conn.command(Rset)).await;
+        if !matches!(reset, Ok(Ok(_))) {
             self.broken = true;
         }
     }
@@ -447,22 +480,142 @@ impl SmtpSession {
     }
 }
 
-/// Message content as sent after DATA's 354: a dot at the start of a line is doubled
-/// (RFC 5321 4.5.2), and the content ends with `CRLF . CRLF`.
+/// Message content as sent after DATA's 354: every line ends with CRLF (a bare CR or LF
+/// becomes CRLF), a dot at the start of a line is doubled (RFC 5321 4.5.2), and the
+/// content ends with `CRLF . CRLF`. So no lone dot (`<CR>.<CR>`, `<LF>.<LF>`...) can end
+/// the message early at a relay that accepts other line endings than CRLF.
 struct DataContent<'a>(&'a str);
 
 impl std::fmt::Display for DataContent<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut at_line_start = true;
-        for line in self.0.split_inclusive("\r\n") {
-            if at_line_start && line.starts_with('.') {
+        let mut rest = self.0;
+        while !rest.is_empty() {
+            let (line, ending) = match rest.find(['\r', '\n']) {
+                Some(at) => (&rest[..at], Some(at)),
+                None => (rest, None),
+            };
+            if line.starts_with('.') {
                 f.write_str(".")?;
             }
             f.write_str(line)?;
-            at_line_start = line.ends_with("\r\n");
+            rest = match ending {
+                None => "",
+                Some(at) => {
+                    f.write_str("\r\n")?;
+                    let after = &rest[at..];
+                    let length = if after.starts_with("\r\n") { 2 } else { 1 };
+                    &after[length..]
+                }
+            };
         }
         f.write_str("\r\n.\r\n")
     }
+}
+
+/// The message with every line ending CRLF: a bare CR or a bare LF becomes CRLF. lettre's
+/// `message()` dot-stuffs only after CRLF, so a `<CR>.<CR>` or `<LF>.<LF>` left in would
+/// reach the relay as a lone dot some relays take for the end of the message (SMTP
+/// smuggling). Borrowed when there is nothing to change.
+fn crlf_line_endings(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let bare = message.iter().enumerate().any(|(i, &b)| match b {
+        b'\r' => message.get(i + 1) != Some(&b'\n'),
+        b'\n' => i == 0 || message[i - 1] != b'\r',
+        _ => false,
+    });
+    if !bare {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                // CRLF is one line ending, not two.
+                if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// How a relay's credentials travel, as far as the configuration says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CleartextAuth {
+    NoCredentials,
+    /// STARTTLS (required) or implicit TLS.
+    Encrypted,
+    /// In clear, but to this machine.
+    Loopback,
+    /// In clear over the network, because `allow_plaintext_auth` says so.
+    Allowed,
+    /// In clear over the network: not without `allow_plaintext_auth`.
+    Refused,
+}
+
+/// Decide, from the configuration alone, whether AUTH may go in clear text. A host is a
+/// loopback address when it is one (`127.0.0.0/8`, `::1`) or is `localhost`.
+fn cleartext_auth(settings: &RelaySettings, credentials: bool) -> CleartextAuth {
+    if !credentials {
+        return CleartextAuth::NoCredentials;
+    }
+    if settings.tls != TlsMode::None {
+        return CleartextAuth::Encrypted;
+    }
+    let host = settings.host.trim();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        CleartextAuth::Loopback
+    } else if settings.allow_plaintext_auth {
+        CleartextAuth::Allowed
+    } else {
+        CleartextAuth::Refused
+    }
+}
+
+/// The envelope as this relay can take it. A relay that offers SMTPUTF8 takes any address;
+/// for one that does not, an internationalised domain goes as its punycode (A-label) form,
+/// which names the same domain, while a non-ASCII local part has no ASCII form at all: the
+/// job cannot go through this relay (the error is the reply text to report).
+fn envelope_for_relay(
+    envelope: &Envelope,
+    smtputf8: bool,
+) -> Result<std::borrow::Cow<'_, Envelope>, String> {
+    use std::borrow::Cow;
+    let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+    if smtputf8 || (envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)) {
+        return Ok(Cow::Borrowed(envelope));
+    }
+    let to_ascii = |address: &lettre::Address| -> Result<lettre::Address, String> {
+        if ascii(address) {
+            return Ok(address.clone());
+        }
+        if !address.user().is_ascii() {
+            return Err(format!(
+                "5.6.7 <{address}>: the local part is not ASCII and the relay does not offer SMTPUTF8"
+            ));
+        }
+        let domain = idna::domain_to_ascii(address.domain())
+            .map_err(|_| format!("5.1.2 <{address}>: the domain has no ASCII (punycode) form"))?;
+        lettre::Address::new(address.user(), domain).map_err(|e| format!("5.1.2 <{address}>: {e}"))
+    };
+    let from = envelope.from().map(to_ascii).transpose()?;
+    let to = envelope
+        .to()
+        .iter()
+        .map(to_ascii)
+        .collect::<Result<Vec<_>, _>>()?;
+    Envelope::new(from, to)
+        .map(Cow::Owned)
+        .map_err(|e| format!("5.1.3 {e}"))
 }
 
 /// Send EHLO again and look for PIPELINING among the keywords.
@@ -477,6 +630,17 @@ async fn offers_pipelining(
             .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
     });
     Ok(offered)
+}
+
+/// One step of a transaction, within its own timeout: a relay that does not answer in
+/// time is a [`SendError::Timeout`], whatever step it stalls at.
+async fn within<T>(
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<Result<T, lettre::transport::smtp::Error>, SendError> {
+    tokio::time::timeout(timeout, step)
+        .await
+        .map_err(|_| SendError::Timeout(timeout))
 }
 
 /// A lettre error as a [`SendError`]: a negative reply, a timeout, or a broken connection.
@@ -518,7 +682,95 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::DataContent;
+    use super::{
+        cleartext_auth, crlf_line_endings, envelope_for_relay, CleartextAuth, DataContent,
+    };
+    use sluice_shared::config::{RelaySettings, TlsMode};
+
+    #[test]
+    fn auth_in_clear_text_goes_only_to_loopback_or_where_allowed() {
+        use CleartextAuth::*;
+        let cases = [
+            ("relay.example.com", TlsMode::None, true, false, Refused),
+            ("192.0.2.10", TlsMode::None, true, false, Refused),
+            ("0.0.0.0", TlsMode::None, true, false, Refused),
+            ("relay.example.com", TlsMode::None, true, true, Allowed),
+            ("127.0.0.1", TlsMode::None, true, false, Loopback),
+            ("127.8.9.10", TlsMode::None, true, false, Loopback),
+            ("::1", TlsMode::None, true, false, Loopback),
+            ("[::1]", TlsMode::None, true, false, Loopback),
+            ("localhost", TlsMode::None, true, false, Loopback),
+            (
+                "relay.example.com",
+                TlsMode::Starttls,
+                true,
+                false,
+                Encrypted,
+            ),
+            ("relay.example.com", TlsMode::Tls, true, false, Encrypted),
+            (
+                "relay.example.com",
+                TlsMode::None,
+                false,
+                false,
+                NoCredentials,
+            ),
+        ];
+        for (host, tls, credentials, allowed, expected) in cases {
+            let settings = RelaySettings {
+                host: host.into(),
+                tls,
+                allow_plaintext_auth: allowed,
+                ..RelaySettings::default()
+            };
+            assert_eq!(
+                cleartext_auth(&settings, credentials),
+                expected,
+                "{host} {tls:?} credentials={credentials} allowed={allowed}"
+            );
+        }
+    }
+    use lettre::address::Envelope;
+
+    #[test]
+    fn a_relay_without_smtputf8_gets_punycode_domains_and_no_utf8_local_parts() {
+        let envelope = |to: &str| {
+            Envelope::new(
+                Some("news@example.com".parse().unwrap()),
+                vec![to.parse().unwrap()],
+            )
+            .unwrap()
+        };
+        let cases = [
+            ("ann@example.org", false, Ok("ann@example.org")),
+            ("ann@bücher.example", false, Ok("ann@xn--bcher-kva.example")),
+            ("ann@BÜCHER.example", false, Ok("ann@xn--bcher-kva.example")),
+            ("ann@例え.テスト", false, Ok("ann@xn--r8jz45g.xn--zckzah")),
+            ("zoë@example.org", false, Err("local part is not ASCII")),
+            ("zoë@bücher.example", false, Err("local part is not ASCII")),
+            // A relay that offers SMTPUTF8 takes them as they are.
+            ("ann@bücher.example", true, Ok("ann@bücher.example")),
+            ("zoë@example.org", true, Ok("zoë@example.org")),
+        ];
+        for (to, smtputf8, expected) in cases {
+            let original = envelope(to);
+            let sent = envelope_for_relay(&original, smtputf8);
+            match (sent, expected) {
+                (Ok(sent), Ok(address)) => {
+                    assert_eq!(sent.to()[0].to_string(), address, "{to}");
+                    assert_eq!(sent.from().unwrap().to_string(), "news@example.com");
+                }
+                (Err(text), Err(needle)) => {
+                    assert!(text.contains(needle) && text.contains("SMTPUTF8"), "{text}");
+                    assert!(text.starts_with("5.6.7 "), "{text}");
+                }
+                (sent, expected) => panic!(
+                    "{to}: {:?} but expected {expected:?}",
+                    sent.map(|e| e.to().to_vec())
+                ),
+            }
+        }
+    }
 
     #[test]
     fn content_is_dot_stuffed_and_terminated() {
@@ -526,10 +778,67 @@ mod tests {
             ("Hello\r\n", "Hello\r\n\r\n.\r\n"),
             (".hidden\r\nline\r\n", "..hidden\r\nline\r\n\r\n.\r\n"),
             ("a\r\n.\r\nb.c\r\n..x", "a\r\n..\r\nb.c\r\n...x\r\n.\r\n"),
-            ("no\nbare.\n.lf", "no\nbare.\n.lf\r\n.\r\n"),
         ];
         for (content, wire) in cases {
             assert_eq!(DataContent(content).to_string(), wire, "{content:?}");
         }
+    }
+
+    /// The SMTP-smuggling primitives, whatever line ending surrounds the dot.
+    const SMUGGLING: [(&str, &str); 6] = [
+        ("a\r.\rb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\n.\r\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\r\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
+        ("a\r\n.\rb", "a\r\n..\r\nb\r\n.\r\n"),
+        (".\r.\n.", "..\r\n..\r\n..\r\n.\r\n"),
+    ];
+
+    #[test]
+    fn bare_cr_and_lf_become_crlf_and_every_lone_dot_is_stuffed() {
+        let cases = [
+            ("no\nbare.\n.lf", "no\r\nbare.\r\n..lf\r\n.\r\n"),
+            ("cr\ronly", "cr\r\nonly\r\n.\r\n"),
+            ("\r\r\n\n", "\r\n\r\n\r\n\r\n.\r\n"),
+            ("ends\r", "ends\r\n\r\n.\r\n"),
+        ];
+        for (content, wire) in cases.into_iter().chain(SMUGGLING) {
+            let sent = DataContent(content).to_string();
+            assert_eq!(sent, wire, "{content:?}");
+            assert_only_the_last_line_is_a_dot(&sent);
+        }
+    }
+
+    #[test]
+    fn the_stepwise_path_gets_crlf_only_content() {
+        let cases: [(&[u8], &[u8]); 7] = [
+            (b"plain\r\ntext\r\n", b"plain\r\ntext\r\n"),
+            (b"a\r.\rb", b"a\r\n.\r\nb"),
+            (b"a\n.\nb", b"a\r\n.\r\nb"),
+            (b"a\n.\r\nb", b"a\r\n.\r\nb"),
+            (b"\r", b"\r\n"),
+            (b"\n", b"\r\n"),
+            (b"\n\r", b"\r\n\r\n"),
+        ];
+        for (content, normalised) in cases {
+            assert_eq!(
+                &*crlf_line_endings(content),
+                normalised,
+                "{:?}",
+                String::from_utf8_lossy(content)
+            );
+        }
+        assert!(matches!(
+            crlf_line_endings(b"clean\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    /// No line of the wire content but the last is a lone dot: nothing ends the DATA early.
+    fn assert_only_the_last_line_is_a_dot(wire: &str) {
+        let lines: Vec<&str> = wire.split("\r\n").collect();
+        assert!(!wire.replace("\r\n", "").contains(['\r', '\n']), "{wire:?}");
+        let dots: Vec<usize> = (0..lines.len()).filter(|&i| lines[i] == ".").collect();
+        assert_eq!(dots, [lines.len() - 2], "{wire:?}");
     }
 }
