@@ -286,16 +286,19 @@ impl Campaign {
             ));
         }
         let (bytes, ends) = record.parts();
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let field = ends
-                .iter()
-                .position(|&end| end > e.valid_up_to())
-                .unwrap_or(0);
-            format!(
-                "column {:?} is not valid UTF-8 (wrong encoding? save the file as UTF-8)",
-                self.columns.names[field]
-            )
-        })?;
+        // Field by field: a character whose bytes straddle a comma makes the row valid
+        // UTF-8 as a whole while neither field is, and a field must be text on its own.
+        let mut start = 0;
+        for (field, &end) in ends.iter().enumerate() {
+            if std::str::from_utf8(&bytes[start..end]).is_err() {
+                return Err(format!(
+                    "column {:?} is not valid UTF-8 (wrong encoding? save the file as UTF-8)",
+                    self.columns.names[field]
+                ));
+            }
+            start = end;
+        }
+        let text = std::str::from_utf8(bytes).expect("every field is valid UTF-8");
         let vars = RowVars {
             columns: self.columns.clone(),
             text: text.to_string(),
@@ -533,6 +536,7 @@ mod tests {
         csv.extend_from_slice(b"fay@example.org,F\xe9e,f,no\n"); // 8 Latin-1
         csv.extend_from_slice(b"gus@example.org,Gus,g,\"no,\nreally\"\n"); // 9-10 ok
         csv.extend_from_slice(b"hal@example.org,Hal,h,no\n"); // 11 ok
+        csv.extend_from_slice(b"ida@example.org,Zo\xc3,\xab,no\n"); // 12: "ë" (C3 AB) split by a comma
         let got = rows(spec, &csv);
         let summary: Vec<String> = got
             .iter()
@@ -550,6 +554,7 @@ mod tests {
             "line 8: column \"name\" is not valid UTF-8",
             "ok spring-9",
             "ok spring-11",
+            "line 12: column \"name\" is not valid UTF-8",
         ];
         assert_eq!(summary.len(), expect_prefixes.len(), "{summary:#?}");
         for (got, want) in summary.iter().zip(expect_prefixes) {

@@ -30,7 +30,7 @@ use crate::publish::{
 use crate::relays::choose_relay;
 use crate::rows::{Limits, RawRecord};
 use crate::summary::{EXPECTED_HEADER, SUMMARY_KIND};
-use crate::validate::{validate_rows, Validation};
+use crate::validate::{validate_rows, Validation, ValidationError};
 use crate::watch;
 
 /// Messages published and not yet confirmed, at most.
@@ -247,7 +247,16 @@ fn validate(
         |rows| progress.borrow_mut().set(rows),
     );
     progress.borrow().finish();
-    validation.with_context(|| format!("cannot read the recipients file {}", path.display()))
+    match validation {
+        Ok(validation) => Ok(validation),
+        Err(ValidationError::Read(e)) => {
+            Err(e).with_context(|| format!("cannot read the recipients file {}", path.display()))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot validate {}; nothing was published",
+            path.display()
+        ))),
+    }
 }
 
 /// Pass 2: publish every valid row; returns how many jobs the broker confirmed.

@@ -464,3 +464,52 @@ async fn a_queue_that_refuses_jobs_makes_send_fail_with_a_nack() {
     assert!(run.stderr.contains("(nack)"), "{}", run.stderr);
     assert!(!run.stdout.contains("published"), "{}", run.stdout);
 }
+
+/// Runs `args` in a blocking task; a producer that hangs fails the test instead of it.
+async fn run_bounded(env: &ProducerEnv, args: &[&str], timeout: Duration) -> producer_support::Run {
+    let mut child = env.start(args);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait for the producer") {
+            Some(_) => {
+                return producer_support::Run::from(child.wait_with_output().expect("output"))
+            }
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let run = producer_support::Run::from(child.wait_with_output().expect("output"));
+                panic!("the producer hung for {timeout:?}:\n{}", run.stderr);
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_character_split_across_two_fields_is_invalid_utf8_on_its_line() {
+    let env = ProducerEnv::new("psplit").await;
+    let campaign = env.campaign("split");
+    // "ë" is C3 AB: its first byte ends the name field, its second starts the code field.
+    // The row as a whole is valid UTF-8; each of the two fields is not.
+    let mut csv = b"email,name,code\n".to_vec();
+    csv.extend_from_slice(b"ann@example.org,Ann,A1\n"); // 2
+    csv.extend_from_slice(b"zoe@example.org,Zo\xc3,\xabK2\n"); // 3
+    let recipients = env.file("split.csv", csv);
+    let templates = templates(&env);
+
+    let run = run_bounded(
+        &env,
+        &send_args(&recipients, &campaign, &templates),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    run.expect_code(65);
+    assert_eq!(run.reported_lines(), vec![3], "{}", run.stderr);
+    assert!(
+        run.problem_on(3).contains("not valid UTF-8") && run.problem_on(3).contains("\"name\""),
+        "{}",
+        run.problem_on(3)
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
