@@ -513,3 +513,52 @@ async fn a_character_split_across_two_fields_is_invalid_utf8_on_its_line() {
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
 }
+
+#[tokio::test]
+async fn a_template_that_never_ends_or_renders_too_much_fails_its_rows() {
+    let env = ProducerEnv::new("pfuel").await;
+    let recipients = env.file(
+        "r.csv",
+        "email,name,code\nann@example.org,Ann,A1\nbob@example.org,Bob,B1\n",
+    );
+    let cases = [
+        (
+            "endless",
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "does more work than one row may",
+        ),
+        (
+            "huge",
+            "{% for i in range(100000) %}{{ name * 1000 }}{% endfor %}",
+            "renders more than",
+        ),
+    ];
+    for (name, body, problem) in cases {
+        let text = env.file(&format!("{name}.txt"), body);
+        let campaign = env.campaign(name);
+        let args = [
+            "send",
+            "--recipients",
+            recipients.as_str(),
+            "--campaign",
+            campaign.as_str(),
+            "--from",
+            FROM,
+            "--subject",
+            "Hello {{ name }}",
+            "--text",
+            text.as_str(),
+        ];
+
+        let run = run_bounded(&env, &args, Duration::from_secs(60)).await;
+
+        run.expect_code(65);
+        assert_eq!(run.reported_lines(), vec![2, 3], "{name}: {}", run.stderr);
+        assert!(
+            run.problem_on(2).starts_with("line 2: text: ") && run.problem_on(2).contains(problem),
+            "{name}: {}",
+            run.problem_on(2)
+        );
+        assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0, "{name}");
+    }
+}
