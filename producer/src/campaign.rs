@@ -312,6 +312,7 @@ pub struct Campaign {
     spec: Arc<CampaignSpec>,
     unknown_variables: HashMap<String, Vec<String>>,
     max_field_bytes: usize,
+    max_record_bytes: usize,
 }
 
 impl Campaign {
@@ -330,8 +331,14 @@ impl Campaign {
     fn try_job(&self, record: &RawRecord, check: Check) -> Result<Job, String> {
         if let Some(oversized) = record.oversized() {
             let mut problem = oversized_problem(oversized, &self.columns.names);
-            if matches!(oversized, Oversized::Field { .. }) {
-                problem.push_str(&format!(" (the limit is {} bytes)", self.max_field_bytes));
+            match oversized {
+                Oversized::Field { .. } => {
+                    problem.push_str(&format!(" (the limit is {} bytes)", self.max_field_bytes))
+                }
+                Oversized::Record => {
+                    problem.push_str(&format!(" (the limit is {} bytes)", self.max_record_bytes))
+                }
+                Oversized::TooManyFields => {}
             }
             return Err(problem);
         }
@@ -465,6 +472,7 @@ impl<R: BufRead> CampaignReader<R> {
             spec,
             unknown_variables,
             max_field_bytes: limits.max_field_bytes,
+            max_record_bytes: limits.max_record_bytes,
         };
         Ok(Self {
             records,
@@ -511,6 +519,7 @@ fn oversized_problem(oversized: Oversized, names: &[String]) -> String {
             None => format!("field too large: field {}", index + 1),
         },
         Oversized::TooManyFields => "too many fields (ragged row)".to_string(),
+        Oversized::Record => "record too large: its fields together".to_string(),
     }
 }
 

@@ -35,6 +35,10 @@ use crate::watch;
 
 /// Messages published and not yet confirmed, at most.
 pub const CONFIRM_WINDOW: usize = 1000;
+/// Body bytes published and not yet confirmed, at most (a job renders at most
+/// [`crate::campaign::MAX_RENDERED_BYTES`]): with the validation pass's bound, what keeps
+/// `send` within its documented memory on a file of large rows.
+pub const CONFIRM_WINDOW_BYTES: usize = 32 << 20;
 /// Read buffer of the recipients file.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -106,7 +110,8 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         false,
     )
     .await
-    .context("cannot start publishing")?;
+    .context("cannot start publishing")?
+    .with_window_bytes(CONFIRM_WINDOW_BYTES);
     let published = publish_rows(
         &mut publisher,
         &topology,

@@ -15,8 +15,14 @@ use std::sync::{Arc, Mutex};
 use crate::campaign::{CampaignReader, Check, RowError};
 use crate::rows::RawRecord;
 
-/// Records handed to a worker at a time.
+/// Records handed to a worker at a time, at most.
 const BATCH: usize = 512;
+/// Bytes of records (their buffers' capacity) after which a batch is handed over even when
+/// it holds fewer than [`BATCH`] records. A batch then holds at most this plus one record
+/// ([`crate::rows::MAX_RECORD_BYTES`]) plus its small recycled records (512 × 1.5 KiB),
+/// about 4 MiB; with at most `4 × threads + 2` batches alive (threads ≤ 4), the pass holds
+/// at most about 72 MiB of the file whatever its rows.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// What the first pass found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -140,9 +146,12 @@ fn check_rows<R: BufRead + Send>(
                         Err(_) => break,
                     },
                 };
+                // What a large row grew is not kept for the next rows in this place.
+                batch.iter_mut().for_each(RawRecord::shrink);
                 let mut len = 0;
+                let mut bytes = 0;
                 let mut more = true;
-                while len < BATCH {
+                while len < BATCH && bytes < BATCH_BYTES {
                     if len == batch.len() {
                         batch.push(RawRecord::default());
                     }
@@ -150,6 +159,7 @@ fn check_rows<R: BufRead + Send>(
                         more = false;
                         break;
                     }
+                    bytes += batch[len].capacity_bytes();
                     len += 1;
                 }
                 if len > 0 {

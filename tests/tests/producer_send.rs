@@ -562,3 +562,117 @@ async fn a_template_that_never_ends_or_renders_too_much_fails_its_rows() {
         assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0, "{name}");
     }
 }
+
+/// Peak resident memory (VmHWM) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn a_record_over_the_record_byte_limit_is_refused_on_its_line() {
+    let env = ProducerEnv::new("precord").await;
+    let campaign = env.campaign("wide");
+    // 63 fields of 1 MiB each: every field within the field limit, the record far over the
+    // record limit.
+    let mut csv = b"email".to_vec();
+    for i in 1..64 {
+        csv.extend_from_slice(format!(",c{i}").as_bytes());
+    }
+    csv.extend_from_slice(b"\nann@example.org");
+    let field = vec![b'x'; 1 << 20];
+    for _ in 1..64 {
+        csv.push(b',');
+        csv.extend_from_slice(&field);
+    }
+    csv.push(b'\n');
+    let recipients = env.file("wide.csv", csv);
+    let text = env.file("wide.txt", "Hello {{ c1[:5] }}\n");
+    let args = [
+        "send",
+        "--recipients",
+        recipients.as_str(),
+        "--campaign",
+        campaign.as_str(),
+        "--from",
+        FROM,
+        "--subject",
+        "Hello",
+        "--text",
+        text.as_str(),
+    ];
+
+    let run = run_bounded(&env, &args, Duration::from_secs(60)).await;
+
+    run.expect_code(65);
+    assert!(
+        run.problem_on(2).contains("record too large")
+            && run
+                .problem_on(2)
+                .contains(&sluice_producer::rows::MAX_RECORD_BYTES.to_string()),
+        "{}",
+        run.problem_on(2)
+    );
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
+
+/// The memory `send` stays within on any file, as the README documents it.
+const SEND_MEMORY_BOUND_MIB: u64 = 200;
+
+#[tokio::test]
+async fn send_stays_within_its_memory_bound_on_a_file_of_large_rows() {
+    let env = ProducerEnv::new("prss").await;
+    let campaign = env.campaign("large");
+    let rows = 150;
+    let field = "x".repeat(sluice_producer::rows::MAX_FIELD_BYTES);
+    let mut csv = String::from("email,name\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i}@example.org,{field}\n"));
+    }
+    let recipients = env.file("large.csv", csv);
+    let text = env.file("large.txt", "Dear {{ name }}\n");
+    let args = [
+        "send",
+        "--recipients",
+        recipients.as_str(),
+        "--campaign",
+        campaign.as_str(),
+        "--from",
+        FROM,
+        "--subject",
+        "Hello",
+        "--text",
+        text.as_str(),
+    ];
+
+    let mut child = env.start(&args);
+    let pid = child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut peak_kib = 0;
+    while child.try_wait().expect("wait for the producer").is_none() {
+        assert!(std::time::Instant::now() < deadline, "send took over 180 s");
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = producer_support::Run::from(child.wait_with_output().expect("output"));
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), format!("published {rows} jobs"));
+    assert!(peak_kib > 0, "the peak memory was never read");
+    assert!(
+        peak_kib < SEND_MEMORY_BOUND_MIB * 1024,
+        "send peaked at {} MiB on {rows} rows of 1 MiB, over its bound of {SEND_MEMORY_BOUND_MIB} MiB",
+        peak_kib / 1024
+    );
+    eprintln!("send peaked at {} MiB", peak_kib / 1024);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, rows);
+}
