@@ -12,7 +12,10 @@ Exit codes:
   2   usage error (bad or missing arguments)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
   65  invalid input (rows, columns or templates); the problems are listed as
-      'line N: ...' on stderr and nothing was published";
+      'line N: ...' on stderr and nothing was published
+  130 send stopped by SIGTERM/SIGINT while publishing: it stops reading, waits up to 30 s
+      for the broker's confirms and says 'published N of M jobs' (the N confirmed jobs
+      are in the queue; a signal before publishing starts leaves nothing published)";
 
 /// Send bulk email through sluice: turn a campaign into jobs on RabbitMQ, follow it, and
 /// manage the jobs that could not be delivered.

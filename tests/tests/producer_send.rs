@@ -676,3 +676,58 @@ async fn send_stays_within_its_memory_bound_on_a_file_of_large_rows() {
     eprintln!("send peaked at {} MiB", peak_kib / 1024);
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, rows);
 }
+
+#[tokio::test]
+async fn sigterm_mid_publish_stops_reports_how_far_it_got_and_the_queue_agrees() {
+    let env = ProducerEnv::new("pterm").await;
+    let campaign = env.campaign("term");
+    let rows = 60_000;
+    let mut csv = String::from("email,name,code\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i}@example.org,R{i},C{i}\n"));
+    }
+    let recipients = env.file("many.csv", csv);
+    let templates = templates(&env);
+    let child = env.start(&send_args(&recipients, &campaign, &templates));
+    let pid = child.id().to_string();
+
+    assert!(
+        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(120))
+            .await,
+        "publishing did not start"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            producer_support::Run::from(child.wait_with_output().expect("output"))
+        }),
+    )
+    .await
+    .expect("the producer stopped within 60 s of SIGTERM")
+    .expect("join");
+
+    run.expect_code(130);
+    let published = published_of(&run.stderr, rows)
+        .unwrap_or_else(|| panic!("no 'published N of {rows} jobs' in:\n{}", run.stderr));
+    assert!(
+        (1000..rows as u32).contains(&published),
+        "published {published} of {rows}"
+    );
+    assert!(!run.stdout.contains("published"), "{}", run.stdout);
+    // Every job it counted is confirmed, and it counted every job it published.
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, published);
+}
+
+/// N in `... published N of <total> jobs ...`.
+fn published_of(stderr: &str, total: usize) -> Option<u32> {
+    let rest = stderr.split("published ").nth(1)?;
+    let (n, rest) = rest.split_once(' ')?;
+    rest.starts_with(&format!("of {total} jobs"))
+        .then(|| n.parse().ok())
+        .flatten()
+}
