@@ -738,7 +738,7 @@ mod tests {
         spec.text = format!("{{{{ name * {half} }}}}");
         spec.html = Some(format!("{{{{ name * {half} }}}}"));
         let got = rows(spec, b"email,name,tag\nann@example.org,A,a\n");
-        let e = got[0].as_ref().err().expect("too large together");
+        let e = got[0].as_ref().expect_err("too large together");
         assert!(
             e.starts_with("line 2: html: the row renders more than"),
             "{e}"

@@ -394,7 +394,7 @@ mod tests {
         let many = vec![field.as_str(); 64].join(",");
         let text = format!(
             "email\n{many}\na@x.org\n{}\n",
-            vec![field.as_str(); 5].join(",")
+            [field.as_str(); 5].join(",")
         );
         let mut reader = RecordReader::new(text.as_bytes(), limits);
         let mut record = RawRecord::default();

@@ -122,8 +122,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         &topology,
         &relay,
         &args.recipients,
-        &spec,
-        &templates,
+        open_rows(&args.recipients, &spec, &templates)?,
         &validation,
         &shutdown,
     )
@@ -276,12 +275,10 @@ async fn publish_rows(
     topology: &Topology,
     relay: &str,
     path: &Path,
-    spec: &Arc<CampaignSpec>,
-    templates: &Arc<Templates>,
+    mut rows: CampaignReader<BufReader<File>>,
     validation: &Validation,
     shutdown: &Shutdown,
 ) -> anyhow::Result<u64> {
-    let mut rows = open_rows(path, spec, templates)?;
     let campaign = rows.campaign().clone();
     let mut record = RawRecord::default();
     // Sorted: the first pass reports in file order.
