@@ -371,7 +371,8 @@ impl Campaign {
         let to = vars.field(self.columns.email).trim().to_string();
         let vars = Value::from_object(vars);
 
-        let room = &mut MAX_RENDERED_BYTES.clone();
+        let mut room = MAX_RENDERED_BYTES;
+        let room = &mut room;
         let subject = self.render(SUBJECT, &vars, room)?;
         let text = self.render(TEXT, &vars, room)?;
         let html = if self.templates.has_html {
