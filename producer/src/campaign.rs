@@ -65,6 +65,17 @@ pub struct TemplateError {
     source: minijinja::Error,
 }
 
+/// Work one template may do for one row, in minijinja fuel: one per instruction, one per
+/// 64 bytes produced (so [`MAX_RENDERED_BYTES`] costs about 164 000). A campaign's templates
+/// take tens to a few thousand; a loop that does not end, or one string of 100 MB, runs out
+/// here instead of holding a validation thread for ever.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// Bytes one row may render, all its templates together (the subject, the bodies and the
+/// headers): the worker's default `max_message_bytes`. Rendering stops at the first byte
+/// over it, so a template that would render 100 MB never holds more than this.
+pub const MAX_RENDERED_BYTES: usize = 10 * 1024 * 1024;
+
 const SUBJECT: &str = "subject";
 const TEXT: &str = "text";
 const HTML: &str = "html";
@@ -83,6 +94,7 @@ impl Templates {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_debug(false);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // Only the HTML body escapes; subject, text and headers go out as written.
         env.set_auto_escape_callback(|name| {
             if name == HTML {
@@ -139,11 +151,56 @@ impl Templates {
         out
     }
 
-    fn render(&self, name: &str, vars: &Value) -> Result<String, minijinja::Error> {
-        self.env
+    /// Render template `name`, taking its output out of `room` (the bytes the row may still
+    /// render); stops as soon as the output would not fit.
+    fn render(&self, name: &str, vars: &Value, room: &mut usize) -> Result<String, RenderError> {
+        let mut out = Capped {
+            out: Vec::new(),
+            room: *room,
+            over: false,
+        };
+        let rendered = self
+            .env
             .get_template(name)
             .expect("templates are added in new()")
-            .render(vars.clone())
+            .render_captured_to(vars.clone(), &mut out);
+        if out.over {
+            return Err(RenderError::TooLarge);
+        }
+        rendered.map_err(RenderError::Template)?;
+        *room = out.room;
+        String::from_utf8(out.out).map_err(|_| RenderError::TooLarge)
+    }
+}
+
+/// Why a template did not render for a row.
+enum RenderError {
+    Template(minijinja::Error),
+    /// The row's output went over [`MAX_RENDERED_BYTES`].
+    TooLarge,
+}
+
+/// A writer that takes at most `room` bytes, and fails (setting `over`) at the first write
+/// that does not fit.
+struct Capped {
+    out: Vec<u8>,
+    room: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.room {
+            self.over = true;
+            return Err(std::io::Error::other("over the size limit"));
+        }
+        self.room -= buf.len();
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -255,6 +312,7 @@ pub struct Campaign {
     spec: Arc<CampaignSpec>,
     unknown_variables: HashMap<String, Vec<String>>,
     max_field_bytes: usize,
+    max_record_bytes: usize,
 }
 
 impl Campaign {
@@ -273,8 +331,14 @@ impl Campaign {
     fn try_job(&self, record: &RawRecord, check: Check) -> Result<Job, String> {
         if let Some(oversized) = record.oversized() {
             let mut problem = oversized_problem(oversized, &self.columns.names);
-            if matches!(oversized, Oversized::Field { .. }) {
-                problem.push_str(&format!(" (the limit is {} bytes)", self.max_field_bytes));
+            match oversized {
+                Oversized::Field { .. } => {
+                    problem.push_str(&format!(" (the limit is {} bytes)", self.max_field_bytes))
+                }
+                Oversized::Record => {
+                    problem.push_str(&format!(" (the limit is {} bytes)", self.max_record_bytes))
+                }
+                Oversized::TooManyFields => {}
             }
             return Err(problem);
         }
@@ -286,16 +350,19 @@ impl Campaign {
             ));
         }
         let (bytes, ends) = record.parts();
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let field = ends
-                .iter()
-                .position(|&end| end > e.valid_up_to())
-                .unwrap_or(0);
-            format!(
-                "column {:?} is not valid UTF-8 (wrong encoding? save the file as UTF-8)",
-                self.columns.names[field]
-            )
-        })?;
+        // Field by field: a character whose bytes straddle a comma makes the row valid
+        // UTF-8 as a whole while neither field is, and a field must be text on its own.
+        let mut start = 0;
+        for (field, &end) in ends.iter().enumerate() {
+            if std::str::from_utf8(&bytes[start..end]).is_err() {
+                return Err(format!(
+                    "column {:?} is not valid UTF-8 (wrong encoding? save the file as UTF-8)",
+                    self.columns.names[field]
+                ));
+            }
+            start = end;
+        }
+        let text = std::str::from_utf8(bytes).expect("every field is valid UTF-8");
         let vars = RowVars {
             columns: self.columns.clone(),
             text: text.to_string(),
@@ -304,16 +371,18 @@ impl Campaign {
         let to = vars.field(self.columns.email).trim().to_string();
         let vars = Value::from_object(vars);
 
-        let subject = self.render(SUBJECT, &vars)?;
-        let text = self.render(TEXT, &vars)?;
+        let mut room = MAX_RENDERED_BYTES;
+        let room = &mut room;
+        let subject = self.render(SUBJECT, &vars, room)?;
+        let text = self.render(TEXT, &vars, room)?;
         let html = if self.templates.has_html {
-            Some(self.render(HTML, &vars)?)
+            Some(self.render(HTML, &vars, room)?)
         } else {
             None
         };
         let mut headers = BTreeMap::new();
         for (name, template) in &self.templates.headers {
-            let value = self.render(template, &vars)?;
+            let value = self.render(template, &vars, room)?;
             check_header(name, &value).map_err(|e| e.to_string())?;
             headers.insert(name.clone(), value);
         }
@@ -341,15 +410,28 @@ impl Campaign {
         Ok(job)
     }
 
-    fn render(&self, template: &str, vars: &Value) -> Result<String, String> {
-        self.templates.render(template, vars).map_err(|e| {
+    fn render(&self, template: &str, vars: &Value, room: &mut usize) -> Result<String, String> {
+        self.templates.render(template, vars, room).map_err(|e| {
             let what = template
                 .strip_prefix("header ")
                 .map_or_else(|| template.to_string(), |name| format!("header {name:?}"));
+            let e = match e {
+                RenderError::TooLarge => {
+                    return format!(
+                        "{what}: the row renders more than {MAX_RENDERED_BYTES} bytes \
+                         (subject, bodies and headers together)"
+                    )
+                }
+                RenderError::Template(e) => e,
+            };
             match (e.kind(), self.unknown_variables.get(template)) {
                 (minijinja::ErrorKind::UndefinedError, Some(unknown)) => format!(
                     "{what}: undefined variable {} (the file has no such column)",
                     unknown.join(", ")
+                ),
+                (minijinja::ErrorKind::OutOfFuel, _) => format!(
+                    "{what}: the template does more work than one row may (more than \
+                     {TEMPLATE_FUEL} fuel: a loop that does not end, or data far too large?)"
                 ),
                 _ => format!("{what}: {e}"),
             }
@@ -391,6 +473,7 @@ impl<R: BufRead> CampaignReader<R> {
             spec,
             unknown_variables,
             max_field_bytes: limits.max_field_bytes,
+            max_record_bytes: limits.max_record_bytes,
         };
         Ok(Self {
             records,
@@ -437,6 +520,7 @@ fn oversized_problem(oversized: Oversized, names: &[String]) -> String {
             None => format!("field too large: field {}", index + 1),
         },
         Oversized::TooManyFields => "too many fields (ragged row)".to_string(),
+        Oversized::Record => "record too large: its fields together".to_string(),
     }
 }
 
@@ -533,6 +617,7 @@ mod tests {
         csv.extend_from_slice(b"fay@example.org,F\xe9e,f,no\n"); // 8 Latin-1
         csv.extend_from_slice(b"gus@example.org,Gus,g,\"no,\nreally\"\n"); // 9-10 ok
         csv.extend_from_slice(b"hal@example.org,Hal,h,no\n"); // 11 ok
+        csv.extend_from_slice(b"ida@example.org,Zo\xc3,\xab,no\n"); // 12: "ë" (C3 AB) split by a comma
         let got = rows(spec, &csv);
         let summary: Vec<String> = got
             .iter()
@@ -550,6 +635,7 @@ mod tests {
             "line 8: column \"name\" is not valid UTF-8",
             "ok spring-9",
             "ok spring-11",
+            "line 12: column \"name\" is not valid UTF-8",
         ];
         assert_eq!(summary.len(), expect_prefixes.len(), "{summary:#?}");
         for (got, want) in summary.iter().zip(expect_prefixes) {
@@ -602,6 +688,62 @@ mod tests {
         let bob = got[1].as_ref().unwrap();
         assert_eq!(bob.return_path.as_deref(), Some("bounces@example.com"));
         assert_eq!(bob.id, "spring-3");
+    }
+
+    #[test]
+    fn a_template_that_never_ends_or_renders_too_much_fails_its_row() {
+        let cases = [
+            (
+                "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                "line 2: text: the template does more work than one row may",
+            ),
+            (
+                "{{ name * 100000000 }}",
+                "line 2: text: the template does more work than one row may",
+            ),
+            (
+                "{% for i in range(100000) %}{{ name * 1000 }}{% endfor %}",
+                "line 2: text: the row renders more than",
+            ),
+            (
+                "{{ name * 20000000 }}",
+                "line 2: text: the row renders more than",
+            ),
+        ];
+        for (text, want) in cases {
+            let mut spec = spec();
+            spec.text = text.into();
+            let started = std::time::Instant::now();
+            let got = rows(
+                spec,
+                b"email,name,tag\nann@example.org,A,a\nbob@example.org,B,b\n",
+            );
+            assert_eq!(got.len(), 2, "{text}");
+            for (row, line) in got.iter().zip(2..) {
+                let e = row
+                    .as_ref()
+                    .err()
+                    .unwrap_or_else(|| panic!("{text}: rendered"));
+                let want = want.replace("line 2", &format!("line {line}"));
+                assert!(e.starts_with(&want), "{text}: {e}");
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "{text}"
+            );
+        }
+        // The size limit counts the row, not each template.
+        let mut spec = spec();
+        let half = MAX_RENDERED_BYTES / 2 + 1;
+        spec.subject = "s".into();
+        spec.text = format!("{{{{ name * {half} }}}}");
+        spec.html = Some(format!("{{{{ name * {half} }}}}"));
+        let got = rows(spec, b"email,name,tag\nann@example.org,A,a\n");
+        let e = got[0].as_ref().expect_err("too large together");
+        assert!(
+            e.starts_with("line 2: html: the row renders more than"),
+            "{e}"
+        );
     }
 
     #[test]

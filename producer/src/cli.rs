@@ -12,7 +12,10 @@ Exit codes:
   2   usage error (bad or missing arguments)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
   65  invalid input (rows, columns or templates); the problems are listed as
-      'line N: ...' on stderr and nothing was published";
+      'line N: ...' on stderr and nothing was published
+  130 send stopped by SIGTERM/SIGINT while publishing: it stops reading, waits up to 30 s
+      for the broker's confirms and says 'published N of M jobs' (the N confirmed jobs
+      are in the queue; a signal before publishing starts leaves nothing published)";
 
 /// Send bulk email through sluice: turn a campaign into jobs on RabbitMQ, follow it, and
 /// manage the jobs that could not be delivered.
@@ -71,7 +74,9 @@ most one message per queue may then exist twice).";
 pub struct SendArgs {
     /// Recipients CSV (UTF-8, comma separated) with a header row. It needs an `email`
     /// column; every column is a template variable, e.g. {{ name }}. The file is read twice
-    /// (validate, then publish), so it must be a regular file.
+    /// (validate, then publish), so it must be a regular file. Limits: 1 MiB per field,
+    /// 2 MiB per record (all its fields), 10 MiB rendered per row; a row over one is
+    /// reported as 'line N: ...'. Whatever the file, send stays under about 200 MiB of memory.
     #[arg(long, value_name = "FILE.csv")]
     pub recipients: PathBuf,
 

@@ -21,12 +21,20 @@ pub struct UsageError(pub String);
 #[error("{0}")]
 pub struct InvalidInput(pub String);
 
+/// A stop signal (SIGTERM, SIGINT) ended the command before its end (exit 130); the message
+/// says how far it got.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
 /// Exit code of a command line usage error, as clap uses.
 pub const USAGE: u8 = 2;
 /// The campaign finished with bounces or dead jobs.
 pub const CAMPAIGN_FAILED: u8 = 3;
 /// `EX_DATAERR`: the input data was incorrect.
 pub const INVALID_INPUT: u8 = 65;
+/// Stopped by SIGTERM or SIGINT (128 + SIGINT, as shells report Ctrl-C).
+pub const INTERRUPTED: u8 = 130;
 
 /// Report `result` on stderr (errors with their cause chain) and pick the exit code.
 pub fn report(result: anyhow::Result<Status>) -> ExitCode {
@@ -46,6 +54,8 @@ pub fn code_of(error: &anyhow::Error) -> u8 {
         USAGE
     } else if error.downcast_ref::<InvalidInput>().is_some() {
         INVALID_INPUT
+    } else if error.downcast_ref::<Interrupted>().is_some() {
+        INTERRUPTED
     } else {
         1
     }
@@ -64,6 +74,10 @@ mod tests {
             (
                 anyhow::Error::from(InvalidInput("2 invalid rows".into())).context("send"),
                 INVALID_INPUT,
+            ),
+            (
+                Interrupted("published 3 of 9 jobs".into()).into(),
+                INTERRUPTED,
             ),
             (
                 Err::<(), _>(std::io::Error::other("disk"))

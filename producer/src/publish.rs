@@ -106,6 +106,10 @@ pub struct Publisher {
     next_channel: usize,
     window: VecDeque<InFlight>,
     window_size: usize,
+    /// Body bytes the window may hold; see [`Publisher::with_window_bytes`].
+    window_bytes: usize,
+    /// Body bytes it holds now.
+    in_flight_bytes: usize,
     keep_tags: bool,
     confirmed_tags: Vec<u64>,
     confirmed: u64,
@@ -137,12 +141,22 @@ impl Publisher {
             next_channel: 0,
             window: VecDeque::with_capacity(window_size),
             window_size: window_size.max(1),
+            window_bytes: usize::MAX,
+            in_flight_bytes: 0,
             keep_tags,
             confirmed_tags: Vec::new(),
             confirmed: 0,
             spare_bodies: Vec::new(),
             fruitless_reconnects: 0,
         })
+    }
+
+    /// Bound the window by body bytes too: each body is kept until confirmed, so a window
+    /// counted in messages alone holds `window` times the largest body. A message larger
+    /// than the bound still goes out, alone in the window.
+    pub fn with_window_bytes(mut self, bytes: usize) -> Publisher {
+        self.window_bytes = bytes;
+        self
     }
 
     /// An empty buffer for the next body, reusing the bodies of confirmed messages.
@@ -158,9 +172,13 @@ impl Publisher {
     /// rate, measured on a busy 2-core machine). Each task gets its own confirm, so the
     /// order in which the tasks run does not matter.
     pub async fn publish(&mut self, message: Outgoing) -> Result<(), PublishError> {
-        while self.window.len() >= self.window_size {
+        while self.window.len() >= self.window_size
+            || (!self.window.is_empty()
+                && self.in_flight_bytes + message.body.len() > self.window_bytes)
+        {
             self.settle_oldest().await?;
         }
+        self.in_flight_bytes += message.body.len();
         let Outgoing {
             tag,
             id,
@@ -247,6 +265,7 @@ impl Publisher {
             match confirm.await {
                 Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
                     let done = self.window.pop_front().expect("front exists");
+                    self.in_flight_bytes -= done.body.len();
                     self.confirmed += 1;
                     self.fruitless_reconnects = 0;
                     if self.keep_tags {

@@ -15,13 +15,22 @@ pub struct Limits {
     pub max_field_bytes: usize,
     /// Most fields in one record.
     pub max_fields: usize,
+    /// Most bytes in one record, all fields together: what one row may hold in memory
+    /// whatever its shape (64 fields of 1 MiB each are each within `max_field_bytes`).
+    pub max_record_bytes: usize,
 }
+
+/// [`Limits::max_field_bytes`] by default: 1 MiB.
+pub const MAX_FIELD_BYTES: usize = 1 << 20;
+/// [`Limits::max_record_bytes`] by default: 2 MiB.
+pub const MAX_RECORD_BYTES: usize = 2 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_field_bytes: 1 << 20,
+            max_field_bytes: MAX_FIELD_BYTES,
             max_fields: 10_000,
+            max_record_bytes: MAX_RECORD_BYTES,
         }
     }
 }
@@ -33,6 +42,8 @@ pub enum Oversized {
     Field { index: usize },
     /// The record has more fields than the limit.
     TooManyFields,
+    /// The record's fields together are longer than the limit.
+    Record,
 }
 
 /// One CSV record as raw bytes; reused from record to record.
@@ -70,6 +81,23 @@ impl RawRecord {
     pub fn field(&self, index: usize) -> &[u8] {
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
         &self.data[start..self.ends[index]]
+    }
+
+    /// Give back the memory of a record that was larger than most, before the buffer is
+    /// reused: recycled records keep their capacity, and a batch of them must not keep
+    /// every large row it once held.
+    pub fn shrink(&mut self) {
+        if self.data.len() > 1024 {
+            self.data = vec![0; 256];
+        }
+        if self.ends.len() > 64 {
+            self.ends = vec![0; 16];
+        }
+    }
+
+    /// Bytes the record holds on to.
+    pub fn capacity_bytes(&self) -> usize {
+        self.data.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 
     /// All fields' bytes back to back, and where each field ends.
@@ -154,8 +182,11 @@ impl<R: BufRead> RecordReader<R> {
                     };
                     if out_len - field_start > self.limits.max_field_bytes {
                         record.oversized = Some(Oversized::Field { index: ends_len });
+                    } else if out_len > self.limits.max_record_bytes {
+                        record.oversized = Some(Oversized::Record);
                     } else {
-                        let grown = record.data.len() * 2;
+                        // One byte past the limit is enough to know a record is over it.
+                        let grown = (record.data.len() * 2).min(self.limits.max_record_bytes + 1);
                         record.data.resize(grown, 0);
                     }
                 }
@@ -212,6 +243,9 @@ impl<R: BufRead> RecordReader<R> {
     fn check_fields(&self, record: &RawRecord) -> Option<Oversized> {
         if record.len > self.limits.max_fields {
             return Some(Oversized::TooManyFields);
+        }
+        if record.ends[..record.len].last().copied().unwrap_or(0) > self.limits.max_record_bytes {
+            return Some(Oversized::Record);
         }
         let mut start = 0;
         for (index, &end) in record.ends[..record.len].iter().enumerate() {
@@ -330,6 +364,7 @@ mod tests {
         let limits = Limits {
             max_field_bytes: 10,
             max_fields: 4,
+            max_record_bytes: 1000,
         };
         let big = "x".repeat(100_000);
         let text = format!(
@@ -349,10 +384,46 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_many_fields_each_within_the_limit_is_refused_as_a_whole() {
+        let limits = Limits {
+            max_field_bytes: 1000,
+            max_fields: 100,
+            max_record_bytes: 5000,
+        };
+        let field = "x".repeat(1000);
+        let many = vec![field.as_str(); 64].join(",");
+        let text = format!(
+            "email\n{many}\na@x.org\n{}\n",
+            [field.as_str(); 5].join(",")
+        );
+        let mut reader = RecordReader::new(text.as_bytes(), limits);
+        let mut record = RawRecord::default();
+        let mut seen = Vec::new();
+        while reader.read(&mut record).unwrap() {
+            seen.push((record.line(), record.oversized()));
+            assert!(
+                record.data.len() <= 5001,
+                "buffer grew to {}",
+                record.data.len()
+            );
+        }
+        assert_eq!(
+            seen,
+            [
+                (1, None),
+                (2, Some(Oversized::Record)),
+                (3, None),
+                (4, None)
+            ]
+        );
+    }
+
+    #[test]
     fn an_unterminated_quote_does_not_fill_memory() {
         let limits = Limits {
             max_field_bytes: 1000,
             max_fields: 10,
+            max_record_bytes: 10_000,
         };
         let mut text = b"email\n\"a@x.org\n".to_vec();
         text.extend(std::iter::repeat_n(b'y', 5_000_000));

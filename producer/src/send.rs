@@ -12,17 +12,18 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use lapin::BasicProperties;
+use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Job, Settings, Topology};
 
 use crate::campaign::{
     generate_campaign_id, CampaignReader, CampaignSpec, Check, HeaderError, Templates,
 };
 use crate::cli::SendArgs;
-use crate::exit::{InvalidInput, Status, UsageError};
+use crate::exit::{Interrupted, InvalidInput, Status, UsageError};
 use crate::progress::Progress;
 use crate::publish::{
     int_header, job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT,
@@ -30,11 +31,17 @@ use crate::publish::{
 use crate::relays::choose_relay;
 use crate::rows::{Limits, RawRecord};
 use crate::summary::{EXPECTED_HEADER, SUMMARY_KIND};
-use crate::validate::{validate_rows, Validation};
+use crate::validate::{validate_rows, Validation, ValidationError};
 use crate::watch;
 
 /// Messages published and not yet confirmed, at most.
 pub const CONFIRM_WINDOW: usize = 1000;
+/// Body bytes published and not yet confirmed, at most (a job renders at most
+/// [`crate::campaign::MAX_RENDERED_BYTES`]): with the validation pass's bound, what keeps
+/// `send` within its documented memory on a file of large rows.
+pub const CONFIRM_WINDOW_BYTES: usize = 32 << 20;
+/// How long a stop signal waits for the confirms of what was published before it.
+const CONFIRM_GRACE: Duration = Duration::from_secs(30);
 /// Read buffer of the recipients file.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -91,7 +98,9 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         args.recipients.display()
     );
 
-    // Pass 2: publish.
+    // Pass 2: publish. From here a stop signal ends publishing cleanly (before, it ends the
+    // process: nothing is published yet).
+    let shutdown = Shutdown::on_signals();
     let topology = Topology::new(settings.amqp.namespace.clone());
     let setup = Setup {
         relays: vec![relay.clone()],
@@ -106,15 +115,16 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         false,
     )
     .await
-    .context("cannot start publishing")?;
+    .context("cannot start publishing")?
+    .with_window_bytes(CONFIRM_WINDOW_BYTES);
     let published = publish_rows(
         &mut publisher,
         &topology,
         &relay,
         &args.recipients,
-        &spec,
-        &templates,
+        open_rows(&args.recipients, &spec, &templates)?,
         &validation,
+        &shutdown,
     )
     .await?;
     publish_summary(&mut publisher, &topology, &campaign, published).await?;
@@ -247,7 +257,16 @@ fn validate(
         |rows| progress.borrow_mut().set(rows),
     );
     progress.borrow().finish();
-    validation.with_context(|| format!("cannot read the recipients file {}", path.display()))
+    match validation {
+        Ok(validation) => Ok(validation),
+        Err(ValidationError::Read(e)) => {
+            Err(e).with_context(|| format!("cannot read the recipients file {}", path.display()))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot validate {}; nothing was published",
+            path.display()
+        ))),
+    }
 }
 
 /// Pass 2: publish every valid row; returns how many jobs the broker confirmed.
@@ -256,11 +275,10 @@ async fn publish_rows(
     topology: &Topology,
     relay: &str,
     path: &Path,
-    spec: &Arc<CampaignSpec>,
-    templates: &Arc<Templates>,
+    mut rows: CampaignReader<BufReader<File>>,
     validation: &Validation,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<u64> {
-    let mut rows = open_rows(path, spec, templates)?;
     let campaign = rows.campaign().clone();
     let mut record = RawRecord::default();
     // Sorted: the first pass reports in file order.
@@ -272,6 +290,10 @@ async fn publish_rows(
         .next_record(&mut record)
         .with_context(|| format!("cannot read the recipients file {}", path.display()))?
     {
+        if shutdown.is_triggered() {
+            progress.finish();
+            return Err(interrupted(publisher, validation.valid).await.into());
+        }
         // Listed by pass 1, and skipping was asked for (or there would be no pass 2).
         while skip.next_if(|&&line| line < record.line()).is_some() {}
         if skip.next_if(|&&line| line == record.line()).is_some() {
@@ -315,6 +337,26 @@ async fn publish_rows(
     progress.set(publisher.confirmed());
     progress.finish();
     Ok(publisher.confirmed())
+}
+
+/// After a stop signal: wait (at most [`CONFIRM_GRACE`]) for the confirms of what was
+/// published, and say how far publishing got. Every job counted is confirmed, so it is in
+/// the queue; without confirms within the grace, up to the window more may be.
+async fn interrupted(publisher: &mut Publisher, valid: u64) -> Interrupted {
+    let unconfirmed = match tokio::time::timeout(CONFIRM_GRACE, publisher.flush()).await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => format!(" ({e}: the unconfirmed jobs may or may not be in the queue)"),
+        Err(_) => format!(
+            " (no confirm within {CONFIRM_GRACE:?}: up to {CONFIRM_WINDOW} more jobs may be \
+             in the queue)"
+        ),
+    };
+    Interrupted(format!(
+        "interrupted by a stop signal: published {} of {valid} jobs, each confirmed by the \
+         broker{unconfirmed}; the rest of the file was not published and no campaign \
+         summary was sent",
+        publisher.confirmed()
+    ))
 }
 
 /// Tell `watch` how many jobs the campaign has, on the campaign's own watch queue.

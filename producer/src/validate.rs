@@ -7,14 +7,22 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use crate::campaign::{CampaignReader, Check, RowError};
 use crate::rows::RawRecord;
 
-/// Records handed to a worker at a time.
+/// Records handed to a worker at a time, at most.
 const BATCH: usize = 512;
+/// Bytes of records (their buffers' capacity) after which a batch is handed over even when
+/// it holds fewer than [`BATCH`] records. A batch then holds at most this plus one record
+/// ([`crate::rows::MAX_RECORD_BYTES`]) plus its small recycled records (512 × 1.5 KiB),
+/// about 4 MiB; with at most `4 × threads + 2` batches alive (threads ≤ 4), the pass holds
+/// at most about 72 MiB of the file whatever its rows.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// What the first pass found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,51 +40,101 @@ struct Checked {
     problems: Vec<RowError>,
 }
 
+/// What a checking thread hands back: a checked batch, or the news that it cannot go on.
+enum Done {
+    Checked(Checked),
+    Failed(String),
+}
+
+/// Why the first pass stopped before the end of the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    /// The recipients file could not be read.
+    #[error("cannot read the recipients file")]
+    Read(#[from] std::io::Error),
+    /// A checking thread failed (a bug): the pass stops instead of waiting for it.
+    #[error("a validation thread failed: {0}")]
+    ThreadFailed(String),
+}
+
 /// Render and validate every remaining row of `reader` on `threads` worker threads.
 /// `on_problem` sees each invalid row in file order; `on_progress` the rows checked so far.
 pub fn validate_rows<R: BufRead + Send>(
+    reader: CampaignReader<R>,
+    threads: usize,
+    on_problem: impl FnMut(&RowError),
+    on_progress: impl FnMut(u64),
+) -> Result<Validation, ValidationError> {
+    let campaign = reader.campaign().clone();
+    check_rows(
+        reader,
+        threads,
+        &|record: &RawRecord| campaign.job(record, Check::Full).err(),
+        on_problem,
+        on_progress,
+    )
+}
+
+/// [`validate_rows`] with the check of one record given: the pipeline itself.
+///
+/// A checking thread that panics hands back [`Done::Failed`]; the pass then stops the
+/// reader and returns [`ValidationError::ThreadFailed`], so a bug in one row's check is an
+/// error of the whole pass, never a wait for a batch that will not come.
+fn check_rows<R: BufRead + Send>(
     mut reader: CampaignReader<R>,
     threads: usize,
+    check: &(dyn Fn(&RawRecord) -> Option<RowError> + Sync),
     mut on_problem: impl FnMut(&RowError),
     mut on_progress: impl FnMut(u64),
-) -> std::io::Result<Validation> {
+) -> Result<Validation, ValidationError> {
     let threads = threads.max(1);
-    let campaign = reader.campaign().clone();
     // In the work queue, in the workers, being filled, waiting to be reported in order.
     let max_batches = 4 * threads + 2;
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Vec<RawRecord>, usize)>(2 * threads);
         let work_rx = Arc::new(Mutex::new(work_rx));
-        let (checked_tx, checked_rx) = mpsc::channel::<Checked>();
+        let (checked_tx, checked_rx) = mpsc::channel::<Done>();
         let (free_tx, free_rx) = mpsc::channel::<Vec<RawRecord>>();
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let checked_tx = checked_tx.clone();
-            let campaign = campaign.clone();
             scope.spawn(move || loop {
-                let next = work_rx.lock().expect("work queue lock").recv();
+                let next = match work_rx.lock() {
+                    Ok(work_rx) => work_rx.recv(),
+                    Err(_) => return,
+                };
                 let Ok((seq, batch, len)) = next else { return };
-                let problems = batch[..len]
-                    .iter()
-                    .filter_map(|record| campaign.job(record, Check::Full).err())
-                    .collect();
-                if checked_tx
-                    .send(Checked {
+                let checked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    batch[..len].iter().filter_map(check).collect::<Vec<_>>()
+                }));
+                let done = match checked {
+                    Ok(problems) => Done::Checked(Checked {
                         seq,
                         batch,
                         len,
                         problems,
-                    })
-                    .is_err()
-                {
+                    }),
+                    Err(panic) => Done::Failed(panic_message(&*panic)),
+                };
+                let failed = matches!(done, Done::Failed(_));
+                if checked_tx.send(done).is_err() || failed {
                     return;
                 }
             });
         }
+        // Only the checking threads hold the work queue: when they are all gone, the reader's
+        // next send fails instead of blocking.
+        drop(work_rx);
         drop(checked_tx);
-        let reading = scope.spawn(move || -> std::io::Result<()> {
+        let stop = &stop;
+        let reading = scope.spawn(move || -> std::io::Result<u64> {
             let mut allocated = 0;
+            let mut sent = 0;
             for seq in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let mut batch = match free_rx.try_recv() {
                     Ok(batch) => batch,
                     Err(_) if allocated < max_batches => {
@@ -85,12 +143,15 @@ pub fn validate_rows<R: BufRead + Send>(
                     }
                     Err(_) => match free_rx.recv() {
                         Ok(batch) => batch,
-                        Err(_) => return Ok(()),
+                        Err(_) => break,
                     },
                 };
+                // What a large row grew is not kept for the next rows in this place.
+                batch.iter_mut().for_each(RawRecord::shrink);
                 let mut len = 0;
+                let mut bytes = 0;
                 let mut more = true;
-                while len < BATCH {
+                while len < BATCH && bytes < BATCH_BYTES {
                     if len == batch.len() {
                         batch.push(RawRecord::default());
                     }
@@ -98,23 +159,35 @@ pub fn validate_rows<R: BufRead + Send>(
                         more = false;
                         break;
                     }
+                    bytes += batch[len].capacity_bytes();
                     len += 1;
                 }
-                if len > 0 && work_tx.send((seq, batch, len)).is_err() {
-                    return Ok(());
+                if len > 0 {
+                    if work_tx.send((seq, batch, len)).is_err() {
+                        break;
+                    }
+                    sent += 1;
                 }
                 if !more {
                     break;
                 }
             }
-            Ok(())
+            Ok(sent)
         });
 
         let mut validation = Validation::default();
         let mut waiting = BTreeMap::new();
         let mut next = 0;
         let mut checked_rows = 0u64;
-        for checked in checked_rx {
+        let mut failure = None;
+        for done in &checked_rx {
+            let checked = match done {
+                Done::Checked(checked) => checked,
+                Done::Failed(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            };
             waiting.insert(checked.seq, checked);
             while let Some(checked) = waiting.remove(&next) {
                 next += 1;
@@ -128,9 +201,37 @@ pub fn validate_rows<R: BufRead + Send>(
                 let _ = free_tx.send(checked.batch);
             }
         }
-        reading.join().expect("the reading thread does not panic")?;
+        // Unblock the reader wherever it waits: for a free batch, or for room in the queue
+        // (the checking threads leave once they cannot hand back what they checked).
+        stop.store(true, Ordering::Relaxed);
+        drop(free_tx);
+        drop(checked_rx);
+        let sent = match reading.join() {
+            Ok(sent) => sent?,
+            Err(panic) => {
+                return Err(ValidationError::ThreadFailed(panic_message(&*panic)));
+            }
+        };
+        if let Some(why) = failure {
+            return Err(ValidationError::ThreadFailed(why));
+        }
+        if next != sent {
+            return Err(ValidationError::ThreadFailed(format!(
+                "{} of {sent} batches of rows came back checked",
+                next
+            )));
+        }
         Ok(validation)
     })
+}
+
+/// The message a panic carries, when it carries one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".to_string())
 }
 
 #[cfg(test)]
@@ -189,6 +290,35 @@ mod tests {
             assert_eq!(validation.invalid_lines, bad);
             assert_eq!(validation.valid, 5000 - bad.len() as u64);
             assert_eq!(last_progress, 5000);
+        }
+    }
+
+    #[test]
+    fn a_check_that_panics_ends_the_pass_with_an_error_whatever_the_threads() {
+        let mut csv = b"email,name\n".to_vec();
+        for i in 0..5000u64 {
+            csv.extend_from_slice(format!("r{i}@example.org,N{i}\n").as_bytes());
+        }
+        for (threads, bad_line) in [(1, 3), (1, 4000), (2, 3), (4, 4000)] {
+            let check = move |record: &RawRecord| -> Option<RowError> {
+                assert_ne!(record.line(), bad_line, "a bug in the check");
+                None
+            };
+            let (done_tx, done_rx) = mpsc::channel();
+            let csv = csv.clone();
+            std::thread::spawn(move || {
+                let result = check_rows(reader(csv), threads, &check, |_| {}, |_| {});
+                let _ = done_tx.send(result);
+            });
+            let result = done_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("{threads} threads, line {bad_line}: the pass hung"));
+            match result {
+                Err(ValidationError::ThreadFailed(why)) => {
+                    assert!(why.contains("a bug in the check"), "{why}")
+                }
+                other => panic!("{threads} threads, line {bad_line}: {other:?}"),
+            }
         }
     }
 

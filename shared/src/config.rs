@@ -254,8 +254,19 @@ fn serialize_durations<S: Serializer>(
     )
 }
 
+/// A TOML list of durations, or one comma-separated string (`SLUICE__RETRY__DELAYS=1s,2s`:
+/// the environment is read as text, see [`Settings::load`]).
 fn durations<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
-    let texts: Vec<String> = Vec::deserialize(deserializer)?;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Texts {
+        List(Vec<String>),
+        Joined(String),
+    }
+    let texts = match Texts::deserialize(deserializer)? {
+        Texts::List(texts) => texts,
+        Texts::Joined(text) => text.split(',').map(str::to_string).collect(),
+    };
     texts
         .iter()
         .map(|text| {
@@ -413,11 +424,26 @@ fn redact_one_url(url: &str) -> String {
 impl Settings {
     /// Load the settings: built-in defaults, then the file (`path`, else `$SLUICE_CONFIG`,
     /// else none), then `SLUICE__SECTION__KEY` environment variables; then check them.
+    ///
+    /// An environment value is text, and stays the exact text given where the key is a
+    /// string: `SLUICE__RELAYS__X__PASSWORD=0123` is the password `0123`, not the number
+    /// 123 printed back. Numeric and boolean keys parse their text when deserialized.
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
         let env_path = std::env::var_os(CONFIG_ENV)
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
         let path = path.map(Path::to_path_buf).or(env_path);
+        let settings = Self::build(path, None)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults, the file at `path`, then the `SLUICE__` variables of `environment` (the
+    /// process environment when `None`); not yet validated.
+    fn build(
+        path: Option<PathBuf>,
+        environment: Option<config::Map<String, String>>,
+    ) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = &path {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -431,20 +457,19 @@ impl Settings {
             config::Environment::with_prefix("SLUICE")
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("retry.delays")
-                .try_parsing(true),
+                // Every value stays text: `try_parsing` would turn a password `0123` into
+                // the integer 123 before serde sees that the key is a string.
+                .try_parsing(false)
+                .source(environment),
         );
         let where_from = path
             .as_ref()
             .map(|p| format!(" (file {})", p.display()))
             .unwrap_or_default();
-        let settings: Settings = builder
+        builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Invalid(format!("{e}{where_from}")))?;
-        settings.validate()?;
-        Ok(settings)
+            .map_err(|e| ConfigError::Invalid(format!("{e}{where_from}")))
     }
 
     /// Checks that serde cannot express: names, ranges and references between relays.
@@ -615,6 +640,83 @@ mod tests {
         );
         assert!(!e.contains("topsecret"), "{e}");
         assert!(check_toml_syntax("[amqp]\nnamespace = \"x\"\n", Path::new("f")).is_ok());
+    }
+
+    /// Settings from `SLUICE__` variables only.
+    fn from_env(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let environment = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::build(None, Some(environment))
+    }
+
+    #[test]
+    fn environment_strings_are_kept_verbatim() {
+        type Get = fn(&Settings) -> Option<String>;
+        let keys: [(&str, Get); 8] = [
+            ("SLUICE__AMQP__URL", |s| {
+                Some(s.amqp.url.expose().to_string())
+            }),
+            ("SLUICE__AMQP__NAMESPACE", |s| {
+                Some(s.amqp.namespace.clone())
+            }),
+            ("SLUICE__RELAYS__X__HOST", |s| {
+                Some(s.relays["x"].host.clone())
+            }),
+            ("SLUICE__RELAYS__X__USERNAME", |s| {
+                s.relays["x"].username.clone()
+            }),
+            ("SLUICE__RELAYS__X__PASSWORD", |s| {
+                s.relays["x"]
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+            }),
+            ("SLUICE__RELAYS__X__HELO_NAME", |s| {
+                s.relays["x"].helo_name.clone()
+            }),
+            ("SLUICE__RELAYS__X__FAILOVER", |s| {
+                s.relays["x"].failover.clone()
+            }),
+            ("SLUICE__WORKER__LISTEN", |s| s.worker.listen.clone()),
+        ];
+        for value in ["0123", "007", "true", "FALSE", "1e5", "1.50", "-0", "0x1f"] {
+            for (key, get) in keys {
+                let settings = from_env(&[(key, value), ("SLUICE__RELAYS__X__PORT", "25")])
+                    .unwrap_or_else(|e| panic!("{key}={value}: {e}"));
+                assert_eq!(get(&settings).as_deref(), Some(value), "{key}={value}");
+            }
+        }
+    }
+
+    #[test]
+    fn environment_numbers_and_booleans_still_parse_where_the_key_wants_them() {
+        let settings = from_env(&[
+            ("SLUICE__RELAYS__X__MAX_CONNECTIONS", "7"),
+            ("SLUICE__RELAYS__X__PORT", "02525"),
+            ("SLUICE__RELAYS__X__TLS_INSECURE_SKIP_VERIFY", "true"),
+            ("SLUICE__RELAYS__X__TLS", "starttls"),
+            ("SLUICE__RELAYS__X__COMMAND_TIMEOUT", "45s"),
+            ("SLUICE__WORKER__MAX_MESSAGE_BYTES", "1000"),
+            ("SLUICE__RETRY__DELAYS", "1s,2m"),
+        ])
+        .unwrap();
+        let relay = &settings.relays["x"];
+        assert_eq!(relay.max_connections, 7);
+        assert_eq!(relay.port, 2525);
+        assert!(relay.tls_insecure_skip_verify);
+        assert_eq!(relay.tls, TlsMode::Starttls);
+        assert_eq!(relay.command_timeout, Duration::from_secs(45));
+        assert_eq!(settings.worker.max_message_bytes, 1000);
+        assert_eq!(
+            settings.retry.delays,
+            [Duration::from_secs(1), Duration::from_secs(120)]
+        );
+        let e = from_env(&[("SLUICE__RELAYS__X__MAX_CONNECTIONS", "seven")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connections"), "{e}");
     }
 
     #[test]

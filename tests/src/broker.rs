@@ -77,21 +77,43 @@ impl TestNamespace {
         }
     }
 
-    /// Ready messages in a queue.
+    /// Ready messages in a queue. Panics, naming the queue, when the queue does not exist or
+    /// the broker does not answer within 30 s: a lookup that failed is never a count of 0,
+    /// so no "the queue is empty" can pass because nobody could look.
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        let _ = channel.close(200, "ok".into()).await;
-        declared.map(|q| q.message_count()).unwrap_or(0)
+        self.try_queue_len(queue)
+            .await
+            .unwrap_or_else(|e| panic!("cannot count queue {queue}: {e}"))
+    }
+
+    /// Ready messages in a queue, or why they could not be counted (the queue is absent,
+    /// the broker refused or did not answer within 30 s); for polls that go on through a
+    /// broker's restart or failover.
+    pub async fn try_queue_len(&self, queue: &str) -> Result<u32, String> {
+        let lookup = async {
+            let channel = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("no channel: {e}"))?;
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let _ = channel.close(200, "ok".into()).await;
+            declared
+                .map(|q| q.message_count())
+                .map_err(|e| format!("the broker says: {e}"))
+        };
+        tokio::time::timeout(Duration::from_secs(30), lookup)
+            .await
+            .map_err(|_| "the broker did not answer within 30 s".to_string())?
     }
 
     /// Whether a queue exists (a passive declaration); panics when the broker cannot say.

@@ -107,9 +107,11 @@ async fn a_memory_alarm_mid_campaign_loses_nothing_and_the_worker_recovers_by_it
     assert!(done && missing.is_empty(), "never delivered: {missing:?}");
     assert!(
         eventually(Duration::from_secs(10), || async {
-            ns.queue_len(&ns.topology.jobs_queue("primary")).await == 0
+            ns.try_queue_len(&ns.topology.jobs_queue("primary")).await == Ok(0)
         })
-        .await
+        .await,
+        "the jobs queue is not empty (or cannot be counted): {:?}",
+        ns.try_queue_len(&ns.topology.jobs_queue("primary")).await
     );
     assert_eq!(ns.queue_len(&ns.topology.dead_queue("primary")).await, 0);
     assert!(

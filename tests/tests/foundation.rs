@@ -275,3 +275,10 @@ fn decoded_body(message: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test]
+#[should_panic(expected = "cannot count queue")]
+async fn counting_a_queue_that_does_not_exist_fails_instead_of_saying_empty() {
+    let ns = TestNamespace::new("qlen", &["primary"], 1).await;
+    ns.queue_len(&ns.topology.jobs_queue("no-such-relay")).await;
+}

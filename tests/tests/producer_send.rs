@@ -464,3 +464,270 @@ async fn a_queue_that_refuses_jobs_makes_send_fail_with_a_nack() {
     assert!(run.stderr.contains("(nack)"), "{}", run.stderr);
     assert!(!run.stdout.contains("published"), "{}", run.stdout);
 }
+
+/// Runs `args` in a blocking task; a producer that hangs fails the test instead of it.
+async fn run_bounded(env: &ProducerEnv, args: &[&str], timeout: Duration) -> producer_support::Run {
+    let mut child = env.start(args);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait for the producer") {
+            Some(_) => {
+                return producer_support::Run::from(child.wait_with_output().expect("output"))
+            }
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let run = producer_support::Run::from(child.wait_with_output().expect("output"));
+                panic!("the producer hung for {timeout:?}:\n{}", run.stderr);
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_character_split_across_two_fields_is_invalid_utf8_on_its_line() {
+    let env = ProducerEnv::new("psplit").await;
+    let campaign = env.campaign("split");
+    // "ë" is C3 AB: its first byte ends the name field, its second starts the code field.
+    // The row as a whole is valid UTF-8; each of the two fields is not.
+    let mut csv = b"email,name,code\n".to_vec();
+    csv.extend_from_slice(b"ann@example.org,Ann,A1\n"); // 2
+    csv.extend_from_slice(b"zoe@example.org,Zo\xc3,\xabK2\n"); // 3
+    let recipients = env.file("split.csv", csv);
+    let templates = templates(&env);
+
+    let run = run_bounded(
+        &env,
+        &send_args(&recipients, &campaign, &templates),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    run.expect_code(65);
+    assert_eq!(run.reported_lines(), vec![3], "{}", run.stderr);
+    assert!(
+        run.problem_on(3).contains("not valid UTF-8") && run.problem_on(3).contains("\"name\""),
+        "{}",
+        run.problem_on(3)
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
+
+#[tokio::test]
+async fn a_template_that_never_ends_or_renders_too_much_fails_its_rows() {
+    let env = ProducerEnv::new("pfuel").await;
+    let recipients = env.file(
+        "r.csv",
+        "email,name,code\nann@example.org,Ann,A1\nbob@example.org,Bob,B1\n",
+    );
+    let cases = [
+        (
+            "endless",
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "does more work than one row may",
+        ),
+        (
+            "huge",
+            "{% for i in range(100000) %}{{ name * 1000 }}{% endfor %}",
+            "renders more than",
+        ),
+    ];
+    for (name, body, problem) in cases {
+        let text = env.file(&format!("{name}.txt"), body);
+        let campaign = env.campaign(name);
+        let args = [
+            "send",
+            "--recipients",
+            recipients.as_str(),
+            "--campaign",
+            campaign.as_str(),
+            "--from",
+            FROM,
+            "--subject",
+            "Hello {{ name }}",
+            "--text",
+            text.as_str(),
+        ];
+
+        let run = run_bounded(&env, &args, Duration::from_secs(60)).await;
+
+        run.expect_code(65);
+        assert_eq!(run.reported_lines(), vec![2, 3], "{name}: {}", run.stderr);
+        assert!(
+            run.problem_on(2).starts_with("line 2: text: ") && run.problem_on(2).contains(problem),
+            "{name}: {}",
+            run.problem_on(2)
+        );
+        assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0, "{name}");
+    }
+}
+
+/// Peak resident memory (VmHWM) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn a_record_over_the_record_byte_limit_is_refused_on_its_line() {
+    let env = ProducerEnv::new("precord").await;
+    let campaign = env.campaign("wide");
+    // 63 fields of 1 MiB each: every field within the field limit, the record far over the
+    // record limit.
+    let mut csv = b"email".to_vec();
+    for i in 1..64 {
+        csv.extend_from_slice(format!(",c{i}").as_bytes());
+    }
+    csv.extend_from_slice(b"\nann@example.org");
+    let field = vec![b'x'; 1 << 20];
+    for _ in 1..64 {
+        csv.push(b',');
+        csv.extend_from_slice(&field);
+    }
+    csv.push(b'\n');
+    let recipients = env.file("wide.csv", csv);
+    let text = env.file("wide.txt", "Hello {{ c1[:5] }}\n");
+    let args = [
+        "send",
+        "--recipients",
+        recipients.as_str(),
+        "--campaign",
+        campaign.as_str(),
+        "--from",
+        FROM,
+        "--subject",
+        "Hello",
+        "--text",
+        text.as_str(),
+    ];
+
+    let run = run_bounded(&env, &args, Duration::from_secs(60)).await;
+
+    run.expect_code(65);
+    assert!(
+        run.problem_on(2).contains("record too large")
+            && run
+                .problem_on(2)
+                .contains(&sluice_producer::rows::MAX_RECORD_BYTES.to_string()),
+        "{}",
+        run.problem_on(2)
+    );
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+}
+
+/// The memory `send` stays within on any file, as the README documents it.
+const SEND_MEMORY_BOUND_MIB: u64 = 200;
+
+#[tokio::test]
+async fn send_stays_within_its_memory_bound_on_a_file_of_large_rows() {
+    let env = ProducerEnv::new("prss").await;
+    let campaign = env.campaign("large");
+    let rows = 150;
+    let field = "x".repeat(sluice_producer::rows::MAX_FIELD_BYTES);
+    let mut csv = String::from("email,name\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i}@example.org,{field}\n"));
+    }
+    let recipients = env.file("large.csv", csv);
+    let text = env.file("large.txt", "Dear {{ name }}\n");
+    let args = [
+        "send",
+        "--recipients",
+        recipients.as_str(),
+        "--campaign",
+        campaign.as_str(),
+        "--from",
+        FROM,
+        "--subject",
+        "Hello",
+        "--text",
+        text.as_str(),
+    ];
+
+    let mut child = env.start(&args);
+    let pid = child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut peak_kib = 0;
+    while child.try_wait().expect("wait for the producer").is_none() {
+        assert!(std::time::Instant::now() < deadline, "send took over 180 s");
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = producer_support::Run::from(child.wait_with_output().expect("output"));
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), format!("published {rows} jobs"));
+    assert!(peak_kib > 0, "the peak memory was never read");
+    assert!(
+        peak_kib < SEND_MEMORY_BOUND_MIB * 1024,
+        "send peaked at {} MiB on {rows} rows of 1 MiB, over its bound of {SEND_MEMORY_BOUND_MIB} MiB",
+        peak_kib / 1024
+    );
+    eprintln!("send peaked at {} MiB", peak_kib / 1024);
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, rows);
+}
+
+#[tokio::test]
+async fn sigterm_mid_publish_stops_reports_how_far_it_got_and_the_queue_agrees() {
+    let env = ProducerEnv::new("pterm").await;
+    let campaign = env.campaign("term");
+    let rows = 60_000;
+    let mut csv = String::from("email,name,code\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i}@example.org,R{i},C{i}\n"));
+    }
+    let recipients = env.file("many.csv", csv);
+    let templates = templates(&env);
+    let child = env.start(&send_args(&recipients, &campaign, &templates));
+    let pid = child.id().to_string();
+
+    assert!(
+        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(120))
+            .await,
+        "publishing did not start"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            producer_support::Run::from(child.wait_with_output().expect("output"))
+        }),
+    )
+    .await
+    .expect("the producer stopped within 60 s of SIGTERM")
+    .expect("join");
+
+    run.expect_code(130);
+    let published = published_of(&run.stderr, rows)
+        .unwrap_or_else(|| panic!("no 'published N of {rows} jobs' in:\n{}", run.stderr));
+    assert!(
+        (1000..rows as u32).contains(&published),
+        "published {published} of {rows}"
+    );
+    assert!(!run.stdout.contains("published"), "{}", run.stdout);
+    // Every job it counted is confirmed, and it counted every job it published.
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, published);
+}
+
+/// N in `... published N of <total> jobs ...`.
+fn published_of(stderr: &str, total: usize) -> Option<u32> {
+    let rest = stderr.split("published ").nth(1)?;
+    let (n, rest) = rest.split_once(' ')?;
+    rest.starts_with(&format!("of {total} jobs"))
+        .then(|| n.parse().ok())
+        .flatten()
+}

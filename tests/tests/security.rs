@@ -1002,3 +1002,50 @@ async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce()
     assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
     assert_eq!(smtp.accepted_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_given_by_environment_reach_the_relay_verbatim() {
+    // Both look like numbers: parsed as such they would reach the relay as 42 and 123.
+    let (user, password) = ("0042", "0123");
+    let pki = TestPki::generate();
+    let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), Some((user, password))).await;
+    let ns = TestNamespace::new("sec-envpw", &["primary"], 1).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[(
+            "primary",
+            relay.port,
+            &tls_lines("starttls", Some(&pki), None),
+        )],
+        &["1s"],
+    ));
+    let mut events = ns.events().await;
+    let worker = Captured::spawn(
+        "sluice-worker",
+        &["--config", path(&config.path)],
+        &[
+            ("RUST_LOG", "info"),
+            ("SLUICE__RELAYS__PRIMARY__USERNAME", user),
+            ("SLUICE__RELAYS__PRIMARY__PASSWORD", password),
+        ],
+    );
+
+    ns.publish_jobs("primary", "envpw", 1).await;
+
+    assert!(
+        events
+            .wait_until(Duration::from_secs(30), |seen| !seen.is_empty())
+            .await,
+        "{}",
+        worker.text()
+    );
+    assert_eq!(
+        events.seen[0].outcome,
+        EventOutcome::Delivered,
+        "{:?}\n{}",
+        events.seen,
+        worker.text()
+    );
+    assert_eq!(relay.messages().len(), 1);
+    assert_eq!(relay.messages()[0].auth_user.as_deref(), Some(user));
+}
