@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0   success (send: the broker confirmed every job; watch: every job was delivered)
-  1   runtime error (broker, file, configuration); the message says what failed
-  2   usage error (bad or missing arguments)
+  1   runtime error (broker, file); the message says what failed
+  2   usage error (bad or missing arguments, or a bad configuration)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
   65  invalid input (rows, columns or templates); the problems are listed as
       'line N: ...' on stderr and nothing was published

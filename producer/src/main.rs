@@ -14,8 +14,9 @@ async fn main() -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
+            // A bad configuration is a usage error, as in sluice-worker.
             eprintln!("error: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::USAGE);
         }
     };
     let mut telemetry = sluice_shared::telemetry::init("sluice-producer");

@@ -333,7 +333,8 @@ async fn usage_and_configuration_errors_have_their_own_exit_codes() {
     let mut args = vec!["--config", typo.as_str()];
     args.extend(send_args(&recipients, "typo", &templates));
     let run = run_producer_raw(&args);
-    assert_ne!(run.code, Some(0));
+    // The same code as sluice-worker gives a bad configuration.
+    run.expect_code(2);
     assert!(run.stderr.contains("namespaec"), "{}", run.stderr);
 
     // clap's own usage errors.

@@ -54,4 +54,8 @@ const AFTER_HELP: &str = "\
 Configuration keys can all be set by environment variables, SLUICE__SECTION__KEY:
   SLUICE__AMQP__URL, SLUICE__AMQP__NAMESPACE, SLUICE__RELAYS__PRIMARY__HOST, ...
 Logs go to stderr; SLUICE_LOG_FORMAT=json for JSON lines, RUST_LOG for the level.
-SIGTERM or SIGINT: stop taking jobs, finish those in flight (worker.shutdown_grace), exit 0.";
+SIGTERM or SIGINT: stop taking jobs, finish those in flight (worker.shutdown_grace), exit 0.
+Exit codes (the same kinds as sluice-producer):
+  0   stopped on request; check: every check passed
+  1   runtime error (the message says what failed); check: a check failed
+  2   usage error or a bad configuration";
