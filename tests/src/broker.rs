@@ -116,26 +116,12 @@ impl TestNamespace {
             .map_err(|_| "the broker did not answer within 30 s".to_string())?
     }
 
-    /// Whether a queue exists (a passive declaration); panics when the broker cannot say.
+    /// Whether a queue exists; panics when the broker cannot say.
     pub async fn queue_exists(&self, queue: &str) -> bool {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(_) => {
-                let _ = channel.close(200, "ok".into()).await;
-                true
-            }
-            Err(e) if e.to_string().contains("NOT_FOUND") => false,
-            Err(e) => panic!("cannot tell whether {queue} exists: {e}"),
+        match self.try_queue_len(queue).await {
+            Ok(_) => true,
+            Err(why) if why.contains("NOT_FOUND") => false,
+            Err(why) => panic!("cannot tell whether {queue} exists: {why}"),
         }
     }
 
