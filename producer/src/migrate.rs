@@ -286,7 +286,8 @@ async fn unbind_temporary(
     Ok(())
 }
 
-async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
+/// A queue as the broker sees it now (a passive declaration), `None` when it does not exist.
+async fn inspect(connection: &Connection, queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
     let channel = connection.create_channel().await?;
     let found = channel
         .queue_declare(
@@ -300,28 +301,23 @@ async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
         .await;
     let _ = channel.close(200, "checked".into()).await;
     match found {
-        Ok(_) => Ok(true),
-        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(false),
+        Ok(declared) => Ok(Some(declared)),
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot inspect {queue}")),
     }
+}
+
+async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
+    Ok(inspect(connection, queue).await?.is_some())
 }
 
 /// Delete an emptied queue; one that is not empty (something published meanwhile) is an
 /// error, and the next run moves what arrived. (Quorum queues refuse `if-empty` on
 /// RabbitMQ 3.10 with a connection error, so the count is checked first.)
 async fn delete(connection: &Connection, queue: &str) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("cannot inspect {queue}"))?;
+    let declared = inspect(connection, queue)
+        .await?
+        .with_context(|| format!("cannot delete {queue}: it does not exist"))?;
     if declared.message_count() > 0 || declared.consumer_count() > 0 {
         anyhow::bail!(
             "{queue} is not idle ({} messages arrived, {} consumers): stop every worker and \
@@ -330,6 +326,7 @@ async fn delete(connection: &Connection, queue: &str) -> anyhow::Result<()> {
             declared.consumer_count()
         );
     }
+    let channel = connection.create_channel().await?;
     channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await

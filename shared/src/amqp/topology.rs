@@ -192,14 +192,7 @@ impl Topology {
         };
         // Redeclaring an existing queue with the same arguments changes nothing.
         let channel = connection.create_channel().await?;
-        channel
-            .queue_declare(
-                spec.name.as_str().into(),
-                QueueDeclareOptions::durable(),
-                spec.arguments.clone(),
-            )
-            .await
-            .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+        declare_durable(&channel, spec).await?;
         let _ = channel.close(200, "checked".into()).await;
         Ok(QueueState::Matches { messages })
     }
@@ -229,14 +222,7 @@ impl Topology {
         channel: &Channel,
         spec: &QueueSpec,
     ) -> Result<(), TopologyError> {
-        channel
-            .queue_declare(
-                spec.name.as_str().into(),
-                QueueDeclareOptions::durable(),
-                spec.arguments.clone(),
-            )
-            .await
-            .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+        declare_durable(channel, spec).await?;
         if let Some((exchange, key)) = &spec.binding {
             self.bind(channel, &spec.name, exchange, key).await?;
         }
@@ -320,6 +306,20 @@ impl TopologyError {
     pub fn is_mismatch(&self) -> bool {
         matches!(self, TopologyError::Mismatch { .. })
     }
+}
+
+/// Declare `spec`'s queue, durable with its arguments; a queue that exists with other
+/// arguments is a [`TopologyError::Mismatch`].
+async fn declare_durable(channel: &Channel, spec: &QueueSpec) -> Result<(), TopologyError> {
+    channel
+        .queue_declare(
+            spec.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            spec.arguments.clone(),
+        )
+        .await
+        .map_err(|e| TopologyError::from_declare(&spec.name, e))?;
+    Ok(())
 }
 
 /// Turn RabbitMQ's "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
