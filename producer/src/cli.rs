@@ -1,6 +1,7 @@
 //! The command line: names and meanings here are relied on by users and scripts.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -11,6 +12,8 @@ Exit codes:
   1   runtime error (broker, file); the message says what failed
   2   usage error (bad or missing arguments, or a bad configuration)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
+  4   watch --timeout passed before every job had a final outcome (the counts so far
+      are printed)
   65  invalid input (rows, columns or templates); the problems are listed as
       'line N: ...' on stderr and nothing was published
   130 send stopped by SIGTERM/SIGINT while publishing: it stops reading, waits up to 30 s
@@ -38,9 +41,16 @@ pub enum Command {
     /// Publish one job per recipient row; nothing is published unless every row is valid.
     #[command(after_help = EXIT_CODES)]
     Send(SendArgs),
-    /// Follow a campaign until every job has a final outcome, then print a summary.
+    /// Follow a campaign in the event log until every job has a final outcome, then print
+    /// its counts. Reads only: any number of watchers, at any time within the log's
+    /// retention, for campaigns published by other services too.
     #[command(after_help = EXIT_CODES)]
     Watch(WatchArgs),
+    /// Print a campaign's counts so far, its rate over the last minute and the time left,
+    /// without waiting (exit 0 whatever the counts; 1 for a campaign the event log has
+    /// never seen).
+    #[command(after_help = EXIT_CODES)]
+    Status(StatusArgs),
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -133,13 +143,42 @@ pub struct SendArgs {
 /// `watch`: follow one campaign.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The campaign id `send` printed (or was given).
+    /// The campaign id `send` printed (or was given, or a job's `campaign` field).
     #[arg(long, value_name = "ID", value_parser = parse_campaign)]
     pub campaign: String,
 
-    /// Print the summary as one JSON object.
+    /// Print the counts as one JSON object (the fields of `status --json`).
     #[arg(long)]
     pub json: bool,
+
+    /// Give up after this long (e.g. `30s`, `10m`): print the counts so far and exit 4.
+    /// Without it, a campaign without a summary (published by another service) is
+    /// followed until interrupted.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Read the event log from this long ago (e.g. `2h`) instead of from its oldest entry:
+    /// faster on a long log, for a campaign known to be younger.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<Duration>,
+}
+
+/// `status`: one campaign's counts so far.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The campaign id.
+    #[arg(long, value_name = "ID", value_parser = parse_campaign)]
+    pub campaign: String,
+
+    /// Print one JSON object: campaign, published (null when unknown), delivered, deferred
+    /// (jobs waiting in a retry step now), bounced, dead, cancelled, pending (null when
+    /// unknown), deferred_attempts, rate_per_second (last minute), eta_seconds.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Read the event log from this long ago (e.g. `2h`) instead of from its oldest entry.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<Duration>,
 }
 
 /// `dead ...`: the dead-letter queues.
@@ -253,6 +292,10 @@ fn parse_header(spec: &str) -> Result<(String, String), String> {
     let name = name.trim();
     sluice_shared::job::check_header(name, "").map_err(|e| e.to_string())?;
     Ok((name.to_string(), value.trim_start().to_string()))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 30s, 10m, 2h)"))
 }
 
 fn parse_campaign(id: &str) -> Result<String, String> {

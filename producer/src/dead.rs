@@ -186,7 +186,7 @@ async fn connect(settings: &Settings) -> anyhow::Result<Connection> {
 /// ends as it began even with `--limit`.
 pub async fn list(settings: &Settings, args: DeadListArgs) -> anyhow::Result<Status> {
     let relays = chosen_relays(settings, &args.relays)?;
-    let topology = Topology::new(settings.amqp.namespace.clone());
+    let topology = Topology::from_settings(settings);
     let connection = connect(settings).await?;
     let mut jobs = Vec::new();
     let mut more = Vec::new();
@@ -298,7 +298,7 @@ fn write_table(out: &mut impl Write, jobs: &[DeadJob], terminal: bool) -> std::i
 pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result<Status> {
     let relays = chosen_relays(settings, &args.relays)?;
     let wanted: BTreeSet<String> = args.ids.iter().cloned().collect();
-    let topology = Topology::new(settings.amqp.namespace.clone());
+    let topology = Topology::from_settings(settings);
     let connection = connect(settings).await?;
     let mut replayed = 0u64;
     let mut duplicates = 0u64;
@@ -312,7 +312,6 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
         let setup = Setup {
             relays: vec![relay.clone()],
             retry_steps: settings.retry.delays.len(),
-            watch_campaign: None,
         };
         let mut publisher =
             Publisher::connect(&settings.amqp, topology.clone(), setup, REPLAY_WINDOW, true)
@@ -409,7 +408,7 @@ pub async fn purge(settings: &Settings, args: DeadPurgeArgs) -> anyhow::Result<S
         )
         .into());
     }
-    let topology = Topology::new(settings.amqp.namespace.clone());
+    let topology = Topology::from_settings(settings);
     let connection = connect(settings).await?;
     let mut purged = 0u64;
     for relay in &relays {

@@ -9,6 +9,8 @@ pub enum Status {
     Success,
     /// The campaign finished, but some jobs bounced or are dead (exit 3).
     CampaignFailed,
+    /// `watch --timeout` passed before every job had a final outcome (exit 4).
+    Incomplete,
 }
 
 /// Arguments that clap accepted but that do not fit the configuration (exit 2).
@@ -31,6 +33,8 @@ pub struct Interrupted(pub String);
 pub const USAGE: u8 = 2;
 /// The campaign finished with bounces or dead jobs.
 pub const CAMPAIGN_FAILED: u8 = 3;
+/// `watch --timeout` passed first.
+pub const INCOMPLETE: u8 = 4;
 /// `EX_DATAERR`: the input data was incorrect.
 pub const INVALID_INPUT: u8 = 65;
 /// Stopped by SIGTERM or SIGINT (128 + SIGINT, as shells report Ctrl-C).
@@ -41,6 +45,7 @@ pub fn report(result: anyhow::Result<Status>) -> ExitCode {
     match result {
         Ok(Status::Success) => ExitCode::SUCCESS,
         Ok(Status::CampaignFailed) => ExitCode::from(CAMPAIGN_FAILED),
+        Ok(Status::Incomplete) => ExitCode::from(INCOMPLETE),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(code_of(&error))

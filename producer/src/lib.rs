@@ -8,13 +8,15 @@
 //! - [`send`]: `send`: validate every row, then publish.
 //! - [`validate`]: the first pass of `send`, on every core.
 //! - [`publish`]: confirmed, pipelined publishing that survives a lost connection.
-//! - [`watch`]: `watch` (and `send --wait`): follow a campaign's delivery events.
+//! - [`log`]: reading one campaign's entries in the event log (a stream).
+//! - [`tally`]: a campaign's counts from those entries.
+//! - [`watch`]: `watch` (and `send --wait`): follow a campaign until every job has ended.
+//! - [`status`]: `status`: a campaign's counts, rate and time left, at once.
 //! - [`dead`]: `dead list | replay | purge`.
 //! - [`migrate`]: `migrate-queues`: recreate the queues an older sluice declared differently.
 //! - [`transfer`]: moving messages between queues, each copy confirmed before its original
 //!   is removed.
 //! - [`relays`]: which relay a command acts on.
-//! - [`summary`]: the campaign summary message between `send` and `watch`.
 //! - [`prompt`]: asking before destroying.
 //! - [`progress`]: a progress bar on a terminal, plain lines otherwise.
 //! - [`exit`]: outcomes and errors → exit codes.
@@ -23,6 +25,7 @@ pub mod campaign;
 pub mod cli;
 pub mod dead;
 pub mod exit;
+pub mod log;
 pub mod migrate;
 pub mod progress;
 pub mod prompt;
@@ -30,7 +33,8 @@ pub mod publish;
 pub mod relays;
 pub mod rows;
 pub mod send;
-pub mod summary;
+pub mod status;
+pub mod tally;
 pub mod transfer;
 pub mod validate;
 pub mod watch;
@@ -45,6 +49,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<Status>
     match command {
         Command::Send(args) => send::run(&settings, args).await,
         Command::Watch(args) => watch::run(&settings, args).await,
+        Command::Status(args) => status::run(&settings, args).await,
         Command::Dead(DeadCommand::List(args)) => dead::list(&settings, args).await,
         Command::Dead(DeadCommand::Replay(args)) => dead::replay(&settings, args).await,
         Command::Dead(DeadCommand::Purge(args)) => dead::purge(&settings, args).await,

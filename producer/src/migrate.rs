@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, args: MigrateArgs) -> anyhow::Result<Statu
         return Ok(Status::Success);
     }
 
-    let topology = Topology::new(settings.amqp.namespace.clone());
+    let topology = Topology::from_settings(settings);
     let connection = settings
         .amqp
         .connect_with_backoff(

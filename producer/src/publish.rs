@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use sluice_shared::config::AmqpSettings;
 use sluice_shared::Topology;
@@ -45,8 +45,6 @@ pub struct Setup {
     pub relays: Vec<String>,
     /// Number of retry steps (`retry.delays.len()`).
     pub retry_steps: usize,
-    /// A campaign whose watch queue must exist before its first job is published.
-    pub watch_campaign: Option<String>,
 }
 
 /// Why publishing stopped.
@@ -391,12 +389,6 @@ async fn open(
                 topology.namespace()
             )
         })?;
-    if let Some(campaign) = &setup.watch_campaign {
-        topology
-            .declare_campaign_watch(channel, campaign)
-            .await
-            .with_context(|| format!("cannot declare the watch queue of campaign {campaign}"))?;
-    }
     Ok((connection, channels))
 }
 
@@ -422,19 +414,16 @@ async fn send(
         .await
 }
 
-/// Properties of a job message: JSON, persistent, `message_id` = job id.
-pub fn job_properties(id: &str) -> BasicProperties {
+/// Properties of a job message: JSON, persistent, `message_id` = job id, and its campaign
+/// in a header (so that even a job whose body cannot be read reports under it).
+pub fn job_properties(id: &str, campaign: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    sluice_shared::headers::set_str(&mut headers, sluice_shared::headers::CAMPAIGN, campaign);
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)
         .with_message_id(id.into())
-}
-
-/// A header table with one integer.
-pub fn int_header(name: &str, value: i64) -> FieldTable {
-    let mut headers = FieldTable::default();
-    headers.insert(name.into(), AMQPValue::LongLongInt(value));
-    headers
+        .with_headers(headers)
 }
 
 /// The `publish` span of one job (kind producer), its context written into the message's

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use lapin::BasicProperties;
+use sluice_shared::events::{now_rfc3339, CampaignSummary, SUMMARY_KIND};
 use sluice_shared::shutdown::Shutdown;
 use sluice_shared::{Job, Settings, Topology};
 
@@ -24,13 +25,11 @@ use crate::campaign::{
 };
 use crate::cli::SendArgs;
 use crate::exit::{Interrupted, InvalidInput, Status, UsageError};
+use crate::log::Since;
 use crate::progress::Progress;
-use crate::publish::{
-    int_header, job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT,
-};
+use crate::publish::{job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT};
 use crate::relays::choose_relay;
 use crate::rows::{Limits, RawRecord};
-use crate::summary::{EXPECTED_HEADER, SUMMARY_KIND};
 use crate::validate::{validate_rows, Validation, ValidationError};
 use crate::watch;
 
@@ -101,12 +100,12 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
     // Pass 2: publish. From here a stop signal ends publishing cleanly (before, it ends the
     // process: nothing is published yet).
     let shutdown = Shutdown::on_signals();
-    let topology = Topology::new(settings.amqp.namespace.clone());
+    let topology = Topology::from_settings(settings);
     let setup = Setup {
         relays: vec![relay.clone()],
         retry_steps: settings.retry.delays.len(),
-        watch_campaign: Some(campaign.clone()),
     };
+    let started_at = now_rfc3339();
     let mut publisher = Publisher::connect(
         &settings.amqp,
         topology.clone(),
@@ -127,7 +126,13 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         &shutdown,
     )
     .await?;
-    publish_summary(&mut publisher, &topology, &campaign, published).await?;
+    let summary = CampaignSummary {
+        campaign: campaign.clone(),
+        published,
+        relay: relay.clone(),
+        started_at,
+    };
+    publish_summary(&mut publisher, &topology, &summary).await?;
     publisher.close().await;
 
     let report = SendReport {
@@ -143,10 +148,17 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
             println!("campaign {campaign}");
             println!("published {published} jobs");
         }
-        let summary = watch::follow(settings, &campaign).await?;
+        let followed = watch::follow(
+            settings,
+            &campaign,
+            Since::Started(&summary.started_at),
+            None,
+        )
+        .await?;
+        let counts = followed.counts();
         if args.json {
             let mut object = serde_json::to_value(&report).expect("report serializes");
-            let watched = serde_json::to_value(&summary).expect("summary serializes");
+            let watched = serde_json::to_value(counts).expect("counts serialize");
             if let (Some(object), Some(watched)) = (object.as_object_mut(), watched.as_object()) {
                 for (key, value) in watched {
                     object.entry(key.clone()).or_insert(value.clone());
@@ -154,9 +166,9 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
             }
             println!("{object}");
         } else {
-            println!("{summary}");
+            println!("{counts}");
         }
-        return Ok(summary.status());
+        return Ok(followed.status());
     }
     if args.json {
         println!(
@@ -310,7 +322,7 @@ async fn publish_rows(
         let mut body = publisher.buffer();
         serde_json::to_writer(&mut body, &job).expect("a job always serializes");
         let (properties, span) = PublishSpan::start(
-            job_properties(&job.id),
+            job_properties(&job.id, job.campaign_or_default()),
             exchange.as_str(),
             routing_key.as_str(),
             &job.id,
@@ -359,24 +371,23 @@ async fn interrupted(publisher: &mut Publisher, valid: u64) -> Interrupted {
     ))
 }
 
-/// Tell `watch` how many jobs the campaign has, on the campaign's own watch queue.
+/// Write the campaign's summary into the event log, where `watch` and `status` learn how
+/// many jobs make the campaign complete.
 async fn publish_summary(
     publisher: &mut Publisher,
     topology: &Topology,
-    campaign: &str,
-    published: u64,
+    summary: &CampaignSummary,
 ) -> anyhow::Result<()> {
-    let queue = topology.campaign_watch_queue(campaign);
     let properties = BasicProperties::default()
         .with_type(SUMMARY_KIND.into())
         .with_delivery_mode(PERSISTENT)
-        .with_headers(int_header(EXPECTED_HEADER, published as i64));
+        .with_headers(summary.to_headers());
     publisher
         .publish(Outgoing {
             tag: 0,
-            id: format!("the summary of campaign {campaign}"),
+            id: format!("the summary of campaign {}", summary.campaign),
             exchange: "".into(),
-            routing_key: queue.as_str().into(),
+            routing_key: topology.events_log().into(),
             properties,
             body: Vec::new(),
         })

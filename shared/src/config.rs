@@ -41,6 +41,9 @@ pub struct Settings {
     /// Settings that only the worker reads.
     #[serde(default)]
     pub worker: WorkerSettings,
+    /// The event log: how long delivery events and campaign summaries are kept.
+    #[serde(default)]
+    pub events: EventsSettings,
 }
 
 /// How to reach RabbitMQ, and the prefix that keeps deployments (and tests) apart.
@@ -308,6 +311,35 @@ fn default_max_message_bytes() -> usize {
     10 * 1024 * 1024
 }
 
+/// How long the event log (`<namespace>.events.log`, a RabbitMQ stream) keeps delivery
+/// events and campaign summaries: whichever limit is reached first drops the oldest.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Events older than this are dropped (`"7d"`, `"12h"`; whole seconds).
+    #[serde(default = "default_events_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The log keeps at most about this many bytes (dropped a segment at a time).
+    #[serde(default = "default_events_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            max_age: default_events_max_age(),
+            max_bytes: default_events_max_bytes(),
+        }
+    }
+}
+
+fn default_events_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_events_max_bytes() -> u64 {
+    10 * 1024 * 1024 * 1024
+}
+
 /// A secret string: it can be used, but it never prints.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -527,6 +559,12 @@ impl Settings {
         }
         if self.retry.delays.iter().any(|d| d.is_zero()) {
             return bad("retry.delays: every delay must be longer than zero".into());
+        }
+        if self.events.max_age.as_secs() == 0 {
+            return bad("events.max_age must be at least one second".into());
+        }
+        if self.events.max_bytes == 0 {
+            return bad("events.max_bytes must be more than zero".into());
         }
         Ok(())
     }

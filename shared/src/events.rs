@@ -1,9 +1,28 @@
-//! Delivery events: what other services (and `sluice-producer watch`) learn about each job.
+//! Delivery events: what other services (and `sluice-producer watch`/`status`) learn about
+//! each job.
 //!
-//! Published to the topic exchange `<namespace>.events` with routing key
-//! `<outcome>.<campaign>`; the body is [`DeliveryEvent`] as JSON.
+//! A worker publishes the events of one flush to the topic exchange `<namespace>.events` as
+//! batches: one message per outcome and campaign, routing key `<outcome>.<campaign>`, body a
+//! JSON array of [`DeliveryEvent`] (`shared/event.schema.json`), header
+//! [`FORMAT_HEADER`]` = `[`FORMAT_VERSION`]. The exchange feeds the event log, a stream every
+//! reader can replay (see [`crate::amqp::topology`]); the producer writes each campaign's
+//! summary into the same log ([`CampaignSummary`]).
 
 use serde::{Deserialize, Serialize};
+
+/// Header that marks an event message's format; absent on the first format (one event,
+/// one message), which sluice no longer publishes.
+pub const FORMAT_HEADER: &str = "x-sluice-events";
+/// The format this version publishes: a JSON array of events per message.
+pub const FORMAT_VERSION: i64 = 2;
+/// AMQP `type` of an event batch.
+pub const BATCH_KIND: &str = "delivery-events";
+/// AMQP `type` of a campaign summary in the event log.
+pub const SUMMARY_KIND: &str = "campaign-summary";
+/// AMQP `type` of the marker a reader of the log writes to know where "now" is.
+pub const MARKER_KIND: &str = "log-marker";
+/// The campaign of a job that names none.
+pub const DEFAULT_CAMPAIGN: &str = "default";
 
 /// What happened to one delivery attempt, or to the job in the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -30,13 +49,24 @@ impl EventOutcome {
         }
     }
 
+    /// The outcome a routing key's first word names.
+    pub fn from_word(word: &str) -> Option<Self> {
+        Some(match word {
+            "delivered" => Self::Delivered,
+            "deferred" => Self::Deferred,
+            "bounced" => Self::Bounced,
+            "dead" => Self::Dead,
+            _ => return None,
+        })
+    }
+
     /// True for the outcomes that end a job.
     pub fn is_final(self) -> bool {
         !matches!(self, Self::Deferred)
     }
 }
 
-/// The JSON body of an event.
+/// One event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryEvent {
     /// The job id.
@@ -62,10 +92,75 @@ pub struct DeliveryEvent {
     pub trace_id: Option<String>,
 }
 
-impl DeliveryEvent {
-    /// The routing key `<outcome>.<campaign>`.
-    pub fn routing_key(&self) -> String {
-        format!("{}.{}", self.outcome.as_str(), self.campaign)
+/// The routing key of events with this outcome and campaign: `<outcome>.<campaign>`.
+pub fn routing_key(outcome: EventOutcome, campaign: &str) -> String {
+    format!("{}.{campaign}", outcome.as_str())
+}
+
+/// The outcome and campaign a routing key names, if it is an event's.
+pub fn parse_routing_key(key: &str) -> Option<(EventOutcome, &str)> {
+    let (word, campaign) = key.split_once('.')?;
+    Some((EventOutcome::from_word(word)?, campaign))
+}
+
+/// Read an event message's body: a batch, or (from an older worker) one event.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<DeliveryEvent>, serde_json::Error> {
+    match serde_json::from_slice::<Vec<DeliveryEvent>>(body) {
+        Ok(batch) => Ok(batch),
+        Err(batch_error) => serde_json::from_slice::<DeliveryEvent>(body)
+            .map(|event| vec![event])
+            .map_err(|_| batch_error),
+    }
+}
+
+/// What `send` writes into the event log after a campaign's last job (headers of a
+/// [`SUMMARY_KIND`] message with an empty body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignSummary {
+    pub campaign: String,
+    /// How many jobs were published (each confirmed by the broker).
+    pub published: u64,
+    /// The relay they were published for.
+    pub relay: String,
+    /// When publishing started (RFC 3339).
+    pub started_at: String,
+}
+
+/// Header names of a [`CampaignSummary`].
+pub mod summary_headers {
+    /// The number of jobs published.
+    pub const PUBLISHED: &str = "x-sluice-expected";
+    /// When publishing started.
+    pub const STARTED_AT: &str = "x-sluice-started-at";
+}
+
+impl CampaignSummary {
+    /// The summary as message headers.
+    pub fn to_headers(&self) -> lapin::types::FieldTable {
+        use crate::headers::{set_int, set_str, CAMPAIGN, RELAY};
+        let mut table = lapin::types::FieldTable::default();
+        set_str(&mut table, CAMPAIGN, &self.campaign);
+        set_int(
+            &mut table,
+            summary_headers::PUBLISHED,
+            i64::try_from(self.published).unwrap_or(i64::MAX),
+        );
+        set_str(&mut table, RELAY, &self.relay);
+        set_str(&mut table, summary_headers::STARTED_AT, &self.started_at);
+        table
+    }
+
+    /// Read a summary from its message's headers; `None` when it names no campaign.
+    pub fn from_headers(headers: Option<&lapin::types::FieldTable>) -> Option<Self> {
+        use crate::headers::{get_int, get_str, CAMPAIGN, RELAY};
+        Some(Self {
+            campaign: get_str(headers, CAMPAIGN)?,
+            published: get_int(headers, summary_headers::PUBLISHED)
+                .unwrap_or(0)
+                .max(0) as u64,
+            relay: get_str(headers, RELAY).unwrap_or_default(),
+            started_at: get_str(headers, summary_headers::STARTED_AT).unwrap_or_default(),
+        })
     }
 }
 
@@ -74,4 +169,50 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .expect("RFC 3339 formatting of the current time")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keys_round_trip() {
+        for outcome in [
+            EventOutcome::Delivered,
+            EventOutcome::Deferred,
+            EventOutcome::Bounced,
+            EventOutcome::Dead,
+        ] {
+            let key = routing_key(outcome, "spring-sale");
+            assert_eq!(parse_routing_key(&key), Some((outcome, "spring-sale")));
+        }
+        assert_eq!(parse_routing_key("sluice.events.log"), None);
+        assert_eq!(parse_routing_key("delivered"), None);
+    }
+
+    #[test]
+    fn a_batch_or_a_single_event_parses() {
+        let one = r#"{"id":"c-2","campaign":"c","to":"a@example.org","relay":"r",
+            "outcome":"delivered","attempt":1,"smtp_code":250,"smtp_reply":"ok",
+            "at":"2026-12-04T10:00:00Z"}"#;
+        assert_eq!(parse_batch(one.as_bytes()).unwrap().len(), 1);
+        let two = format!("[{one},{one}]");
+        assert_eq!(parse_batch(two.as_bytes()).unwrap().len(), 2);
+        assert!(parse_batch(b"[{\"id\":1}]").is_err());
+    }
+
+    #[test]
+    fn a_summary_round_trips_through_headers() {
+        let summary = CampaignSummary {
+            campaign: "c1".into(),
+            published: 1_000_000,
+            relay: "primary".into(),
+            started_at: "2026-12-04T10:00:00Z".into(),
+        };
+        assert_eq!(
+            CampaignSummary::from_headers(Some(&summary.to_headers())),
+            Some(summary)
+        );
+        assert_eq!(CampaignSummary::from_headers(None), None);
+    }
 }

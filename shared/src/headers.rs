@@ -18,6 +18,9 @@ pub const FIRST_ATTEMPT: &str = "x-sluice-first-attempt";
 pub const LAST_ATTEMPT: &str = "x-sluice-last-attempt";
 /// The relay whose queue the job came from.
 pub const RELAY: &str = "x-sluice-relay";
+/// The job's campaign, set by the producer on every job (and so on its copies), so that
+/// even a job whose body cannot be read has its event under its real campaign.
+pub const CAMPAIGN: &str = "x-sluice-campaign";
 
 /// Read a header as text, whatever string type the publisher used.
 pub fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {

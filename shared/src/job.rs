@@ -116,12 +116,7 @@ impl Job {
             ));
         }
         if let Some(campaign) = &self.campaign {
-            if campaign.is_empty()
-                || campaign.len() > 200
-                || !campaign
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-            {
+            if !is_campaign_name(campaign) {
                 return Err(field(
                     "campaign",
                     "must be 1 to 200 ASCII letters, digits, '-' or '_'",
@@ -163,7 +158,9 @@ impl Job {
 
     /// The campaign name used in event routing keys.
     pub fn campaign_or_default(&self) -> &str {
-        self.campaign.as_deref().unwrap_or("default")
+        self.campaign
+            .as_deref()
+            .unwrap_or(crate::events::DEFAULT_CAMPAIGN)
     }
 }
 
@@ -183,6 +180,16 @@ fn parse_mailbox(field: &'static str, value: &str) -> Result<Mailbox, InvalidJob
 /// True when a value would break out of its header line.
 pub fn has_line_break(value: &str) -> bool {
     value.contains(['\r', '\n'])
+}
+
+/// Whether `name` is a valid campaign: 1 to 200 ASCII letters, digits, '-' or '_' (it is
+/// the last word of event routing keys, so it holds no '.', '*' or '#').
+pub fn is_campaign_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
 /// A header a job (or a campaign template) may set: a valid field name, not one sluice

@@ -220,6 +220,93 @@ impl TestNamespace {
         out
     }
 
+    /// Everything the event log holds now, oldest first: read from its first entry up to a
+    /// marker written for the purpose (not returned). Every event batch is checked against
+    /// the schema.
+    pub async fn read_log(&self) -> Vec<lapin::message::Delivery> {
+        let log = self.topology.events_log();
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let marker = uuid::Uuid::new_v4().to_string();
+        channel
+            .basic_publish(
+                "".into(),
+                log.as_str().into(),
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default()
+                    .with_type(sluice_shared::events::MARKER_KIND.into())
+                    .with_message_id(marker.as_str().into()),
+            )
+            .await
+            .expect("publish marker")
+            .await
+            .expect("marker confirmed");
+        channel
+            .basic_qos(1000, Default::default())
+            .await
+            .expect("qos");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-stream-offset".into(),
+            lapin::types::AMQPValue::LongString("first".into()),
+        );
+        let mut consumer = channel
+            .basic_consume(
+                log.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                arguments,
+            )
+            .await
+            .expect("read the event log");
+        let mut entries = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let delivery = tokio::time::timeout_at(deadline, consumer.next())
+                .await
+                .expect("the marker came back within 60 s")
+                .expect("the log reader stays open")
+                .expect("a log entry");
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            let kind = delivery.properties.kind().as_ref().map(|k| k.to_string());
+            if kind.as_deref() == Some(sluice_shared::events::MARKER_KIND) {
+                if delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str())
+                    == Some(marker.as_str())
+                {
+                    break;
+                }
+                continue;
+            }
+            if kind.as_deref() == Some(sluice_shared::events::BATCH_KIND) {
+                crate::event_schema::assert_valid_batch(&delivery.data);
+            }
+            entries.push(delivery);
+        }
+        let _ = channel.close(200, "read".into()).await;
+        entries
+    }
+
+    /// Every delivery event the log holds now, in the order logged.
+    pub async fn logged_events(&self) -> Vec<sluice_shared::events::DeliveryEvent> {
+        self.read_log()
+            .await
+            .iter()
+            .filter(|d| {
+                d.properties.kind().as_ref().map(|k| k.as_str())
+                    == Some(sluice_shared::events::BATCH_KIND)
+            })
+            .flat_map(|d| sluice_shared::events::parse_batch(&d.data).expect("event batch"))
+            .collect()
+    }
+
     /// Collect events of this namespace from now on: bind a private queue to `<ns>.events`.
     pub async fn events(&self) -> EventTap {
         let channel = self.connection.create_channel().await.expect("channel");
@@ -267,7 +354,7 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let mut queues = Vec::new();
+        let mut queues = vec![self.topology.events_log()];
         for relay in &self.relays {
             queues.push(self.topology.jobs_queue(relay));
             queues.push(self.topology.dead_queue(relay));
@@ -319,8 +406,18 @@ impl EventTap {
             let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
             match next {
                 Ok(Some(Ok(delivery))) => {
-                    let event = serde_json::from_slice(&delivery.data).expect("event JSON");
-                    self.seen.push(event);
+                    crate::event_schema::assert_valid_batch(&delivery.data);
+                    let batch: Vec<sluice_shared::events::DeliveryEvent> =
+                        serde_json::from_slice(&delivery.data).expect("event batch JSON");
+                    let key = delivery.routing_key.as_str();
+                    for event in &batch {
+                        assert_eq!(
+                            key,
+                            sluice_shared::events::routing_key(event.outcome, &event.campaign),
+                            "every event of a batch has the batch's outcome and campaign"
+                        );
+                    }
+                    self.seen.extend(batch);
                 }
                 _ => return done(&self.seen),
             }

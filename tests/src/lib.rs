@@ -1,6 +1,7 @@
 //! Helpers for sluice's integration tests: real services spawned per test.
 //!
 //! - [`broker`]: a namespace of its own on the real RabbitMQ, and ways to look into it.
+//! - [`event_schema`]: every event batch checked against `shared/event.schema.json`.
 //! - [`processes`]: the real binaries and per-test config files.
 //! - [`smtp_sink`]: Postfix's `smtp-sink`, dumping what it accepts.
 //! - [`aiosmtpd`] and [`tls`]: a TLS/AUTH SMTP server and throwaway certificates for it.
@@ -12,6 +13,7 @@
 
 pub mod aiosmtpd;
 pub mod broker;
+pub mod event_schema;
 pub mod http;
 pub mod otlp_receiver;
 pub mod processes;

@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -21,11 +20,10 @@ use sluice_tests::processes::{bin, config_toml, ConfigFile};
 
 /// A namespace of its own, a config file naming it (relay `primary`), and a scratch
 /// directory for CSV and template files. Everything it created on the broker is deleted
-/// when it is dropped (best effort), watch queues and exchanges included.
+/// when it is dropped (best effort), exchanges included.
 pub struct ProducerEnv {
     pub ns: TestNamespace,
     pub config: ConfigFile,
-    campaigns: std::sync::Mutex<Vec<String>>,
 }
 
 impl ProducerEnv {
@@ -37,23 +35,7 @@ impl ProducerEnv {
             &[("primary", 2525, "")],
             &["1s", "2s"],
         ));
-        ProducerEnv {
-            ns,
-            config,
-            campaigns: Default::default(),
-        }
-    }
-
-    /// Remember a campaign id, so that its watch queue is deleted with the namespace;
-    /// returns it.
-    pub fn campaign(&self, id: &str) -> String {
-        self.campaigns.lock().expect("lock").push(id.to_string());
-        id.to_string()
-    }
-
-    /// The name of a campaign's watch queue.
-    pub fn watch_queue(&self, campaign: &str) -> String {
-        self.ns.topology.campaign_watch_queue(campaign)
+        ProducerEnv { ns, config }
     }
 
     /// Write a file next to the config; returns its path as a string for arguments.
@@ -182,13 +164,20 @@ impl ProducerEnv {
         );
     }
 
-    /// Publish a delivery event to `<ns>.events` with routing key `<outcome>.<campaign>`.
+    /// Publish a delivery event to `<ns>.events` as a worker does: a batch of one, routing
+    /// key `<outcome>.<campaign>`, stamped now.
     pub async fn event(&self, campaign: &str, id: &str, outcome: &str) {
-        let body = serde_json::json!({
+        let body = serde_json::json!([{
             "id": id, "campaign": campaign, "to": "someone@example.org", "relay": "primary",
             "outcome": outcome, "attempt": 1, "smtp_code": 250, "smtp_reply": "250 ok",
-            "at": "2026-11-28T11:22:33Z"
-        });
+            "at": sluice_shared::events::now_rfc3339()
+        }]);
+        let mut headers = FieldTable::default();
+        sluice_shared::headers::set_int(
+            &mut headers,
+            sluice_shared::events::FORMAT_HEADER,
+            sluice_shared::events::FORMAT_VERSION,
+        );
         let confirm = self
             .ns
             .channel
@@ -197,7 +186,10 @@ impl ProducerEnv {
                 format!("{outcome}.{campaign}").into(),
                 BasicPublishOptions::default(),
                 body.to_string().as_bytes(),
-                BasicProperties::default().with_content_type("application/json".into()),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_type(sluice_shared::events::BATCH_KIND.into())
+                    .with_headers(headers),
             )
             .await
             .expect("publish event")
@@ -215,18 +207,8 @@ impl ProducerEnv {
 
 impl Drop for ProducerEnv {
     fn drop(&mut self) {
-        // TestNamespace deletes the jobs, retry and dead queues; the watch queues and the
-        // exchanges are ours to delete.
+        // TestNamespace deletes the queues and the event log; the exchanges are ours.
         let topology = self.ns.topology.clone();
-        let watch_queues: Vec<String> = self
-            .campaigns
-            .lock()
-            .map(|c| {
-                c.iter()
-                    .map(|id| topology.campaign_watch_queue(id))
-                    .collect()
-            })
-            .unwrap_or_default();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -236,12 +218,6 @@ impl Drop for ProducerEnv {
                 let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
                     .await
                     .ok()?;
-                for queue in watch_queues {
-                    let channel = connection.create_channel().await.ok()?;
-                    let _ = channel
-                        .queue_delete(queue.into(), QueueDeleteOptions::default())
-                        .await;
-                }
                 for exchange in [
                     topology.jobs_exchange(),
                     topology.dead_exchange(),

@@ -23,6 +23,15 @@ struct Control {
     one_way: bool,
     /// How many times `close_all` was called.
     resets: u64,
+    /// The cut applies only to the connection accepted in this position (0 = first).
+    only: Option<u64>,
+}
+
+impl Control {
+    /// Whether the cut applies to the connection accepted in position `index`.
+    fn cuts(&self, index: u64) -> bool {
+        self.cut && self.only.is_none_or(|only| only == index)
+    }
 }
 
 /// A proxy on `127.0.0.1:<random port>` forwarding to one upstream address. Dropping it
@@ -89,11 +98,22 @@ impl TcpProxy {
         });
     }
 
+    /// [`TcpProxy::cut_towards_upstream`] for one connection only: the one accepted in
+    /// position `index` (0 = the first). The others, and new ones, go on forwarding.
+    pub fn cut_connection_towards_upstream(&self, index: u64) {
+        self.control.send_modify(|c| {
+            c.cut = true;
+            c.one_way = true;
+            c.only = Some(index);
+        });
+    }
+
     /// Forward new connections again; connections cut before stay silent.
     pub fn restore(&self) {
         self.control.send_modify(|c| {
             c.cut = false;
             c.one_way = false;
+            c.only = None;
         });
     }
 
@@ -117,25 +137,30 @@ async fn accept_loop(
     accepted: Arc<AtomicU64>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
-        accepted.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(relay(client, upstream, control.clone()));
+        let index = accepted.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(relay(client, upstream, control.clone(), index));
     }
 }
 
 /// One client connection: forward until cut, then hold both sockets silently until
 /// `close_all` or the proxy's drop.
-async fn relay(mut client: TcpStream, upstream: SocketAddr, mut control: watch::Receiver<Control>) {
+async fn relay(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut control: watch::Receiver<Control>,
+    index: u64,
+) {
     let at_start = *control.borrow_and_update();
     let reset_or_gone = |c: &Control| c.resets != at_start.resets;
     let mut held_server = None;
-    if !at_start.cut {
+    if !at_start.cuts(index) {
         let Ok(mut server) = TcpStream::connect(upstream).await else {
             return;
         };
         tokio::select! {
             // Bytes read but not yet written when the cut comes are dropped with this future.
             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
-            _ = control.wait_for(|c| c.cut || reset_or_gone(c)) => {}
+            _ = control.wait_for(|c| c.cuts(index) || reset_or_gone(c)) => {}
         }
         if control.borrow().one_way && !reset_or_gone(&control.borrow()) {
             // Upstream to client only, and never the upstream's end of the connection.

@@ -24,7 +24,7 @@ async fn a_node_that_does_not_answer_is_skipped_and_no_password_is_printed() {
     // with a probability of 3/4, and every run must succeed.
     let mut runs = Vec::new();
     for i in 0..3 {
-        let campaign = env.campaign(&format!("urls{i}"));
+        let campaign = format!("urls{i}");
         runs.push(env.run_with_env(
             &[
                 "send",

@@ -47,7 +47,7 @@ fn jobs_of(messages: &[producer_support::Message]) -> Vec<Job> {
 #[tokio::test]
 async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
     let env = ProducerEnv::new("psend").await;
-    let campaign = env.campaign("spring");
+    let campaign = String::from("spring");
     let mut csv = String::from("email,name,code\n");
     for i in 0..1000 {
         let name = if i == 7 {
@@ -109,16 +109,27 @@ async fn a_thousand_recipients_become_a_thousand_rendered_jobs() {
             );
         }
     }
-    // `watch` learns the total from the campaign's watch queue.
-    let summary = env.take_all(&env.watch_queue(&campaign)).await;
-    assert_eq!(summary.len(), 1);
+    // `watch` and `status` learn the total from the campaign's summary in the event log,
+    // and every job names its campaign in a header too.
+    assert!(messages
+        .iter()
+        .all(|message| message.header("x-sluice-campaign").as_deref() == Some("spring")));
+    let log = env.ns.read_log().await;
+    assert_eq!(log.len(), 1, "the summary, and nothing else yet");
     assert_eq!(
-        summary[0].properties.kind().as_ref().map(|k| k.as_str()),
+        log[0].properties.kind().as_ref().map(|k| k.as_str()),
         Some("campaign-summary")
     );
+    let summary =
+        sluice_shared::events::CampaignSummary::from_headers(log[0].properties.headers().as_ref())
+            .expect("a summary");
     assert_eq!(
-        summary[0].header("x-sluice-expected").as_deref(),
-        Some("1000")
+        (
+            summary.campaign.as_str(),
+            summary.published,
+            summary.relay.as_str()
+        ),
+        ("spring", 1000, "primary")
     );
 }
 
@@ -156,7 +167,7 @@ fn mixed_templates(env: &ProducerEnv) -> Vec<String> {
 #[tokio::test]
 async fn invalid_rows_are_listed_by_line_and_nothing_is_published() {
     let env = ProducerEnv::new("pinvalid").await;
-    let campaign = env.campaign("mixed");
+    let campaign = String::from("mixed");
     let recipients = env.file("mixed.csv", mixed_csv());
     let templates = mixed_templates(&env);
 
@@ -188,15 +199,15 @@ async fn invalid_rows_are_listed_by_line_and_nothing_is_published() {
     assert!(!run.stdout.contains("published"), "{}", run.stdout);
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
     assert!(
-        !env.queue_exists(&env.watch_queue(&campaign)).await,
-        "nothing is declared for a refused campaign"
+        env.ns.read_log().await.is_empty(),
+        "no summary for a refused campaign"
     );
 }
 
 #[tokio::test]
 async fn skip_invalid_publishes_the_valid_rows_and_still_lists_the_others() {
     let env = ProducerEnv::new("pskip").await;
-    let campaign = env.campaign("mixed");
+    let campaign = String::from("mixed");
     let recipients = env.file("mixed.csv", mixed_csv());
     let templates = mixed_templates(&env);
     let mut args = send_args(&recipients, &campaign, &templates);
@@ -229,7 +240,7 @@ async fn a_file_without_an_email_column_is_refused_on_line_1() {
     let env = ProducerEnv::new("pnoemail").await;
     let recipients = env.file("r.csv", "name,address\nAnn,ann@example.org\n");
     let templates = templates(&env);
-    let campaign = env.campaign("noemail");
+    let campaign = String::from("noemail");
 
     let run = env.run(&send_args(&recipients, &campaign, &templates));
 
@@ -251,8 +262,7 @@ async fn config_is_accepted_before_or_after_the_subcommand() {
         args.push("--json");
         run_producer_raw(&args)
     };
-    env.campaign("before");
-    let after = env.run(&send_args(&recipients, &env.campaign("after"), &templates));
+    let after = env.run(&send_args(&recipients, "after", &templates));
 
     before.expect_code(0);
     assert_eq!(
@@ -286,7 +296,6 @@ async fn a_generated_campaign_id_names_the_jobs_and_return_path_is_the_envelope(
         .find_map(|l| l.strip_prefix("campaign "))
         .expect("the campaign id is printed")
         .to_string();
-    env.campaign(&campaign);
     // c + UTC time + 4 hex digits: c20261128T112233Z3f9a
     assert_eq!(campaign.len(), 21, "{campaign}");
     assert!(
@@ -368,7 +377,7 @@ async fn a_dropped_connection_is_reconnected_and_no_job_is_lost() {
     }
     let recipients = env.file("many.csv", csv);
     let templates = templates(&env);
-    let campaign = env.campaign("cut");
+    let campaign = String::from("cut");
     let mut args = vec!["--config", config.as_str()];
     args.extend(send_args(&recipients, &campaign, &templates));
     let args: Vec<String> = args.into_iter().map(String::from).collect();
@@ -457,7 +466,7 @@ async fn a_queue_that_refuses_jobs_makes_send_fail_with_a_nack() {
     }
     let recipients = env.file("many.csv", csv);
     let templates = templates(&env);
-    let campaign = env.campaign("full");
+    let campaign = String::from("full");
 
     let run = env.run(&send_args(&recipients, &campaign, &templates));
 
@@ -488,7 +497,7 @@ async fn run_bounded(env: &ProducerEnv, args: &[&str], timeout: Duration) -> pro
 #[tokio::test]
 async fn a_character_split_across_two_fields_is_invalid_utf8_on_its_line() {
     let env = ProducerEnv::new("psplit").await;
-    let campaign = env.campaign("split");
+    let campaign = String::from("split");
     // "ë" is C3 AB: its first byte ends the name field, its second starts the code field.
     // The row as a whole is valid UTF-8; each of the two fields is not.
     let mut csv = b"email,name,code\n".to_vec();
@@ -536,7 +545,7 @@ async fn a_template_that_never_ends_or_renders_too_much_fails_its_rows() {
     ];
     for (name, body, problem) in cases {
         let text = env.file(&format!("{name}.txt"), body);
-        let campaign = env.campaign(name);
+        let campaign = name.to_string();
         let args = [
             "send",
             "--recipients",
@@ -580,7 +589,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 #[tokio::test]
 async fn a_record_over_the_record_byte_limit_is_refused_on_its_line() {
     let env = ProducerEnv::new("precord").await;
-    let campaign = env.campaign("wide");
+    let campaign = String::from("wide");
     // 63 fields of 1 MiB each: every field within the field limit, the record far over the
     // record limit.
     let mut csv = b"email".to_vec();
@@ -630,7 +639,7 @@ const SEND_MEMORY_BOUND_MIB: u64 = 200;
 #[tokio::test]
 async fn send_stays_within_its_memory_bound_on_a_file_of_large_rows() {
     let env = ProducerEnv::new("prss").await;
-    let campaign = env.campaign("large");
+    let campaign = String::from("large");
     let rows = 150;
     let field = "x".repeat(sluice_producer::rows::MAX_FIELD_BYTES);
     let mut csv = String::from("email,name\n");
@@ -681,7 +690,7 @@ async fn send_stays_within_its_memory_bound_on_a_file_of_large_rows() {
 #[tokio::test]
 async fn sigterm_mid_publish_stops_reports_how_far_it_got_and_the_queue_agrees() {
     let env = ProducerEnv::new("pterm").await;
-    let campaign = env.campaign("term");
+    let campaign = String::from("term");
     let rows = 60_000;
     let mut csv = String::from("email,name,code\n");
     for i in 0..rows {

@@ -24,12 +24,12 @@ use rand::Rng;
 use sluice_shared::shutdown::Shutdown;
 use tokio::time::Instant;
 
-use crate::broker::within;
+use crate::broker::{within, BrokerError};
 use crate::budget::{RateShare, Slot};
 pub use crate::context::LaneContext;
 use crate::feed::Feed;
 use crate::relay::Relay;
-use crate::settle::Publisher;
+use crate::settle::{Publisher, SettleError};
 use crate::step::{deliver_one, Next, Sender};
 
 /// A lane gives its slot back after its queues have been empty this long.
@@ -118,6 +118,7 @@ async fn serve(
         last_delivery: Instant::now(),
         last_recheck: Instant::now(),
         draining: false,
+        parked: None,
     };
     if !lane.sender.open_session().await {
         return Ok(());
@@ -132,8 +133,26 @@ async fn serve(
     let result = lane.consume(&publisher).await;
     lane.sender.close_session().await;
     // Closing the publishing channel waits for the broker, which may be blocking us: the
-    // slot must not wait for it.
-    tokio::spawn(async move { publisher.close().await });
+    // slot must not wait for it, nor for the flush of a feed the block parked.
+    let parked = lane.parked.take();
+    let (broker, shutdown) = (ctx.broker.clone(), ctx.shutdown.clone());
+    tokio::spawn(async move {
+        if let Some(mut feed) = parked {
+            let mut blocked = broker.blocked_changes();
+            let unblocked = async move { blocked.wait_for(|blocked| !*blocked).await.is_ok() };
+            let unblocked = tokio::select! {
+                _ = shutdown.wait() => false,
+                unblocked = unblocked => unblocked,
+            };
+            if unblocked {
+                if let Err(e) = feed.flush().await {
+                    tracing::warn!(error = %e, "could not settle jobs after the broker unblocked; they will be delivered again");
+                }
+            }
+            feed.close().await;
+        }
+        publisher.close().await
+    });
     result
 }
 
@@ -157,6 +176,8 @@ struct Lane<'a> {
     last_recheck: Instant,
     /// Consumers cancelled: deliver what was received, whatever changed meanwhile.
     draining: bool,
+    /// Settled deliveries the broker's block kept from being flushed, on their channels.
+    parked: Option<Feed>,
 }
 
 impl Lane<'_> {
@@ -210,6 +231,12 @@ impl Lane<'_> {
         // anything prefetched.
         let flushed = feed.flush().await;
         feed.cancel().await;
+        if let Err(SettleError::Broker(BrokerError::Blocked { .. })) = flushed {
+            // Jobs the relay accepted wait for their events, which the broker does not take
+            // now: keep them unacknowledged on their open channel, not sent again.
+            self.parked = Some(feed);
+            return result;
+        }
         feed.close().await;
         result.and(flushed.map_err(Into::into))
     }
@@ -238,8 +265,13 @@ impl Lane<'_> {
             let next = match feed.ready() {
                 Some(next) => next,
                 None => {
-                    if let Err(e) = feed.flush().await {
-                        return LaneEnd::Stop(Err(e.into()));
+                    match feed.flush().await {
+                        Ok(()) => {}
+                        // Parked by `consume`, flushed once the broker unblocks.
+                        Err(SettleError::Broker(BrokerError::Blocked { .. })) => {
+                            return LaneEnd::Stop(Ok(()))
+                        }
+                        Err(e) => return LaneEnd::Stop(Err(e.into())),
                     }
                     tokio::select! {
                         biased;

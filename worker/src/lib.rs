@@ -80,7 +80,7 @@ pub async fn run(
     if let Some(addr) = listen.or_else(|| settings.worker.listen.clone()) {
         health::serve(&addr, ready.clone(), metrics.clone()).await?;
     }
-    let topology = Topology::new(&settings.amqp.namespace);
+    let topology = Topology::from_settings(&settings);
     let delays: Arc<[Duration]> = settings.retry.delays.clone().into();
 
     loop {

@@ -15,11 +15,14 @@
 //! goes out at once, so a job never lives both as the original and as its copy longer than
 //! one round trip. Nothing waits for its retry while held unacknowledged.
 //!
-//! Acks of delivered jobs are batched: a settled delivery's ack waits until the batch is
-//! full, [`ACK_LINGER`] has passed, or the lane flushes (no further delivery ready, idle,
-//! stop); then one `basic.ack` with `multiple` covers them all. A [`Settler`] serves one
-//! channel with one consumer, and the lane settles that channel's deliveries in the order
-//! they came, so everything up to the last settled tag is settled.
+//! Acks are batched: a settled delivery's ack waits until the batch is full, [`ACK_LINGER`]
+//! has passed, a copy was made, or the lane flushes (no further delivery ready, idle,
+//! stop). A flush publishes the batch's events (one message per outcome and campaign, a
+//! JSON array each), waits for the broker's confirms, and only then sends one `basic.ack`
+//! with `multiple`: an event is never the only record of a job that is acknowledged, and a
+//! crash between the confirm and the ack gives a duplicate event, never a missing one. A
+//! [`Settler`] serves one channel with one consumer, and the lane settles that channel's
+//! deliveries in the order they came, so everything up to the last settled tag is settled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +33,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel};
-use sluice_shared::events::{now_rfc3339, DeliveryEvent, EventOutcome};
+use sluice_shared::events::{self, now_rfc3339, DeliveryEvent, EventOutcome};
 use sluice_shared::headers;
 use sluice_shared::{trace_context, Topology};
 use tokio::sync::watch;
@@ -295,31 +298,72 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publish a delivery event. Events are informational: their confirms are not
-    /// awaited, and while the broker blocks publishing the event waits in the client's
-    /// buffer (it goes out when the broker unblocks) rather than holding the lane.
-    async fn event(&self, event: &DeliveryEvent, exchange: &str, job_id: &str) {
-        let body = serde_json::to_vec(event).expect("events serialize");
-        let publish = self.channel.basic_publish(
-            exchange.into(),
-            event.routing_key().into(),
-            BasicPublishOptions::default(),
-            &body,
-            BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_message_id(job_id.into()),
-        );
-        let mut blocked = self.blocked.clone();
-        tokio::select! {
-            published = tokio::time::timeout(BROKER_DEADLINE, publish) => {
-                if !matches!(published, Ok(Ok(_))) {
-                    tracing::warn!(job.id = job_id, "a delivery event could not be published");
-                }
+    /// Publish the events of one flush, one message per outcome and campaign, and wait
+    /// for the broker's confirms of all of them. An error means some may be missing: the
+    /// deliveries they report must stay unacknowledged.
+    async fn events(&self, events: &[DeliveryEvent], exchange: &str) -> Result<(), SettleError> {
+        const WHAT: &str = "publishing delivery events";
+        if *self.blocked.borrow() {
+            return Err(BrokerError::Blocked { what: WHAT }.into());
+        }
+        let mut format = FieldTable::default();
+        headers::set_int(&mut format, events::FORMAT_HEADER, events::FORMAT_VERSION);
+        let published = async {
+            let mut confirms = Vec::new();
+            for (outcome, campaign, batch) in batches(events) {
+                let body = serde_json::to_vec(&batch).expect("events serialize");
+                let properties = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_type(events::BATCH_KIND.into())
+                    .with_delivery_mode(2)
+                    .with_headers(format.clone());
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        exchange.into(),
+                        events::routing_key(outcome, campaign).into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await?;
+                confirms.push(confirm);
             }
-            _ = blocked.wait_for(|blocked| *blocked) => {}
+            let mut refused = false;
+            for confirm in confirms {
+                refused |= confirm.await?.is_nack();
+            }
+            Ok::<_, lapin::Error>(refused)
+        };
+        let mut blocked = self.blocked.clone();
+        let refused = tokio::select! {
+            refused = within(WHAT, published) => refused?,
+            _ = blocked.wait_for(|blocked| *blocked) => {
+                return Err(BrokerError::Blocked { what: WHAT }.into());
+            }
+        };
+        if refused {
+            return Err(SettleError::Refused {
+                queue: exchange.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Group a flush's events by outcome and campaign, in the order each group first appears.
+fn batches(events: &[DeliveryEvent]) -> Vec<(EventOutcome, &str, Vec<&DeliveryEvent>)> {
+    let mut groups: Vec<(EventOutcome, &str, Vec<&DeliveryEvent>)> = Vec::new();
+    for event in events {
+        match groups
+            .iter_mut()
+            .find(|(outcome, campaign, _)| *outcome == event.outcome && *campaign == event.campaign)
+        {
+            Some((_, _, batch)) => batch.push(event),
+            None => groups.push((event.outcome, &event.campaign, vec![event])),
         }
     }
+    groups
 }
 
 /// Carries out [`Action`]s for the deliveries of one consumer channel.
@@ -332,6 +376,8 @@ pub struct Settler {
     metrics: Metrics,
     /// The last settled delivery whose ack has not been sent, and how many wait with it.
     unacked: Option<Acker>,
+    /// The events of those deliveries, published (and confirmed) before their ack.
+    events: Vec<DeliveryEvent>,
     waiting: usize,
     /// When the oldest delivery still waiting for its ack was settled.
     waiting_since: Option<std::time::Instant>,
@@ -356,6 +402,7 @@ impl Settler {
             delays,
             metrics,
             unacked: None,
+            events: Vec::with_capacity(batch.clamp(1, ACK_BATCH)),
             waiting: 0,
             waiting_since: None,
             batch: batch.clamp(1, ACK_BATCH),
@@ -430,14 +477,7 @@ impl Settler {
             at: now,
             trace_id: event_trace_id(info.span, incoming),
         };
-        self.publisher
-            .event(
-                &delivery_event,
-                &self.topology.events_exchange(),
-                info.job_id,
-            )
-            .await;
-
+        self.events.push(delivery_event);
         self.unacked = Some(delivery.acker.clone());
         self.waiting += 1;
         let since = *self
@@ -450,8 +490,20 @@ impl Settler {
         Ok(action)
     }
 
-    /// Acknowledge every settled delivery not acknowledged yet, with one `multiple` ack.
+    /// Publish the events of every settled delivery not acknowledged yet, wait for their
+    /// confirms, then acknowledge those deliveries with one `multiple` ack. On an error
+    /// nothing is forgotten: a later flush publishes the events again (a duplicate event
+    /// at most, never a missing one) before it acks.
     pub async fn flush(&mut self) -> Result<(), SettleError> {
+        if self.unacked.is_none() {
+            return Ok(());
+        }
+        if !self.events.is_empty() {
+            self.publisher
+                .events(&self.events, &self.topology.events_exchange())
+                .await?;
+            self.events.clear();
+        }
         if let Some(acker) = self.unacked.take() {
             self.waiting = 0;
             self.waiting_since = None;

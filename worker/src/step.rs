@@ -154,9 +154,23 @@ pub(crate) async fn deliver_one(
         ));
     }
 
+    let campaign_header;
     let (campaign, to) = match &parsed.job {
         Ok(job) => (job.campaign_or_default(), job.to.as_str()),
-        Err(_) => ("default", ""),
+        Err(_) => {
+            // The body cannot be read: the producer's header still names the campaign.
+            campaign_header = sluice_shared::headers::get_str(
+                delivery.properties.headers().as_ref(),
+                sluice_shared::headers::CAMPAIGN,
+            )
+            .filter(|name| sluice_shared::job::is_campaign_name(name));
+            (
+                campaign_header
+                    .as_deref()
+                    .unwrap_or(sluice_shared::events::DEFAULT_CAMPAIGN),
+                "",
+            )
+        }
     };
     log(&outcome, &parsed.id, sender.relay.name());
     let info = AttemptInfo {

@@ -11,7 +11,8 @@
 //! ```text
 //! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay> (quorum)
 //! worker --deferred--> <ns>.retry.<relay>.<step> (quorum) --expires--> <ns>.jobs (routing key <relay>)
-//! worker --outcome--> <ns>.events (topic, key <outcome>.<campaign>)
+//! worker --outcome batch--> <ns>.events (topic, key <outcome>.<campaign>) --#--> <ns>.events.log (stream)
+//! producer --campaign summary--> <ns>.events.log (straight into the stream, not via <ns>.events)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
 //! ```
 
@@ -19,17 +20,32 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
+use crate::config::{EventsSettings, Settings};
+
+/// Segment size of the event log (RabbitMQ's default is 500 MB).
+const LOG_SEGMENT_BYTES: i32 = 64 * 1024 * 1024;
+
 /// The names of everything in one namespace, and the code that declares them.
 #[derive(Debug, Clone)]
 pub struct Topology {
     namespace: String,
+    log_retention: EventsSettings,
 }
 
 impl Topology {
-    /// The topology of one namespace (`amqp.namespace`).
+    /// The topology of one namespace, with the event log's default retention.
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
+            log_retention: EventsSettings::default(),
+        }
+    }
+
+    /// The topology the settings describe (`amqp.namespace`, `[events]`).
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            namespace: settings.amqp.namespace.clone(),
+            log_retention: settings.events.clone(),
         }
     }
 
@@ -68,36 +84,52 @@ impl Topology {
         format!("{}.events", self.namespace)
     }
 
-    /// Durable queue that keeps one campaign's events for `sluice-producer watch`; it is
-    /// declared before the campaign's first job is published, so no event is missed.
-    pub fn campaign_watch_queue(&self, campaign: &str) -> String {
-        format!("{}.watch.{campaign}", self.namespace)
+    /// The event log: a stream bound to the events exchange (every event batch), into which
+    /// the producer also writes campaign summaries. Readers replay it; nothing consumes it
+    /// away.
+    pub fn events_log(&self) -> String {
+        format!("{}.events.log", self.namespace)
     }
 
-    /// Declare (idempotently) the queue that collects a campaign's events: bound to
-    /// `*.<campaign>` on the events exchange, removed by the broker after a week unused.
-    pub async fn declare_campaign_watch(
-        &self,
-        channel: &Channel,
-        campaign: &str,
-    ) -> lapin::Result<String> {
-        let queue = self.campaign_watch_queue(campaign);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(WATCH_QUEUE_EXPIRES_MS),
+    /// Declare (idempotently) the event log and bind it to the events exchange. A log that
+    /// exists with another retention is a [`TopologyError::LogRetention`].
+    pub async fn declare_events_log(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let log = self.events_log();
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        arguments.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", self.log_retention.max_age.as_secs()).into()),
+        );
+        arguments.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.log_retention.max_bytes).unwrap_or(i64::MAX)),
+        );
+        // Retention drops whole segments: small ones keep the log close to its limits.
+        arguments.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongInt(LOG_SEGMENT_BYTES),
         );
         channel
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+            .queue_declare(
+                log.as_str().into(),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .map_err(|error| match TopologyError::from_declare(&log, error) {
+                TopologyError::Mismatch { queue, difference } => TopologyError::LogRetention {
+                    stream: queue,
+                    difference,
+                },
+                other => other,
+            })?;
+        self.bind(channel, &log, &self.events_exchange(), "#")
             .await?;
-        self.bind(
-            channel,
-            &queue,
-            &self.events_exchange(),
-            &format!("*.{campaign}"),
-        )
-        .await?;
-        Ok(queue)
+        Ok(())
     }
 
     /// Exclusive queue whose existence means "budget slot `slot` of this relay is taken".
@@ -159,6 +191,7 @@ impl Topology {
         retry_steps: usize,
     ) -> Result<(), TopologyError> {
         self.declare_exchanges(channel).await?;
+        self.declare_events_log(channel).await?;
         for spec in self.job_queues(relays, retry_steps) {
             self.declare_queue(channel, &spec).await?;
         }
@@ -284,6 +317,17 @@ pub enum TopologyError {
         /// What differs, e.g. "is a classic queue, sluice now needs quorum".
         difference: String,
     },
+    /// The event log exists with another retention than `[events]` gives.
+    #[error(
+        "the event log {stream} {difference}: put the old [events] values back, or delete \
+         the stream so that it is declared again (the events it holds are lost)"
+    )]
+    LogRetention {
+        /// The stream at fault.
+        stream: String,
+        /// What differs.
+        difference: String,
+    },
     /// The broker or the connection failed; retrying may help.
     #[error(transparent)]
     Broker(#[from] lapin::Error),
@@ -304,7 +348,10 @@ impl TopologyError {
 
     /// Whether this is a queue to migrate rather than a broker fault.
     pub fn is_mismatch(&self) -> bool {
-        matches!(self, TopologyError::Mismatch { .. })
+        matches!(
+            self,
+            TopologyError::Mismatch { .. } | TopologyError::LogRetention { .. }
+        )
     }
 }
 
@@ -356,9 +403,6 @@ fn describe_inequivalence(text: &str) -> String {
         ),
     }
 }
-
-/// A campaign's watch queue disappears after a week without a consumer.
-const WATCH_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();

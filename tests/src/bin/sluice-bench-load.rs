@@ -1,8 +1,7 @@
 //! `sluice-bench-load`: the parts of `deploy/bench.sh` that a shell does badly.
 //!
 //! - `queue`: put N jobs of about B bytes on a relay's jobs queue, as the producer would
-//!   (same topology, same job JSON and properties, the campaign's watch queue declared
-//!   first), with pipelined publisher confirms, so the drain starts from a full queue.
+//!   (same topology, same job JSON and properties), with pipelined publisher confirms, so the drain starts from a full queue.
 //!   `--batch K` hands K publishes to lapin at once; with the same jobs as the producer's,
 //!   it measures what the broker takes (the producer's ceiling).
 //! - `wait`: poll the workers' `/metrics` until their `sluice_jobs_delivered_total` adds up
@@ -18,7 +17,7 @@ use anyhow::{bail, Context};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{Confirmation, Connection, ConnectionProperties};
 use sluice_shared::{Job, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -135,8 +134,6 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     topology.declare(&channel, &[relay], retry_steps).await?;
-    // As `sluice-producer send` does: the campaign's events have a queue to go to.
-    topology.declare_campaign_watch(&channel, campaign).await?;
 
     let exchange = topology.jobs_exchange();
     let started = Instant::now();
@@ -169,10 +166,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
             confirmed += 1;
         }
         let sends = bodies.iter().map(|(id, body)| {
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_message_id(id.as_str().into());
+            let properties = sluice_producer::publish::job_properties(id, campaign);
             channel.basic_publish(
                 exchange.as_str().into(),
                 relay.into(),
@@ -275,16 +269,13 @@ async fn cleanup(args: &Args) -> anyhow::Result<()> {
     let url = args.get("url")?;
     let topology = Topology::new(args.get("namespace")?);
     let retry_steps: usize = args.num("retry-steps", Some(5))?;
-    let mut queues = Vec::new();
+    let mut queues = vec![topology.events_log()];
     for relay in args.all("relay") {
         queues.push(topology.jobs_queue(relay));
         queues.push(topology.dead_queue(relay));
         for step in 1..=retry_steps {
             queues.push(topology.retry_queue(relay, step));
         }
-    }
-    for campaign in args.all("campaign") {
-        queues.push(topology.campaign_watch_queue(campaign));
     }
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
