@@ -265,7 +265,7 @@ smtp_alone() {   # rep
 
 colocated_ceiling() {   # rep -- P: the reference consumer and smtp-source, both at once
   local ns="bench-$RUN_ID-$1-ceiling" campaign="ceiling$1" queue t0 consume_pid source_pid
-  local r_broker=0 r_smtp=0 last
+  local r_broker=0 r_smtp=0 last=0 smtp_end=0
   NAMESPACES+=("$ns $campaign")
   if ! timeout "$DRAIN_TIMEOUT" "$BIN/sluice-bench-load" queue --url "$AMQP_URL" --namespace "$ns" \
        --relay bench --campaign "$campaign" --count "$JOBS" --body-bytes "$BODY_BYTES" \
@@ -284,13 +284,14 @@ colocated_ceiling() {   # rep -- P: the reference consumer and smtp-source, both
   source_pid=$!; PIDS+=("$source_pid")
   # smtp-source's end is when `wait` returns; the consumer prints its own N-th delivery time.
   if wait "$source_pid"; then
-    r_smtp="$(rate "$CEILING_MSGS" "$t0" "$(now_ns)")"
+    smtp_end="$(now_ns)"
+    r_smtp="$(rate "$CEILING_MSGS" "$t0" "$smtp_end")"
   else
     say "colocated smtp-source failed or took over ${CEILING_TIMEOUT}s: $(tail -n 3 "$WORK/smtp-source-colocated-$1.log")"
     FAILED=1
   fi
   if wait "$consume_pid"; then
-    last="$(sed -n 's/^last_ns=//p' "$WORK/consume-$1.out")"
+    last="$(sed -n 's/^last_ns=//p' "$WORK/consume-$1.out")"; last="${last:-0}"
     r_broker="$(rate "$JOBS" "$t0" "$last")"
   else
     say "the reference consumer failed: $(tail -n 3 "$WORK/consume-$1.err")"
@@ -298,6 +299,12 @@ colocated_ceiling() {   # rep -- P: the reference consumer and smtp-source, both
   fi
   record p_broker "$r_broker"; record p_smtp "$r_smtp"
   record p "$(( r_broker < r_smtp ? r_broker : r_smtp ))"
+  # How much of the slower side's run the faster one shared: the two contend for the cores
+  # only while both run.
+  if [ "$last" -gt 0 ] && [ "$smtp_end" -gt 0 ]; then
+    say "rep $1: colocated wall times: consumer $(( (last - t0) / 1000000 )) ms," \
+      "smtp-source $(( (smtp_end - t0) / 1000000 )) ms"
+  fi
   cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }
 

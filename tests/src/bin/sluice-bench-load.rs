@@ -279,7 +279,7 @@ async fn consume(args: &Args) -> anyhow::Result<()> {
             taken += 1;
             // One ack settles every delivery up to this one; the N-th is acked too, so
             // nothing taken is left unacknowledged when the connection closes.
-            if taken % ack_every == 0 || taken == count {
+            if taken.is_multiple_of(ack_every) || taken == count {
                 delivery
                     .acker
                     .ack(BasicAckOptions { multiple: true })
