@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # The benchmark: one command, one table of medians, every figure beside its target and the
-# SMTP ceiling measured in the same run.
+# ceilings it is judged against measured in the same run.
 #
 #   bash deploy/bench.sh [--size small|full] [--reps N]
 #
 # It builds the release binaries, starts RabbitMQ (deploy/services.sh) and Postfix's
 # smtp-sink on a free loopback port (no dumping: it only accepts), then for each repetition:
-#   1. SMTP ceiling   smtp-source -> smtp-sink, 8 sessions (= the relay's max_connections),
-#                     messages of 2 KB, sessions reused (-d); wall time.
+#   1. SMTP alone     smtp-source -> smtp-sink, 8 sessions (= the relay's max_connections),
+#                     messages of 2 KB, sessions reused (-d); wall time. No broker work.
+#      Colocated      the ceiling P the drain and end to end are judged against: RabbitMQ
+#      ceiling P      and SMTP sharing this machine's cores. N jobs are queued first
+#                     (sluice-bench-load queue, in a namespace of its own that no worker
+#                     consumes; its jobs queue is a quorum queue), then, started together:
+#                     a lean reference consumer drains them (sluice-bench-load consume: one
+#                     channel, prefetch 1000, a `multiple` ack every 100) while smtp-source
+#                     sends N messages to smtp-sink as above. Each one's rate is its count
+#                     over its own wall time, from their common start to its own end (the
+#                     consumer's N-th delivery; smtp-source's exit). P is the lower of the
+#                     two rates: what this machine can drain and relay at once, with no
+#                     sluice code in the path.
 #   2. Drain          N jobs of about 2 KB queued first (sluice-bench-load queue), then two
 #                     sluice-worker processes, no rate limit; from the workers' start to
 #                     the last acceptance (the sum of sluice_jobs_delivered_total over both
@@ -21,11 +32,14 @@
 #                     the same jobs, 64 publishes handed to lapin at once, 2000 unconfirmed).
 #   5. Worker memory  peak RSS (VmHWM) of each worker just before it is stopped after the
 #                     drain, and idle RSS (VmRSS) of the idle workers before phase 3.
+# Targets for 2 and 3 are fractions of P (drain >= 0.6 P, end to end >= 0.45 P), judged on
+# the medians (median / median P); the runs column of a "/ P" row shows each repetition's
+# own ratio.
 # During the drain it also reads the CPU time (utime + stime) that RabbitMQ, the workers and
 # smtp-sink spent, per job: on a machine with few cores their sum bounds the drain rate.
-# Sizes: full = 20,000 jobs for 2 and 3, 1,000,000 producer rows (200,000 jobs for the
-#        broker ceiling), 3 reps by default;
-#        small = 2,000 jobs, 20,000 producer rows and broker jobs, 1 rep (a smoke test).
+# Sizes: full = 20,000 jobs for 1 (each side of P), 2 and 3, 1,000,000 producer rows
+#        (200,000 jobs for the broker ceiling), 3 reps by default;
+#        small = 2,000 jobs (P too), 20,000 producer rows and broker jobs, 1 rep (a smoke test).
 #
 # Every repetition and phase uses a namespace of its own (bench-<run>-<rep>-<phase>),
 # deleted afterwards; every process started here is stopped on exit; every wait is
@@ -38,7 +52,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 SIZE=full
 REPS=""
@@ -69,8 +83,8 @@ PRODUCER_TIMEOUT=300
 READY_TIMEOUT=30
 STOP_TIMEOUT=15
 # Targets.
-TARGET_DRAIN=6000          # msgs/s, at least
-TARGET_E2E=4000            # msgs/s, at least
+TARGET_DRAIN_OF_P=0.6      # drain, at least this fraction of the colocated ceiling P
+TARGET_E2E_OF_P=0.45       # end to end, at least this fraction of P
 TARGET_PRODUCER=20000      # jobs/s, at least
 TARGET_PRODUCER_RSS=64     # MiB, at most
 TARGET_WORKER_RSS=64       # MiB, at most
@@ -127,6 +141,7 @@ now_ns() { date +%s%N; }
 rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { d = (b - a) / 1e9; if (d <= 0) print 0; else printf "%.0f", n / d }'; }
 kib_of() { awk '$1 == "'"$1"':" { print $2 }' "/proc/$2/status" 2>/dev/null || true; }   # field pid
 record() { echo "$2" >>"$WORK/fig.$1"; }   # figure value
+ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else if (b <= 0) print 0; else printf "%.2f", a / b }'; }
 TICK="$(getconf CLK_TCK)"
 cpu_ticks() {   # pid... -> utime + stime summed, in clock ticks
   local pid total=0 t
@@ -161,6 +176,9 @@ SINK_PID=$!; PIDS+=("$SINK_PID")
 mapfile -t BROKER_PIDS < <(pgrep -x beam.smp || true)   # RabbitMQ's Erlang VM, for the CPU figures
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null && break; sleep 0.05; done
 (exec 3<>"/dev/tcp/127.0.0.1/$SINK_PORT") 2>/dev/null || { say "smtp-sink did not start"; exit 1; }
+# CEILING_MSGS messages over SESSIONS reused sessions: the SMTP side of both ceilings.
+SMTP_SOURCE_CMD=("$SMTP_SOURCE" -s "$SESSIONS" -m "$CEILING_MSGS" -l "$BODY_BYTES" -d
+  -f bench@example.com -t rcpt@example.org -M bench.example.com "127.0.0.1:$SINK_PORT")
 
 # --- Inputs ----------------------------------------------------------------------------
 LOREM="Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm"
@@ -233,18 +251,61 @@ check_duplicates() {   # phase -- one second after the last acceptance, count ag
 }
 
 # --- One repetition of each phase ------------------------------------------------------
-ceiling() {
+smtp_alone() {   # rep
   local t0 t1
   t0="$(now_ns)"
-  if timeout "$CEILING_TIMEOUT" "$SMTP_SOURCE" -s "$SESSIONS" -m "$CEILING_MSGS" -l "$BODY_BYTES" -d \
-       -f bench@example.com -t rcpt@example.org -M bench.example.com \
-       "127.0.0.1:$SINK_PORT" >"$WORK/smtp-source.log" 2>&1; then
+  if timeout "$CEILING_TIMEOUT" "${SMTP_SOURCE_CMD[@]}" >"$WORK/smtp-source-alone-$1.log" 2>&1; then
     t1="$(now_ns)"
-    record ceiling "$(rate "$CEILING_MSGS" "$t0" "$t1")"
+    record smtp_alone "$(rate "$CEILING_MSGS" "$t0" "$t1")"
   else
-    say "smtp-source failed or took over ${CEILING_TIMEOUT}s: $(tail -n 3 "$WORK/smtp-source.log")"
-    record ceiling 0; FAILED=1
+    say "smtp-source failed or took over ${CEILING_TIMEOUT}s: $(tail -n 3 "$WORK/smtp-source-alone-$1.log")"
+    record smtp_alone 0; FAILED=1
   fi
+}
+
+colocated_ceiling() {   # rep -- P: the reference consumer and smtp-source, both at once
+  local ns="bench-$RUN_ID-$1-ceiling" campaign="ceiling$1" queue t0 consume_pid source_pid
+  local r_broker=0 r_smtp=0 last=0 smtp_end=0
+  NAMESPACES+=("$ns $campaign")
+  if ! timeout "$DRAIN_TIMEOUT" "$BIN/sluice-bench-load" queue --url "$AMQP_URL" --namespace "$ns" \
+       --relay bench --campaign "$campaign" --count "$JOBS" --body-bytes "$BODY_BYTES" \
+       >"$WORK/ceiling-queue-$1.out" 2>&1; then
+    say "queueing the reference queue's jobs failed: $(tail -n 3 "$WORK/ceiling-queue-$1.out")"
+    record p 0; record p_broker 0; record p_smtp 0; FAILED=1
+    cleanup_namespace "$ns" "$campaign"; NAMESPACES=(); return
+  fi
+  queue="$(sed -n 's/^jobs_queue=//p' "$WORK/ceiling-queue-$1.out")"
+  t0="$(now_ns)"
+  timeout $((CEILING_TIMEOUT + 10)) "$BIN/sluice-bench-load" consume --url "$AMQP_URL" \
+    --queue "$queue" --count "$JOBS" --prefetch 1000 --ack-every 100 \
+    --timeout-secs "$CEILING_TIMEOUT" >"$WORK/consume-$1.out" 2>"$WORK/consume-$1.err" &
+  consume_pid=$!; PIDS+=("$consume_pid")
+  timeout "$CEILING_TIMEOUT" "${SMTP_SOURCE_CMD[@]}" >"$WORK/smtp-source-colocated-$1.log" 2>&1 &
+  source_pid=$!; PIDS+=("$source_pid")
+  # smtp-source's end is when `wait` returns; the consumer prints its own N-th delivery time.
+  if wait "$source_pid"; then
+    smtp_end="$(now_ns)"
+    r_smtp="$(rate "$CEILING_MSGS" "$t0" "$smtp_end")"
+  else
+    say "colocated smtp-source failed or took over ${CEILING_TIMEOUT}s: $(tail -n 3 "$WORK/smtp-source-colocated-$1.log")"
+    FAILED=1
+  fi
+  if wait "$consume_pid"; then
+    last="$(sed -n 's/^last_ns=//p' "$WORK/consume-$1.out")"; last="${last:-0}"
+    r_broker="$(rate "$JOBS" "$t0" "$last")"
+  else
+    say "the reference consumer failed: $(tail -n 3 "$WORK/consume-$1.err")"
+    FAILED=1
+  fi
+  record p_broker "$r_broker"; record p_smtp "$r_smtp"
+  record p "$(( r_broker < r_smtp ? r_broker : r_smtp ))"
+  # How much of the slower side's run the faster one shared: the two contend for the cores
+  # only while both run.
+  if [ "$last" -gt 0 ] && [ "$smtp_end" -gt 0 ]; then
+    say "rep $1: colocated wall times: consumer $(( (last - t0) / 1000000 )) ms," \
+      "smtp-source $(( (smtp_end - t0) / 1000000 )) ms"
+  fi
+  cleanup_namespace "$ns" "$campaign"; NAMESPACES=()
 }
 
 drain() {   # rep
@@ -255,7 +316,7 @@ drain() {   # rep
        --relay bench --campaign "$campaign" --count "$JOBS" --body-bytes "$BODY_BYTES" \
        >"$WORK/queue-$1.out" 2>&1; then
     say "queueing the drain's jobs failed: $(tail -n 3 "$WORK/queue-$1.out")"
-    record drain 0; record ratio 0; FAILED=1; return
+    record drain 0; record ratio 0; record drain_p 0; FAILED=1; return
   fi
   local broker0 sink0
   broker0="$(cpu_ticks "${BROKER_PIDS[@]}")"; sink0="$(cpu_ticks "$SINK_PID")"
@@ -267,7 +328,8 @@ drain() {   # rep
     last="$(sed -n 's/^last_accepted_ns=//p' <<<"$out")"
     r="$(rate "$JOBS" "$t0" "$last")"
     record drain "$r"
-    record ratio "$(awk -v a="$r" -v b="$(tail -n 1 "$WORK/fig.ceiling")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print 0 }')"
+    record ratio "$(ratio_of "$r" "$(tail -n 1 "$WORK/fig.smtp_alone")")"
+    record drain_p "$(ratio_of "$r" "$(tail -n 1 "$WORK/fig.p")")"
     # CPU spent up to the end of the drain (polled every 50 ms, so a little idle time too).
     if [ "${#BROKER_PIDS[@]}" -gt 0 ]; then
       record cpu_broker "$(per_job_us $(( $(cpu_ticks "${BROKER_PIDS[@]}") - broker0 )))"
@@ -276,7 +338,7 @@ drain() {   # rep
     record cpu_sink "$(per_job_us $(( $(cpu_ticks "$SINK_PID") - sink0 )))"
   else
     say "drain $1 failed: $(cat "$WORK/wait-drain-$1.err") $out"
-    record drain 0; record ratio 0; FAILED=1
+    record drain 0; record ratio 0; record drain_p 0; FAILED=1
   fi
   record worker_peak "$(max_kib VmHWM)"
   check_duplicates "drain $1"
@@ -290,7 +352,7 @@ end_to_end() {   # rep
   cfg="$(write_config "$ns")"
   start_workers "$cfg" "e2e$1"
   if ! wait_ready; then
-    say "workers not ready within ${READY_TIMEOUT}s"; record e2e 0; FAILED=1; stop_workers; return
+    say "workers not ready within ${READY_TIMEOUT}s"; record e2e 0; record e2e_p 0; FAILED=1; stop_workers; return
   fi
   sleep 1   # idle: connected, consuming nothing
   record worker_idle "$(max_kib VmRSS)"
@@ -301,10 +363,12 @@ end_to_end() {   # rep
   producer_pid=$!; PIDS+=("$producer_pid")
   if out="$("$BIN/sluice-bench-load" wait --metrics "$(metrics_list)" --count "$JOBS" \
          --timeout-secs "$DRAIN_TIMEOUT" --interval-ms 50 2>"$WORK/wait-e2e-$1.err")"; then
-    record e2e "$(rate "$JOBS" "$t0" "$(sed -n 's/^last_accepted_ns=//p' <<<"$out")")"
+    local r; r="$(rate "$JOBS" "$t0" "$(sed -n 's/^last_accepted_ns=//p' <<<"$out")")"
+    record e2e "$r"
+    record e2e_p "$(ratio_of "$r" "$(tail -n 1 "$WORK/fig.p")")"
   else
     say "end to end $1 failed: $(cat "$WORK/wait-e2e-$1.err") $(tail -n 3 "$WORK/e2e-producer-$1.out")"
-    record e2e 0; FAILED=1
+    record e2e 0; record e2e_p 0; FAILED=1
   fi
   if ! wait "$producer_pid"; then
     say "the producer failed: $(tail -n 3 "$WORK/e2e-producer-$1.out")"; FAILED=1
@@ -343,7 +407,7 @@ producer_alone() {   # rep
     t1="$(now_ns)"
     local r; r="$(rate "$PRODUCER_ROWS" "$t0" "$t1")"
     record producer "$r"
-    record producer_ratio "$(awk -v a="$r" -v b="$(tail -n 1 "$WORK/fig.broker")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print 0 }')"
+    record producer_ratio "$(ratio_of "$r" "$(tail -n 1 "$WORK/fig.broker")")"
     kib="$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$WORK/producer-time-$1.txt")"
     record producer_rss "${kib:-0}"
   else
@@ -356,7 +420,10 @@ producer_alone() {   # rep
 say "run $RUN_ID: size $SIZE, $REPS rep(s); $JOBS jobs, $PRODUCER_ROWS producer rows; smtp-sink on 127.0.0.1:$SINK_PORT"
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 for rep in $(seq 1 "$REPS"); do
-  ceiling;            say "rep $rep/$REPS: SMTP ceiling $(tail -n 1 "$WORK/fig.ceiling") msg/s"
+  smtp_alone "$rep";  say "rep $rep/$REPS: SMTP alone $(tail -n 1 "$WORK/fig.smtp_alone") msg/s"
+  colocated_ceiling "$rep"
+  say "rep $rep/$REPS: colocated ceiling P $(tail -n 1 "$WORK/fig.p") msg/s" \
+    "(RabbitMQ drain $(tail -n 1 "$WORK/fig.p_broker"), SMTP $(tail -n 1 "$WORK/fig.p_smtp"))"
   drain "$rep";       say "rep $rep/$REPS: drain $(tail -n 1 "$WORK/fig.drain") msg/s"
   end_to_end "$rep";  say "rep $rep/$REPS: end to end $(tail -n 1 "$WORK/fig.e2e") msg/s"
   broker_ceiling "$rep"; say "rep $rep/$REPS: broker ceiling $(tail -n 1 "$WORK/fig.broker") jobs/s"
@@ -383,16 +450,25 @@ git diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
 echo
 echo "sluice benchmark: size $SIZE, medians of $REPS rep(s); commit $commit; $(nproc) CPUs; load average at start $LOAD_START"
 row "figure" "median" "unit" "runs" "target" "result"
-row "1. SMTP ceiling (smtp-source, $SESSIONS sessions)" "$(median ceiling)" "msg/s" "$(runs ceiling)" "-" "-"
-d="$(median drain)"
-row "2. Drain, $WORKERS workers, $JOBS jobs" "$d" "msg/s" "$(runs drain)" ">= $TARGET_DRAIN" "$(verdict "$d" '>=' $TARGET_DRAIN)"
-row "   drain / SMTP ceiling" "$(median ratio)" "" "$(runs ratio)" "-" "-"
+ceiling_p="$(median p)"
+row "1. Colocated ceiling P (lower of the two)" "$ceiling_p" "msg/s" "$(runs p)" "-" "-"
+row "   RabbitMQ drain, lean consumer, concurrent" "$(median p_broker)" "msg/s" "$(runs p_broker)" "-" "-"
+row "   smtp-source -> smtp-sink, concurrent" "$(median p_smtp)" "msg/s" "$(runs p_smtp)" "-" "-"
+row "   SMTP-alone ceiling ($SESSIONS sessions)" "$(median smtp_alone)" "msg/s" "$(runs smtp_alone)" "-" "-"
+of_p() { awk -v f="$1" -v p="$ceiling_p" 'BEGIN { if (p == "NA") print "NA"; else printf "%.0f", f * p }'; }   # fraction
+d="$(median drain)"; dp="$(ratio_of "$d" "$ceiling_p")"
+row "2. Drain, $WORKERS workers, $JOBS jobs" "$d" "msg/s" "$(runs drain)" \
+  ">= $TARGET_DRAIN_OF_P P = $(of_p $TARGET_DRAIN_OF_P)" "$(verdict "$dp" '>=' $TARGET_DRAIN_OF_P)"
+row "   drain / P" "$dp" "" "$(runs drain_p)" ">= $TARGET_DRAIN_OF_P" "$(verdict "$dp" '>=' $TARGET_DRAIN_OF_P)"
+row "   drain / SMTP-alone ceiling" "$(median ratio)" "" "$(runs ratio)" "-" "-"
 row "   CPU per job: RabbitMQ / workers / smtp-sink" "$(median cpu_broker)/$(median cpu_workers)/$(median cpu_sink)" "us" "-" "-" "-"
 cpu_bound="$(awk -v c="$(nproc)" -v a="$(median cpu_broker)" -v b="$(median cpu_workers)" -v d="$(median cpu_sink)" \
   'BEGIN { t = a + b + d; if (a == "NA" || t <= 0) print "NA"; else printf "%.0f", c * 1e6 / t }')"
 row "   CPU bound: $(nproc) cores / CPU per job" "$cpu_bound" "msg/s" "-" "-" "-"
-e="$(median e2e)"
-row "3. End to end, $JOBS rows" "$e" "msg/s" "$(runs e2e)" ">= $TARGET_E2E" "$(verdict "$e" '>=' $TARGET_E2E)"
+e="$(median e2e)"; ep="$(ratio_of "$e" "$ceiling_p")"
+row "3. End to end, $JOBS rows" "$e" "msg/s" "$(runs e2e)" \
+  ">= $TARGET_E2E_OF_P P = $(of_p $TARGET_E2E_OF_P)" "$(verdict "$ep" '>=' $TARGET_E2E_OF_P)"
+row "   end to end / P" "$ep" "" "$(runs e2e_p)" ">= $TARGET_E2E_OF_P" "$(verdict "$ep" '>=' $TARGET_E2E_OF_P)"
 p="$(median producer)"
 row "4. Producer alone, $PRODUCER_ROWS rows" "$p" "jobs/s" "$(runs producer)" ">= $TARGET_PRODUCER" "$(verdict "$p" '>=' $TARGET_PRODUCER)"
 row "   broker ceiling (lean publisher, $BROKER_JOBS)" "$(median broker)" "jobs/s" "$(runs broker)" "-" "-"

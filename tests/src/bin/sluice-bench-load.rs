@@ -1,9 +1,14 @@
 //! `sluice-bench-load`: the parts of `deploy/bench.sh` that a shell does badly.
 //!
 //! - `queue`: put N jobs of about B bytes on a relay's jobs queue, as the producer would
-//!   (same topology, same job JSON and properties), with pipelined publisher confirms, so the drain starts from a full queue.
+//!   (same topology, same job JSON and properties), with pipelined publisher confirms, so
+//!   the drain starts from a full queue.
 //!   `--batch K` hands K publishes to lapin at once; with the same jobs as the producer's,
 //!   it measures what the broker takes (the producer's ceiling).
+//! - `consume`: the lean reference consumer of `deploy/bench.sh`'s colocated ceiling: one
+//!   channel, a prefetch window, manual acks with `multiple` every K messages; it takes N
+//!   messages from a queue no one else consumes and prints when the first and the N-th
+//!   arrived. What RabbitMQ hands out to it is what the workers' drain is measured against.
 //! - `wait`: poll the workers' `/metrics` until their `sluice_jobs_delivered_total` adds up
 //!   to N, and print when that was seen (the last acceptance, to within one poll).
 //! - `cleanup`: delete every queue and exchange of a benchmark namespace.
@@ -14,9 +19,12 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use futures_util::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::types::FieldTable;
 use lapin::{Confirmation, Connection, ConnectionProperties};
 use sluice_shared::{Job, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +33,8 @@ const USAGE: &str = "\
 usage:
   sluice-bench-load queue   --url URL --namespace NS --relay NAME --campaign ID --count N
                             [--body-bytes 2048] [--window 2000] [--batch 1] [--retry-steps 5]
+  sluice-bench-load consume --url URL --queue NAME --count N
+                            [--prefetch 1000] [--ack-every 100] [--timeout-secs 120]
   sluice-bench-load wait    --metrics HOST:PORT[,HOST:PORT...] --count N
                             [--timeout-secs 120] [--interval-ms 50]
   sluice-bench-load cleanup --url URL --namespace NS --relay NAME [--campaign ID]...
@@ -36,6 +46,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("queue") => queue(&Args::parse(&args[1..])).await,
+        Some("consume") => consume(&Args::parse(&args[1..])).await,
         Some("wait") => wait(&Args::parse(&args[1..])).await,
         Some("cleanup") => cleanup(&Args::parse(&args[1..])).await,
         _ => {
@@ -189,6 +200,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let _ = connection.close(200, "queued".into()).await;
     println!("queued={confirmed}");
+    println!("jobs_queue={}", topology.jobs_queue(relay));
     println!("seconds={:.3}", elapsed.as_secs_f64());
     Ok(())
 }
@@ -199,6 +211,96 @@ async fn settle(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
         Confirmation::Ack(Some(_)) => bail!("a job was returned as unroutable"),
         Confirmation::Nack(_) => bail!("the broker refused a job (nack)"),
     }
+}
+
+async fn consume(args: &Args) -> anyhow::Result<()> {
+    let url = args.get("url")?;
+    let queue = args.get("queue")?;
+    let count: u64 = args.num("count", None)?;
+    let prefetch: u16 = args.num("prefetch", Some(1000))?;
+    let ack_every: u64 = args.num::<u64>("ack-every", Some(100))?.max(1);
+    let timeout = Duration::from_secs(args.num("timeout-secs", Some(120))?);
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let connect_and_take = async {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ")?;
+        let channel = connection.create_channel().await?;
+        // The figure is one consumer's: a queue someone else also consumes (a worker left
+        // running) would split its messages, and one holding fewer than N would never end.
+        let found = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        if found.consumer_count() > 0 {
+            bail!(
+                "queue {queue} already has {} consumer(s); the reference consumer must be alone",
+                found.consumer_count()
+            );
+        }
+        if u64::from(found.message_count()) < count {
+            bail!(
+                "queue {queue} holds {} messages, fewer than the {count} to take",
+                found.message_count()
+            );
+        }
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "sluice-bench-consume".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut first_ns = None;
+        let mut taken = 0u64;
+        let last_ns = loop {
+            let delivery = consumer
+                .next()
+                .await
+                .context("the consumer was cancelled")?
+                .context("receiving a message")?;
+            let received_ns = now_ns();
+            first_ns.get_or_insert(received_ns);
+            taken += 1;
+            // One ack settles every delivery up to this one; the N-th is acked too, so
+            // nothing taken is left unacknowledged when the connection closes.
+            if taken.is_multiple_of(ack_every) || taken == count {
+                delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .context("acknowledging")?;
+            }
+            if taken == count {
+                break received_ns;
+            }
+        };
+        // Prefetched messages beyond N go back to the queue when the connection closes.
+        let _ = connection.close(200, "consumed".into()).await;
+        Ok::<_, anyhow::Error>((first_ns.unwrap_or(last_ns), last_ns, taken))
+    };
+    let (first_ns, last_ns, taken) = tokio::time::timeout(timeout, connect_and_take)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "fewer than {count} messages taken from {queue} within {} s",
+                timeout.as_secs()
+            )
+        })??;
+    println!("first_ns={first_ns}");
+    println!("last_ns={last_ns}");
+    println!("count={taken}");
+    Ok(())
 }
 
 /// The sum of `sluice_jobs_delivered_total` over every relay in one `/metrics` text.
