@@ -2,7 +2,12 @@
 
 Usage: python3 publish_job.py [TO_ADDRESS]
 Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
-SLUICE_NAMESPACE (default sluice), SLUICE_RELAY (default primary).
+SLUICE_NAMESPACE (default sluice), SLUICE_RELAY (default primary),
+SLUICE_CAMPAIGN (default welcome).
+
+The namespace's exchanges and queues exist once a sluice worker has started (or
+`sluice-producer send` has run); before that the publish fails as unroutable.
+Follow the campaign with `sluice-producer status --campaign welcome`.
 """
 import json
 import os
@@ -13,11 +18,12 @@ import pika
 
 namespace = os.environ.get("SLUICE_NAMESPACE", "sluice")
 relay = os.environ.get("SLUICE_RELAY", "primary")
+campaign = os.environ.get("SLUICE_CAMPAIGN", "welcome")
 to = sys.argv[1] if len(sys.argv) > 1 else "ann@example.org"
 
 job = {
     "id": str(uuid.uuid4()),
-    "campaign": "welcome",
+    "campaign": campaign,
     "from": "Acme <news@example.com>",
     "to": to,
     "subject": "Welcome, Ann",
@@ -38,6 +44,8 @@ channel.basic_publish(
         content_type="application/json",
         delivery_mode=2,  # persistent
         message_id=job["id"],
+        # The campaign again, so that even a job whose body is unreadable reports under it.
+        headers={"x-sluice-campaign": campaign},
     ),
     mandatory=True,  # an unknown relay is an error, not a silent drop
 )
