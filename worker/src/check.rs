@@ -83,7 +83,9 @@ pub async fn run(settings: &Settings, relays: &[String]) -> anyhow::Result<bool>
     // The queues this worker would declare.
     let topology = Topology::from_settings(&settings);
     let names: Vec<&str> = relays.iter().map(String::as_str).collect();
-    for spec in topology.job_queues(&names, settings.retry.delays.len()) {
+    let mut specs = topology.job_queues(&names, settings.retry.delays.len());
+    specs.push(topology.events_log_spec());
+    for spec in specs {
         let what = format!("queue {}", spec.name);
         let verdict = match topology.check_queue(&connection, &spec).await {
             Ok(QueueState::Absent) => Verdict::Ok("not declared yet (a worker declares it)".into()),

@@ -22,6 +22,8 @@ use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{EventsSettings, Settings};
 
+/// The end of the event log's name.
+const EVENTS_LOG_SUFFIX: &str = ".events.log";
 /// Segment size of the event log (RabbitMQ's default is 500 MB).
 const LOG_SEGMENT_BYTES: i32 = 64 * 1024 * 1024;
 
@@ -88,22 +90,15 @@ impl Topology {
     /// the producer also writes campaign summaries. Readers replay it; nothing consumes it
     /// away.
     pub fn events_log(&self) -> String {
-        format!("{}.events.log", self.namespace)
+        format!("{}{EVENTS_LOG_SUFFIX}", self.namespace)
     }
 
-    /// Declare (idempotently) the event log and bind it to the events exchange. A log that
-    /// exists with another retention is a [`TopologyError::LogRetention`].
-    pub async fn declare_events_log(&self, channel: &Channel) -> Result<(), TopologyError> {
-        let log = self.events_log();
+    /// The event log's arguments and binding (every routing key of the events exchange).
+    pub fn events_log_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("stream".into()),
-        );
-        arguments.insert(
-            "x-max-age".into(),
-            AMQPValue::LongString(format!("{}s", self.log_retention.max_age.as_secs()).into()),
-        );
+        arguments.insert("x-queue-type".into(), string("stream"));
+        let max_age = format!("{}s", self.log_retention.max_age.as_secs());
+        arguments.insert("x-max-age".into(), string(&max_age));
         arguments.insert(
             "x-max-length-bytes".into(),
             AMQPValue::LongLongInt(i64::try_from(self.log_retention.max_bytes).unwrap_or(i64::MAX)),
@@ -113,23 +108,17 @@ impl Topology {
             "x-stream-max-segment-size-bytes".into(),
             AMQPValue::LongInt(LOG_SEGMENT_BYTES),
         );
-        channel
-            .queue_declare(
-                log.as_str().into(),
-                QueueDeclareOptions::durable(),
-                arguments,
-            )
-            .await
-            .map_err(|error| match TopologyError::from_declare(&log, error) {
-                TopologyError::Mismatch { queue, difference } => TopologyError::LogRetention {
-                    stream: queue,
-                    difference,
-                },
-                other => other,
-            })?;
-        self.bind(channel, &log, &self.events_exchange(), "#")
-            .await?;
-        Ok(())
+        QueueSpec {
+            name: self.events_log(),
+            arguments,
+            binding: Some((self.events_exchange(), "#".into())),
+        }
+    }
+
+    /// Declare (idempotently) the event log and bind it to the events exchange. A log that
+    /// exists with another retention is a [`TopologyError::LogRetention`].
+    pub async fn declare_events_log(&self, channel: &Channel) -> Result<(), TopologyError> {
+        self.declare_queue(channel, &self.events_log_spec()).await
     }
 
     /// Exclusive queue whose existence means "budget slot `slot` of this relay is taken".
@@ -340,9 +329,17 @@ impl TopologyError {
         if !text.contains("PRECONDITION_FAILED") || !text.contains("inequivalent arg") {
             return TopologyError::Broker(error);
         }
+        let difference = describe_inequivalence(&text);
+        // Job queue names end in a relay name or a step number, never like the log's.
+        if queue.ends_with(EVENTS_LOG_SUFFIX) {
+            return TopologyError::LogRetention {
+                stream: queue.to_string(),
+                difference,
+            };
+        }
         TopologyError::Mismatch {
             queue: queue.to_string(),
-            difference: describe_inequivalence(&text),
+            difference,
         }
     }
 
@@ -441,6 +438,7 @@ mod tests {
         assert_eq!(t.dead_queue("primary"), "acme.dead.primary");
         assert_eq!(t.retry_queue("primary", 2), "acme.retry.primary.2");
         assert_eq!(t.events_exchange(), "acme.events");
+        assert_eq!(t.events_log(), "acme.events.log");
         assert_eq!(
             t.migration_queue("acme.dead.primary"),
             "acme.dead.primary.migrating"
