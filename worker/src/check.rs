@@ -81,7 +81,7 @@ pub async fn run(settings: &Settings, relays: &[String]) -> anyhow::Result<bool>
     let connection = Arc::new(connection);
 
     // The queues this worker would declare.
-    let topology = Topology::from_settings(&settings);
+    let topology = Topology::from_settings(settings);
     let names: Vec<&str> = relays.iter().map(String::as_str).collect();
     let mut specs = topology.job_queues(&names, settings.retry.delays.len());
     specs.push(topology.events_log_spec());
