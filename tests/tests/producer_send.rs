@@ -633,7 +633,7 @@ async fn a_record_over_the_record_byte_limit_is_refused_on_its_line() {
     assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
 }
 
-/// The memory `send` stays within on any file, as the README documents it.
+/// The memory `send` stays within on any file, as docs/design.md (security, oversized input) documents it.
 const SEND_MEMORY_BOUND_MIB: u64 = 200;
 
 #[tokio::test]

@@ -14,7 +14,7 @@
 //!   worker drops every session and reconnects once it closes. The broker frees a silent
 //!   connection's slots only after missing its heartbeats (at least a whole interval), so
 //!   a worker cut off from the broker has closed its sessions before another worker can
-//!   take its slots (see the README's budget section).
+//!   take its slots (see docs/operations.md, the relay budget).
 //!
 //! Every wait on the broker has a deadline ([`BROKER_DEADLINE`]).
 
