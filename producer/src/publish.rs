@@ -364,7 +364,7 @@ async fn open(
 ) -> anyhow::Result<(Connection, Vec<Channel>)> {
     use anyhow::Context as _;
     let connection = amqp
-        .connect_with_backoff("sluice-producer", RECONNECT_WAIT)
+        .connect_with_backoff(CONNECTION_NAME, RECONNECT_WAIT)
         .await?;
     let mut channels = Vec::with_capacity(CHANNELS);
     for _ in 0..CHANNELS {
@@ -426,7 +426,11 @@ pub fn job_properties(id: &str, campaign: &str) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// The `publish` span of one job (kind producer), its context written into the message's
+/// The name of the connection `send` publishes on (its node is the `server.address` of the
+/// `publish` spans).
+const CONNECTION_NAME: &str = "sluice-producer";
+
+/// The `publish <exchange>` span of one job (kind producer), its context written into the message's
 /// `traceparent` / `tracestate` headers so that the worker's attempts become its children.
 /// Empty when tracing is off: nothing is built or formatted then.
 pub struct PublishSpan(Option<opentelemetry::Context>);
@@ -450,21 +454,27 @@ impl PublishSpan {
         };
         let mut headers = properties.headers().clone().unwrap_or_default();
         let parent = trace_context::extract(Some(&headers));
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "rabbitmq"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("messaging.operation.name", "publish"),
+            KeyValue::new("messaging.destination.name", exchange.to_string()),
+            KeyValue::new(
+                "messaging.rabbitmq.destination.routing_key",
+                routing_key.to_string(),
+            ),
+            KeyValue::new("messaging.message.id", job_id.to_string()),
+            KeyValue::new("sluice.relay", routing_key.to_string()),
+            KeyValue::new("sluice.campaign", campaign.to_string()),
+        ];
+        if let Some(node) = sluice_shared::amqp::connected_node(CONNECTION_NAME) {
+            attributes.push(KeyValue::new("server.address", node.host));
+            attributes.push(KeyValue::new("server.port", i64::from(node.port)));
+        }
         let span = tracer
-            .span_builder("publish")
+            .span_builder(format!("publish {exchange}"))
             .with_kind(SpanKind::Producer)
-            .with_attributes([
-                KeyValue::new("messaging.system", "rabbitmq"),
-                KeyValue::new("messaging.operation.type", "send"),
-                KeyValue::new("messaging.destination.name", exchange.to_string()),
-                KeyValue::new(
-                    "messaging.rabbitmq.destination.routing_key",
-                    routing_key.to_string(),
-                ),
-                KeyValue::new("messaging.message.id", job_id.to_string()),
-                KeyValue::new("sluice.relay", routing_key.to_string()),
-                KeyValue::new("sluice.campaign", campaign.to_string()),
-            ])
+            .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         let cx = parent.with_span(span);
         trace_context::inject(&cx, &mut headers);
@@ -478,6 +488,7 @@ impl PublishSpan {
         let Some(cx) = self.0 else { return };
         let span = cx.span();
         if let Some(error) = error {
+            span.set_attribute(opentelemetry::KeyValue::new("error.type", "publish_failed"));
             span.set_status(Status::error(error.to_string()));
         }
         span.end();

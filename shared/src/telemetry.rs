@@ -177,6 +177,16 @@ fn resource(service: &str) -> Resource {
         builder = builder.with_service_name(service.to_string());
     }
     // OTEL_SERVICE_NAME wins over a service.name in OTEL_RESOURCE_ATTRIBUTES.
+    // The build's version unless OTEL_RESOURCE_ATTRIBUTES names one.
+    if detected
+        .get(&opentelemetry::Key::from_static_str("service.version"))
+        .is_none()
+    {
+        builder = builder.with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ));
+    }
     if let Some(name) = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|v| !v.trim().is_empty())
@@ -218,8 +228,13 @@ fn init_logs(service: &str) {
     let result = if json {
         registry
             .with(
+                // Flat objects: timestamp, level, target, message and the event's fields
+                // (trace_id and span_id on a delivery's lines) side by side.
                 tracing_subscriber::fmt::layer()
                     .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
                     .with_writer(std::io::stderr),
             )
             .try_init()

@@ -1,15 +1,21 @@
-//! W3C trace context (`traceparent`, `tracestate`) in and out of AMQP message headers.
+//! W3C trace context (`traceparent`, `tracestate`) and baggage in and out of AMQP message
+//! headers, with the propagators `OTEL_PROPAGATORS` names (`tracecontext,baggage` by
+//! default; `none` turns propagation off; others are not supported and say so once).
 //!
-//! The producer writes the context of its `publish` span into a job's headers; the worker
-//! reads it back to make each `deliver` span a child of it. Retry and dead copies carry the
+//! The producer writes the context of its `publish` span (with baggage) into a job's headers; the worker
+//! reads it back to make each `process` span a child of it. Retry and dead copies carry the
 //! incoming headers unchanged, so every attempt of a job hangs under the same parent.
 //! Header values are written as AMQP long strings; short strings are read too, since other
 //! publishers (pika, other services) may use them.
 
 use lapin::types::{AMQPValue, FieldTable};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::{
+    Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
+};
 use opentelemetry::Context;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 
 /// The W3C header holding version, trace id, parent span id and flags.
 pub const TRACEPARENT: &str = "traceparent";
@@ -19,14 +25,48 @@ pub const TRACESTATE: &str = "tracestate";
 /// The context carried by `headers` (an empty context when there is none or it is invalid).
 pub fn extract(headers: Option<&FieldTable>) -> Context {
     match headers {
-        Some(table) => TraceContextPropagator::new().extract(&HeaderExtractor(table)),
+        Some(table) => propagator().extract(&HeaderExtractor(table)),
         None => Context::new(),
     }
 }
 
 /// Write `cx`'s span context into `headers` (nothing when `cx` has no valid span).
 pub fn inject(cx: &Context, headers: &mut FieldTable) {
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    propagator().inject_context(cx, &mut HeaderInjector(headers));
+}
+
+/// The propagators `OTEL_PROPAGATORS` asks for, built once.
+fn propagator() -> &'static TextMapCompositePropagator {
+    static PROPAGATOR: OnceLock<TextMapCompositePropagator> = OnceLock::new();
+    PROPAGATOR.get_or_init(|| {
+        let names = std::env::var("OTEL_PROPAGATORS").unwrap_or_default();
+        let (propagators, unsupported) = propagators_named(&names);
+        for name in unsupported {
+            tracing::warn!(propagator = %name, "OTEL_PROPAGATORS names a propagator sluice does not support; ignored");
+        }
+        TextMapCompositePropagator::new(propagators)
+    })
+}
+
+/// The propagators of an `OTEL_PROPAGATORS` value (the default when empty), and the names
+/// not supported.
+fn propagators_named(names: &str) -> (Vec<Box<dyn TextMapPropagator + Send + Sync>>, Vec<String>) {
+    let names = if names.trim().is_empty() {
+        "tracecontext,baggage"
+    } else {
+        names
+    };
+    let mut propagators: Vec<Box<dyn TextMapPropagator + Send + Sync>> = Vec::new();
+    let mut unsupported = Vec::new();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match name {
+            "tracecontext" => propagators.push(Box::new(TraceContextPropagator::new())),
+            "baggage" => propagators.push(Box::new(BaggagePropagator::new())),
+            "none" => return (Vec::new(), unsupported),
+            other => unsupported.push(other.to_string()),
+        }
+    }
+    (propagators, unsupported)
 }
 
 /// The trace id (32 lowercase hex digits) of a valid `traceparent` header, without
@@ -116,6 +156,42 @@ mod tests {
             trace_id_of(Some(&headers)).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
+    }
+
+    #[test]
+    fn otel_propagators_chooses_what_travels_in_the_headers() {
+        let parent = table(&[
+            (TRACEPARENT, AMQPValue::LongString(PARENT.into())),
+            ("baggage", AMQPValue::LongString("tenant=acme".into())),
+        ]);
+        // (OTEL_PROPAGATORS, traceparent carried, baggage carried, unsupported names)
+        let cases = [
+            ("", true, true, vec![]),
+            ("tracecontext,baggage", true, true, vec![]),
+            ("tracecontext", true, false, vec![]),
+            (" baggage ", false, true, vec![]),
+            ("none", false, false, vec![]),
+            ("b3,tracecontext", true, false, vec!["b3".to_string()]),
+        ];
+        for (names, trace, baggage, unsupported) in cases {
+            let (propagators, unknown) = propagators_named(names);
+            assert_eq!(unknown, unsupported, "{names:?}");
+            let propagator = TextMapCompositePropagator::new(propagators);
+            let cx = propagator.extract(&HeaderExtractor(&parent));
+            let mut out = FieldTable::default();
+            propagator.inject_context(&cx, &mut HeaderInjector(&mut out));
+            assert_eq!(
+                out.inner().contains_key(TRACEPARENT),
+                trace,
+                "{names:?}: {out:?}"
+            );
+            let carried = header_str(&out, "baggage").unwrap_or_default();
+            assert_eq!(
+                carried.contains("tenant=acme"),
+                baggage,
+                "{names:?}: {out:?}"
+            );
+        }
     }
 
     #[test]

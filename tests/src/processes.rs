@@ -110,6 +110,12 @@ impl WorkerProcess {
     /// Like [`WorkerProcess::start`], with its stderr (at `warn` level) kept in a file that
     /// [`WorkerProcess::logs`] reads, so a test can assert on what the worker said.
     pub fn start_logged(config: &Path, args: &[&str]) -> Self {
+        Self::start_logged_with_env(config, args, &[])
+    }
+
+    /// Like [`WorkerProcess::start_logged`], with extra environment variables (which may
+    /// set `RUST_LOG` and `SLUICE_LOG_FORMAT`).
+    pub fn start_logged_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sluice-worker-{}.log",
             uuid::Uuid::new_v4().simple()
@@ -120,6 +126,7 @@ impl WorkerProcess {
             .arg(config)
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(file)
             .spawn()

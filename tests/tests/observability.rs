@@ -1,5 +1,6 @@
-//! Observability end to end: traces from the producer's `publish` through every `deliver`
-//! attempt (OTLP over gRPC and over HTTP, into an in-test receiver), trace context from
+//! Observability end to end: traces from the producer's `publish <exchange>` span through
+//! every `process <queue>` attempt, named and attributed as the OpenTelemetry messaging
+//! conventions say (OTLP over gRPC and over HTTP, into an in-test receiver), trace context from
 //! other services, and the worker's `/metrics` (and OTLP metrics) counting what was sent,
 //! checked against the Grafana dashboard.
 
@@ -100,14 +101,32 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
     );
     // The producer flushed its span before exiting.
     let spans = receiver.spans();
-    let publish: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == "publish").collect();
+    let publish_name = format!("publish {}", ns.topology.jobs_exchange());
+    let publish: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == publish_name).collect();
     assert_eq!(publish.len(), 1, "one job, one publish span: {spans:#?}");
     let publish = publish[0].clone();
     assert_eq!(publish.service, "sluice-producer");
     assert_eq!(publish.kind, kind::PRODUCER);
     assert_eq!(publish.parent_span_id, "", "a CSV job starts its own trace");
     assert_eq!(publish.attr("messaging.system"), Some("rabbitmq"));
+    assert_eq!(publish.attr("messaging.operation.type"), Some("send"));
+    assert_eq!(publish.attr("messaging.operation.name"), Some("publish"));
+    assert_eq!(
+        publish.attr("messaging.destination.name"),
+        Some(ns.topology.jobs_exchange().as_str())
+    );
+    assert_eq!(
+        publish.attr("messaging.rabbitmq.destination.routing_key"),
+        Some("primary")
+    );
+    assert_eq!(publish.attr("server.address"), Some("127.0.0.1"));
+    assert_eq!(publish.attr("server.port"), Some("5672"));
+    assert_eq!(publish.attr("error.type"), None);
     assert_eq!(publish.attr("sluice.campaign"), Some("traced"));
+    assert_eq!(
+        publish.resource.get("service.version").map(String::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(
         publish
             .resource
@@ -120,7 +139,10 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         .expect("message id")
         .to_string();
 
-    let mut worker = WorkerProcess::start_with_env(&config.path, &[], &borrowed(&env));
+    // JSON logs at info: the deferral's line names its trace and span.
+    let mut worker_env = borrowed(&env);
+    worker_env.extend([("SLUICE_LOG_FORMAT", "json"), ("RUST_LOG", "info")]);
+    let mut worker = WorkerProcess::start_logged_with_env(&config.path, &[], &worker_env);
     assert!(
         events
             .wait_until(WAIT, |seen| seen
@@ -131,9 +153,10 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         events.seen
     );
     let trace = publish.trace_id.clone();
+    let process_name = format!("process {}", ns.topology.jobs_queue("primary"));
     let spans = receiver
         .wait_for_spans(WAIT, |spans| {
-            spans_named(spans, "deliver", &trace).len() >= 2
+            spans_named(spans, &process_name, &trace).len() >= 2
                 && spans_named(spans, "smtp.send", &trace).len() >= 2
         })
         .await;
@@ -143,7 +166,7 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
     );
 
     // Both attempts are children of the publish span: siblings in one trace.
-    let mut delivers = spans_named(&spans, "deliver", &trace);
+    let mut delivers = spans_named(&spans, &process_name, &trace);
     assert_eq!(delivers.len(), 2, "{delivers:#?}");
     delivers.sort_by_key(|s| s.attr("sluice.attempt").map(str::to_string));
     for (i, deliver) in delivers.iter().enumerate() {
@@ -156,9 +179,21 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
             "attempt {attempt}'s parent"
         );
         assert_eq!(deliver.attr("messaging.system"), Some("rabbitmq"));
+        assert_eq!(deliver.attr("messaging.operation.type"), Some("process"));
+        assert_eq!(deliver.attr("messaging.operation.name"), Some("process"));
         assert_eq!(
             deliver.attr("messaging.destination.name"),
             Some(ns.topology.jobs_queue("primary").as_str())
+        );
+        assert_eq!(
+            deliver.attr("messaging.rabbitmq.destination.routing_key"),
+            Some("primary")
+        );
+        assert_eq!(deliver.attr("server.address"), Some("127.0.0.1"));
+        assert_eq!(deliver.attr("server.port"), Some("5672"));
+        assert_eq!(
+            deliver.resource.get("service.version").map(String::as_str),
+            Some(env!("CARGO_PKG_VERSION"))
         );
         assert_eq!(deliver.attr("messaging.message.id"), Some(job_id.as_str()));
         assert_eq!(deliver.attr("sluice.relay"), Some("primary"));
@@ -181,10 +216,16 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
             "one smtp.send under attempt {attempt}: {spans:#?}"
         );
         assert_eq!(sends[0].kind, kind::CLIENT);
+        assert_eq!(sends[0].attr("server.address"), Some("127.0.0.1"));
+        assert_eq!(
+            sends[0].attr("server.port"),
+            Some(smtp.port().to_string().as_str())
+        );
     }
     let (first, second) = (delivers[0], delivers[1]);
     assert_eq!(first.status_code, status::ERROR, "a deferral is an error");
-    assert_eq!(first.attr("smtp.reply.code"), Some("451"));
+    assert_eq!(first.attr("sluice.smtp.reply_code"), Some("451"));
+    assert_eq!(first.attr("error.type"), Some("deferred"));
     assert_eq!(first.attr("sluice.outcome"), Some("deferred"));
     assert!(
         first.status_message.contains("greylisted"),
@@ -192,7 +233,8 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         first.status_message
     );
     assert_ne!(second.status_code, status::ERROR);
-    assert_eq!(second.attr("smtp.reply.code"), Some("250"));
+    assert_eq!(second.attr("sluice.smtp.reply_code"), Some("250"));
+    assert_eq!(second.attr("error.type"), None);
     assert_eq!(second.attr("sluice.outcome"), Some("delivered"));
     // Every other span of the trace (a session opened for attempt 2) hangs under a deliver.
     for span in spans
@@ -201,9 +243,26 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
     {
         assert!(
             delivers.iter().any(|d| d.span_id == span.parent_span_id),
-            "{span:#?} is not under a deliver span"
+            "{span:#?} is not under a process span"
         );
     }
+
+    // The deferral's log line is a flat JSON object that leads to its trace and span.
+    let logs = worker.logs();
+    let deferral: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "not delivered" && line["job.id"] == job_id.as_str())
+        .collect();
+    assert_eq!(deferral.len(), 1, "one deferral logged: {logs}");
+    let line = &deferral[0];
+    for key in ["timestamp", "level", "target", "message"] {
+        assert!(line.get(key).is_some(), "no {key} in {line}");
+    }
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["trace_id"], trace.as_str(), "{line}");
+    assert_eq!(line["span_id"], first.span_id.as_str(), "{line}");
+    assert!(line.get("fields").is_none(), "not flat: {line}");
 
     // Delivery events carry the trace id.
     let ours: Vec<&DeliveryEvent> = events.seen.iter().filter(|e| e.id == job_id).collect();
@@ -280,17 +339,18 @@ async fn a_job_from_another_service_continues_its_trace() {
     assert_eq!(event.outcome, EventOutcome::Delivered);
     assert_eq!(event.trace_id.as_deref(), Some(trace_id.as_str()));
 
+    let process_name = format!("process {}", ns.topology.jobs_queue("primary"));
     let spans = receiver
         .wait_for_spans(WAIT, |spans| {
-            !spans_named(spans, "deliver", &trace_id).is_empty()
+            !spans_named(spans, &process_name, &trace_id).is_empty()
                 && !spans_named(spans, "smtp.send", &trace_id).is_empty()
         })
         .await;
-    let delivers = spans_named(&spans, "deliver", &trace_id);
+    let delivers = spans_named(&spans, &process_name, &trace_id);
     assert_eq!(
         delivers.len(),
         1,
-        "the deliver span did not join the caller's trace: {spans:#?}"
+        "the process span did not join the caller's trace: {spans:#?}"
     );
     let deliver = delivers[0];
     assert_eq!(deliver.parent_span_id, parent_span);

@@ -66,6 +66,10 @@ pub async fn within<T>(
     }
 }
 
+/// The name of the connection jobs are consumed on (shown in the management UI; its node is
+/// the `server.address` of the `process` spans).
+pub const CONSUME_CONNECTION: &str = "sluice-worker";
+
 /// The worker's connections to the broker and their watchers.
 pub struct Broker {
     /// Budget slots, consumers, acks, the pulse.
@@ -86,7 +90,7 @@ impl Broker {
         metrics: &Metrics,
     ) -> anyhow::Result<Self> {
         let consume = settings
-            .connect_with_backoff("sluice-worker", Duration::MAX)
+            .connect_with_backoff(CONSUME_CONNECTION, Duration::MAX)
             .await?;
         let publish = settings
             .connect_with_backoff("sluice-worker-publish", Duration::MAX)

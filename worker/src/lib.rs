@@ -16,7 +16,7 @@
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
 //! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts, pipelining).
 //! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`deliver`, `smtp.send`).
+//! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`process <queue>`, `smtp.send`).
 //! - [`otel_metrics`]: the same metrics over OTLP, when an endpoint is configured.
 
 pub mod broker;

@@ -81,6 +81,19 @@ impl Outcome {
         }
     }
 
+    /// The `error.type` of an attempt that did not deliver (`None` for delivered): the
+    /// outcome's name, as in the metrics.
+    pub fn error_type(&self) -> Option<&'static str> {
+        match self {
+            Self::Delivered { .. } => None,
+            Self::Deferred { .. } => Some("deferred"),
+            Self::Bounced { .. } => Some("bounced"),
+            Self::Invalid { .. } => Some("invalid"),
+            Self::RelayFault { .. } => Some("relay_fault"),
+            Self::NotAttempted { .. } => Some("not_attempted"),
+        }
+    }
+
     /// The reply text (or the error, or why the job is invalid or was not attempted).
     pub fn reply(&self) -> &str {
         match self {

@@ -138,9 +138,14 @@ pub(crate) async fn deliver_one(
     let parsed = parse(&delivery, ctx.max_message_bytes);
     let span = start_span(sender, &source_relay, &delivery, &parsed);
 
+    let ids = span.ids();
+    let (trace_id, span_id) = (
+        ids.as_ref().map(|(trace, _)| trace.as_str()),
+        ids.as_ref().map(|(_, span)| span.as_str()),
+    );
     let outcome = match &parsed.message {
         Err(reason) => {
-            tracing::warn!(job.id = %parsed.id, relay = %source_relay, %reason, "invalid job set aside");
+            tracing::warn!(job.id = %parsed.id, relay = %source_relay, %reason, trace_id, span_id, "invalid job set aside");
             Outcome::Invalid {
                 reason: reason.clone(),
             }
@@ -172,7 +177,12 @@ pub(crate) async fn deliver_one(
             )
         }
     };
-    log(&outcome, &parsed.id, sender.relay.name());
+    log(
+        &outcome,
+        &parsed.id,
+        sender.relay.name(),
+        (trace_id, span_id),
+    );
     let info = AttemptInfo {
         via_relay: sender.relay.name(),
         job_id: &parsed.id,
@@ -183,11 +193,7 @@ pub(crate) async fn deliver_one(
     let settled = feed.settler(index).settle(&delivery, &info, &outcome).await;
     match &settled {
         Ok(Action::Requeue) => span.requeued(outcome.reply()),
-        Ok(_) => span.finish(
-            outcome.smtp_code(),
-            matches!(outcome, Outcome::Delivered { .. }),
-            outcome.reply(),
-        ),
+        Ok(_) => span.finish(outcome.smtp_code(), outcome.error_type(), outcome.reply()),
         Err(e) => span.failed(e),
     }
     let action = match settled {
@@ -318,15 +324,22 @@ async fn ensure_session(sender: &mut Sender<'_>, span: &DeliverSpan) -> bool {
     opened
 }
 
-fn log(outcome: &Outcome, job_id: &str, relay: &str) {
+/// One line per attempt that did not deliver (debug for delivered), with the attempt's
+/// trace and span ids when it is traced, so a log line leads to its trace and back.
+fn log(outcome: &Outcome, job_id: &str, relay: &str, ids: (Option<&str>, Option<&str>)) {
+    let (trace_id, span_id) = ids;
     match outcome {
-        Outcome::Delivered { .. } => tracing::debug!(job.id = job_id, relay, "delivered"),
+        Outcome::Delivered { .. } => {
+            tracing::debug!(job.id = job_id, relay, trace_id, span_id, "delivered")
+        }
         Outcome::Invalid { .. } => {}
         other => tracing::info!(
             job.id = job_id,
             relay,
             code = other.smtp_code(),
             reply = other.reply(),
+            trace_id,
+            span_id,
             "not delivered"
         ),
     }

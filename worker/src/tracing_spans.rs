@@ -1,6 +1,8 @@
-//! The worker's OpenTelemetry spans: one `deliver` span (kind consumer) per attempt, child
-//! of the context the job carries in its `traceparent` header, with `smtp.connect` and
-//! `smtp.send` children (kind client) for the SMTP work.
+//! The worker's OpenTelemetry spans: one `process <queue>` span (kind consumer) per attempt,
+//! child of the context the job carries in its headers, with `smtp.connect` and `smtp.send`
+//! children (kind client) for the SMTP work. Names and attributes follow the OpenTelemetry
+//! messaging conventions for RabbitMQ (`messaging.*`, the broker's `server.address` and
+//! `server.port`, `error.type` on failure); sluice's own attributes start with `sluice.`.
 //!
 //! When tracing is off ([`telemetry::tracer`] is `None`) every type here is an empty shell:
 //! no span is built, no attribute formatted, no header parsed beyond the trace id that
@@ -14,7 +16,19 @@ use opentelemetry::{Context, KeyValue};
 use sluice_shared::events::EventOutcome;
 use sluice_shared::{telemetry, trace_context};
 
-/// What a `deliver` span is about; only read when tracing is on.
+/// The relay's SMTP reply code (sluice's own attribute: SMTP has no convention yet).
+pub const REPLY_CODE: &str = "sluice.smtp.reply_code";
+
+/// `error.type` of a failed SMTP step: the reply code when the relay answered, else what the
+/// conventions use for a failure without one.
+fn error_type(code: Option<u16>) -> opentelemetry::Value {
+    match code {
+        Some(code) => code.to_string().into(),
+        None => "_OTHER".into(),
+    }
+}
+
+/// What a `process` span is about; only read when tracing is on.
 pub struct DeliverAttributes<'a> {
     /// The queue the job was consumed from.
     pub queue: Cow<'a, str>,
@@ -46,26 +60,46 @@ impl DeliverSpan {
         };
         let parent = trace_context::extract(incoming);
         let a = attributes();
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "rabbitmq"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.operation.name", "process"),
+            KeyValue::new("messaging.destination.name", a.queue.to_string()),
+            KeyValue::new("messaging.message.id", a.message_id.to_string()),
+            KeyValue::new(
+                "messaging.rabbitmq.destination.routing_key",
+                a.routing_key.to_string(),
+            ),
+            KeyValue::new("sluice.relay", a.relay.to_string()),
+            KeyValue::new("sluice.campaign", a.campaign.to_string()),
+            KeyValue::new("sluice.attempt", a.attempt),
+        ];
+        if let Some(node) = sluice_shared::amqp::connected_node(crate::broker::CONSUME_CONNECTION) {
+            attributes.push(KeyValue::new("server.address", node.host));
+            attributes.push(KeyValue::new("server.port", i64::from(node.port)));
+        }
         let span = tracer
-            .span_builder("deliver")
+            .span_builder(format!("process {}", a.queue))
             .with_kind(SpanKind::Consumer)
-            .with_attributes([
-                KeyValue::new("messaging.system", "rabbitmq"),
-                KeyValue::new("messaging.operation.type", "process"),
-                KeyValue::new("messaging.destination.name", a.queue.into_owned()),
-                KeyValue::new("messaging.message.id", a.message_id.to_string()),
-                KeyValue::new(
-                    "messaging.rabbitmq.destination.routing_key",
-                    a.routing_key.to_string(),
-                ),
-                KeyValue::new("sluice.relay", a.relay.to_string()),
-                KeyValue::new("sluice.campaign", a.campaign.to_string()),
-                KeyValue::new("sluice.attempt", a.attempt),
-            ])
+            .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         Self {
             cx: Some(parent.with_span(span)),
         }
+    }
+
+    /// The trace and span ids (lowercase hex) of this attempt, for the log lines that
+    /// belong to it: `None` when tracing is off.
+    pub fn ids(&self) -> Option<(String, String)> {
+        let cx = self.cx.as_ref()?;
+        let span = cx.span();
+        let context = span.span_context();
+        context.is_valid().then(|| {
+            (
+                context.trace_id().to_string(),
+                context.span_id().to_string(),
+            )
+        })
     }
 
     /// The span's context, to hand to a retry copy that has no `traceparent` of its own.
@@ -98,6 +132,7 @@ impl DeliverSpan {
         if let Some(cx) = self.cx {
             let span = cx.span();
             span.set_attribute(KeyValue::new("sluice.requeued", true));
+            span.set_attribute(KeyValue::new("error.type", "not_attempted"));
             span.set_status(Status::error(why.to_string()));
             span.end();
         }
@@ -111,15 +146,17 @@ impl DeliverSpan {
         }
     }
 
-    /// Record how the attempt ended and end the span: the relay's reply code, and an error
-    /// status with the reply for every outcome but delivered.
-    pub fn finish(self, code: Option<u16>, delivered: bool, reply: &str) {
+    /// Record how the attempt ended and end the span: the relay's reply code, and for every
+    /// outcome but delivered an `error.type` (the outcome: `deferred`, `bounced`, ...) and
+    /// an error status with the reply.
+    pub fn finish(self, code: Option<u16>, error_type: Option<&'static str>, reply: &str) {
         let Some(cx) = self.cx else { return };
         let span = cx.span();
         if let Some(code) = code {
-            span.set_attribute(KeyValue::new("smtp.reply.code", i64::from(code)));
+            span.set_attribute(KeyValue::new(REPLY_CODE, i64::from(code)));
         }
-        if !delivered {
+        if let Some(error_type) = error_type {
+            span.set_attribute(KeyValue::new("error.type", error_type));
             span.set_status(Status::error(reply.to_string()));
         }
         span.end();
@@ -129,6 +166,7 @@ impl DeliverSpan {
     pub fn failed(self, error: &dyn std::fmt::Display) {
         if let Some(cx) = self.cx {
             let span = cx.span();
+            span.set_attribute(KeyValue::new("error.type", "not_settled"));
             span.set_status(Status::error(format!("not settled: {error}")));
             span.end();
         }
@@ -147,9 +185,10 @@ impl ChildSpan {
         let Some(cx) = self.cx else { return };
         let span = cx.span();
         if let Some(code) = code {
-            span.set_attribute(KeyValue::new("smtp.reply.code", i64::from(code)));
+            span.set_attribute(KeyValue::new(REPLY_CODE, i64::from(code)));
         }
         if !ok {
+            span.set_attribute(KeyValue::new("error.type", error_type(code)));
             span.set_status(Status::error(description.to_string()));
         }
         span.end();

@@ -42,6 +42,45 @@ const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 /// the next URL is tried: a node behind a silent network must not hold a client for ever.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The broker node each named connection last connected to.
+static NODES: std::sync::Mutex<Vec<(String, BrokerNode)>> = std::sync::Mutex::new(Vec::new());
+
+/// A broker node's address, as OpenTelemetry's `server.address` and `server.port` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerNode {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The node the connection called `name` (`sluice-worker`, ...) last connected to: with
+/// several URLs it is not known before the connection is made. `None` before the first.
+pub fn connected_node(name: &str) -> Option<BrokerNode> {
+    let nodes = NODES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    nodes
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, node)| node.clone())
+}
+
+fn remember_node(name: &str, url: &str) {
+    let Ok(uri) = url.parse::<lapin::uri::AMQPUri>() else {
+        return;
+    };
+    let node = BrokerNode {
+        host: uri.authority.host,
+        port: uri.authority.port,
+    };
+    let mut nodes = NODES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match nodes.iter_mut().find(|(n, _)| n == name) {
+        Some((_, known)) => *known = node,
+        None => nodes.push((name.to_string(), node)),
+    }
+}
+
 impl AmqpSettings {
     /// One connection attempt on each URL of `amqp.url` in turn, from a random one, until
     /// one answers. `name` shows in the management UI (`sluice-worker`, ...).
@@ -60,6 +99,7 @@ impl AmqpSettings {
             };
             match attempt {
                 Ok(connection) => {
+                    remember_node(name, url);
                     if !failures.is_empty() {
                         tracing::info!(
                             url = %crate::config::redact_url(url),
