@@ -14,6 +14,7 @@
 //! - [`settle`]: outcome → ack / copy / requeue / event, in one place.
 //! - [`budget`]: the fleet-wide relay budget (slots as exclusive queues, rate shares).
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
+//! - [`line_endings`]: every line CRLF, in linear time (no smuggling through bare CR/LF).
 //! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts, pipelining).
 //! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`deliver`, `smtp.send`).
@@ -29,6 +30,7 @@ pub mod deliver;
 pub mod feed;
 pub mod health;
 pub mod lane;
+pub mod line_endings;
 pub mod metrics;
 pub mod otel_metrics;
 pub mod relay;

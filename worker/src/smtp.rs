@@ -20,6 +20,8 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
 use sluice_shared::config::{RelaySettings, TlsMode};
 
+use crate::line_endings::crlf_line_endings;
+
 /// Why a session could not be opened. Every variant is a fault of the relay (or of our
 /// settings for it), never of a job: no job is bounced or deferred for it.
 #[derive(Debug, thiserror::Error)]
@@ -298,23 +300,14 @@ impl SmtpSession {
         // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: such messages
         // are rare enough to take the step-by-step path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
-        let ascii_content = std::str::from_utf8(message)
-            .ok()
-            .filter(|text| text.is_ascii());
-        let pipelined = match ascii_content {
-            Some(text)
-                if self.pipelining
-                    && envelope.from().is_none_or(ascii)
-                    && envelope.to().iter().all(ascii) =>
-            {
-                Some(text)
-            }
-            _ => None,
-        };
+        let pipelined = self.pipelining
+            && message.is_ascii()
+            && envelope.from().is_none_or(ascii)
+            && envelope.to().iter().all(ascii);
         // Every step has its own timeout (see `within`), so a relay that stalls anywhere
         // defers the job instead of holding it forever.
-        let result = if let Some(text) = pipelined {
-            self.send_pipelined(envelope, text).await
+        let result = if pipelined {
+            self.send_pipelined(envelope, message).await
         } else {
             self.send_stepwise(envelope, message).await
         };
@@ -341,7 +334,7 @@ impl SmtpSession {
     async fn send_pipelined(
         &mut self,
         envelope: &Envelope,
-        message: &str,
+        message: &[u8],
     ) -> Result<Response, SendError> {
         let mut group = Mail::new(envelope.from().cloned(), Vec::new()).to_string();
         for recipient in envelope.to() {
@@ -384,9 +377,8 @@ impl SmtpSession {
             }
             return Err(send_error(stage, refused));
         }
-        // The content, dot-stuffed, and its final dot in one write; the relay may take its
-        // time (a content scan) before it answers.
-        let sent = within(self.data_timeout, self.conn.command(DataContent(message))).await?;
+        // The relay may take its time (a content scan) before it answers the final dot.
+        let sent = within(self.data_timeout, write_content(&mut self.conn, message)).await?;
         self.finish(Stage::Content, sent).await
     }
 
@@ -431,8 +423,7 @@ impl SmtpSession {
         }
         let reply = within(command, self.conn.command(Data)).await?;
         self.finish(Stage::Data, reply).await?;
-        let content = crlf_line_endings(message);
-        let reply = within(self.data_timeout, self.conn.message(&content)).await?;
+        let reply = within(self.data_timeout, write_content(&mut self.conn, message)).await?;
         self.finish(Stage::Content, reply).await
     }
 
@@ -480,68 +471,21 @@ impl SmtpSession {
     }
 }
 
-/// Message content as sent after DATA's 354: every line ends with CRLF (a bare CR or LF
-/// becomes CRLF), a dot at the start of a line is doubled (RFC 5321 4.5.2), and the
-/// content ends with `CRLF . CRLF`. So no lone dot (`<CR>.<CR>`, `<LF>.<LF>`...) can end
-/// the message early at a relay that accepts other line endings than CRLF.
-struct DataContent<'a>(&'a str);
-
-impl std::fmt::Display for DataContent<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut rest = self.0;
-        while !rest.is_empty() {
-            let (line, ending) = match rest.find(['\r', '\n']) {
-                Some(at) => (&rest[..at], Some(at)),
-                None => (rest, None),
-            };
-            if line.starts_with('.') {
-                f.write_str(".")?;
-            }
-            f.write_str(line)?;
-            rest = match ending {
-                None => "",
-                Some(at) => {
-                    f.write_str("\r\n")?;
-                    let after = &rest[at..];
-                    let length = if after.starts_with("\r\n") { 2 } else { 1 };
-                    &after[length..]
-                }
-            };
-        }
-        f.write_str("\r\n.\r\n")
-    }
+/// The content of a message after DATA's 354, on either path: CRLF-only (see
+/// [`crate::line_endings`]; borrowed, so not copied, when it already is), then written in
+/// [`CONTENT_CHUNK`]-byte pieces that lettre dot-stuffs (RFC 5321 4.5.2) one at a time,
+/// then `CRLF . CRLF`. So no lone dot (`<LF>.<LF>`...) can end the message early, and
+/// sending a message adds one chunk to the worker's memory, not a copy of the message.
+async fn write_content(
+    conn: &mut AsyncSmtpConnection,
+    message: &[u8],
+) -> Result<Response, lettre::transport::smtp::Error> {
+    let content = crlf_line_endings(message);
+    conn.message_iter(content.chunks(CONTENT_CHUNK)).await
 }
 
-/// The message with every line ending CRLF: a bare CR or a bare LF becomes CRLF. lettre's
-/// `message()` dot-stuffs only after CRLF, so a `<CR>.<CR>` or `<LF>.<LF>` left in would
-/// reach the relay as a lone dot some relays take for the end of the message (SMTP
-/// smuggling). Borrowed when there is nothing to change.
-fn crlf_line_endings(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let bare = message.iter().enumerate().any(|(i, &b)| match b {
-        b'\r' => message.get(i + 1) != Some(&b'\n'),
-        b'\n' => i == 0 || message[i - 1] != b'\r',
-        _ => false,
-    });
-    if !bare {
-        return std::borrow::Cow::Borrowed(message);
-    }
-    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
-    let mut i = 0;
-    while i < message.len() {
-        match message[i] {
-            b'\r' | b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                // CRLF is one line ending, not two.
-                if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    std::borrow::Cow::Owned(out)
-}
+/// Bytes of content handed to lettre per write: lettre copies each piece it dot-stuffs.
+const CONTENT_CHUNK: usize = 64 * 1024;
 
 /// How a relay's credentials travel, as far as the configuration says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -682,9 +626,7 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        cleartext_auth, crlf_line_endings, envelope_for_relay, CleartextAuth, DataContent,
-    };
+    use super::{cleartext_auth, envelope_for_relay, CleartextAuth};
     use sluice_shared::config::{RelaySettings, TlsMode};
 
     #[test]
@@ -770,75 +712,5 @@ mod tests {
                 ),
             }
         }
-    }
-
-    #[test]
-    fn content_is_dot_stuffed_and_terminated() {
-        let cases = [
-            ("Hello\r\n", "Hello\r\n\r\n.\r\n"),
-            (".hidden\r\nline\r\n", "..hidden\r\nline\r\n\r\n.\r\n"),
-            ("a\r\n.\r\nb.c\r\n..x", "a\r\n..\r\nb.c\r\n...x\r\n.\r\n"),
-        ];
-        for (content, wire) in cases {
-            assert_eq!(DataContent(content).to_string(), wire, "{content:?}");
-        }
-    }
-
-    /// The SMTP-smuggling primitives, whatever line ending surrounds the dot.
-    const SMUGGLING: [(&str, &str); 6] = [
-        ("a\r.\rb", "a\r\n..\r\nb\r\n.\r\n"),
-        ("a\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
-        ("a\n.\r\nb", "a\r\n..\r\nb\r\n.\r\n"),
-        ("a\r\n.\nb", "a\r\n..\r\nb\r\n.\r\n"),
-        ("a\r\n.\rb", "a\r\n..\r\nb\r\n.\r\n"),
-        (".\r.\n.", "..\r\n..\r\n..\r\n.\r\n"),
-    ];
-
-    #[test]
-    fn bare_cr_and_lf_become_crlf_and_every_lone_dot_is_stuffed() {
-        let cases = [
-            ("no\nbare.\n.lf", "no\r\nbare.\r\n..lf\r\n.\r\n"),
-            ("cr\ronly", "cr\r\nonly\r\n.\r\n"),
-            ("\r\r\n\n", "\r\n\r\n\r\n\r\n.\r\n"),
-            ("ends\r", "ends\r\n\r\n.\r\n"),
-        ];
-        for (content, wire) in cases.into_iter().chain(SMUGGLING) {
-            let sent = DataContent(content).to_string();
-            assert_eq!(sent, wire, "{content:?}");
-            assert_only_the_last_line_is_a_dot(&sent);
-        }
-    }
-
-    #[test]
-    fn the_stepwise_path_gets_crlf_only_content() {
-        let cases: [(&[u8], &[u8]); 7] = [
-            (b"plain\r\ntext\r\n", b"plain\r\ntext\r\n"),
-            (b"a\r.\rb", b"a\r\n.\r\nb"),
-            (b"a\n.\nb", b"a\r\n.\r\nb"),
-            (b"a\n.\r\nb", b"a\r\n.\r\nb"),
-            (b"\r", b"\r\n"),
-            (b"\n", b"\r\n"),
-            (b"\n\r", b"\r\n\r\n"),
-        ];
-        for (content, normalised) in cases {
-            assert_eq!(
-                &*crlf_line_endings(content),
-                normalised,
-                "{:?}",
-                String::from_utf8_lossy(content)
-            );
-        }
-        assert!(matches!(
-            crlf_line_endings(b"clean\r\n"),
-            std::borrow::Cow::Borrowed(_)
-        ));
-    }
-
-    /// No line of the wire content but the last is a lone dot: nothing ends the DATA early.
-    fn assert_only_the_last_line_is_a_dot(wire: &str) {
-        let lines: Vec<&str> = wire.split("\r\n").collect();
-        assert!(!wire.replace("\r\n", "").contains(['\r', '\n']), "{wire:?}");
-        let dots: Vec<usize> = (0..lines.len()).filter(|&i| lines[i] == ".").collect();
-        assert_eq!(dots, [lines.len() - 2], "{wire:?}");
     }
 }

@@ -204,10 +204,11 @@ pub(crate) async fn deliver_one(
 
 /// Read the delivery as a job and build its message.
 fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
-    let job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+    let mut job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+    // The message takes the job's text and html (no copy); the job keeps the rest.
     let message = job
-        .as_ref()
-        .map_err(Clone::clone)
+        .as_mut()
+        .map_err(|e| e.clone())
         .and_then(|job| deliver::prepare(job).map_err(|e| e.to_string()));
     let id = match &job {
         Ok(job) => job.id.clone(),
