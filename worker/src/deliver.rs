@@ -132,6 +132,9 @@ mod tests {
         let lines = bytes.windows(3).filter(|w| w == b"a\r\n").count();
         assert_eq!(lines, 4 * 1024 * 1024, "every line is there, ending CRLF");
         let bare = crate::line_endings::crlf_line_endings(&bytes);
-        assert!(matches!(bare, std::borrow::Cow::Borrowed(_)), "no bare CR or LF left");
+        assert!(
+            matches!(bare, std::borrow::Cow::Borrowed(_)),
+            "no bare CR or LF left"
+        );
     }
 }

@@ -133,9 +133,6 @@ mod tests {
                 "{text:?}"
             );
         }
-        assert!(matches!(
-            crlf_line_endings(b"clean\r\n"),
-            Cow::Borrowed(_)
-        ));
+        assert!(matches!(crlf_line_endings(b"clean\r\n"), Cow::Borrowed(_)));
     }
 }

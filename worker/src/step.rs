@@ -135,6 +135,9 @@ pub(crate) async fn deliver_one(
     let ctx = sender.ctx;
     let source_relay = feed.relay(index).to_string();
     ctx.metrics.received(&source_relay);
+    // Held until the job is settled (which may publish its body again): the bodies being
+    // worked on stay within the worker's byte budget, whatever the number of lanes.
+    let _hold = ctx.bodies.hold(delivery.data.len()).await;
     let parsed = parse(&delivery, ctx.max_message_bytes);
     let span = start_span(sender, &source_relay, &delivery, &parsed);
 
