@@ -66,6 +66,7 @@ pub async fn run(
     listen: Option<String>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    memory::give_big_allocations_back();
     let (own, lanes_for) = select_relays(&settings, &only_relays)?;
     // Build every relay client once up front, so a bad TLS file or password file stops
     // the worker at start, not at its first job.
