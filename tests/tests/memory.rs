@@ -86,3 +86,50 @@ async fn fifty_jobs_of_8_mb_are_delivered_under_128_mb_of_peak_rss() {
         PEAK_RSS_LIMIT / MIB
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_jobs_over_max_message_bytes_are_set_aside_under_128_mb_of_peak_rss() {
+    let ns = TestNamespace::new("mem-over", &["primary"], 1).await;
+    let sink = SmtpSink::start().await;
+    let config = ConfigFile::new(&format!(
+        "{}\n[worker]\nmax_message_bytes = {}\n",
+        config_toml(&ns.name, &[("primary", sink.port, "")], &["1s"]),
+        4 * MIB
+    ));
+    // 12 MiB each, three times the limit: each is read, set aside whole (its body goes to
+    // the dead queue for a replay), never parsed.
+    let text = big_text(12 * MIB);
+    for i in 0..20 {
+        let id = format!("over-{i}");
+        let job = serde_json::json!({
+            "id": id, "campaign": "test", "from": "news@example.com",
+            "to": format!("{id}@example.org"), "subject": "Too big", "text": text,
+        });
+        ns.publish_raw("primary", &id, job.to_string().as_bytes())
+            .await;
+    }
+    drop(text);
+    let dead_queue = ns.topology.dead_queue("primary");
+    let mut worker = WorkerProcess::start(&config.path, &[]);
+
+    let all_dead = eventually(Duration::from_secs(600), || async {
+        ns.queue_len(&dead_queue).await >= 20
+    })
+    .await;
+    let peak = peak_rss(worker.child.id());
+    assert!(
+        all_dead,
+        "{} of 20 oversized jobs set aside",
+        ns.queue_len(&dead_queue).await
+    );
+    assert_eq!(sink.count(), 0, "an oversized job reached the relay");
+    worker.terminate();
+    eprintln!("peak RSS of the worker: {} MiB", peak / MIB);
+    assert!(
+        peak < PEAK_RSS_LIMIT,
+        "the worker peaked at {} MiB of resident memory setting aside twenty 12 MiB jobs \
+         (limit {} MiB)",
+        peak / MIB,
+        PEAK_RSS_LIMIT / MIB
+    );
+}
