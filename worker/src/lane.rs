@@ -5,10 +5,14 @@
 //! A lane waits until one of its queues has work, takes a fleet-wide budget slot, opens a
 //! session, and only then starts consuming (see [`crate::feed`]): [`PROBE_JOBS`] jobs at
 //! prefetch 1 to time the relay, then with a prefetch of [`lane_window`] (1 for a slow
-//! relay, up to [`MAX_LANE_WINDOW`] for a fast one): the job being sent, the next ones
-//! ready behind it, and the settled ones whose batched ack has not gone out yet. So a
-//! worker never holds more unacknowledged jobs than its sessions may have in flight, and a
-//! crash redelivers at most that many. Each job then goes through [`crate::step`].
+//! relay, up to [`MAX_LANE_WINDOW`] for a fast one), and never more than
+//! [`crate::memory::WINDOW_BYTES`] of the largest body seen: the job being sent, the next
+//! ones ready behind it, and the settled ones whose batched ack has not gone out yet. So a
+//! worker never holds more unacknowledged jobs than its sessions may have in flight, nor
+//! more than a few MiB of waiting bodies per lane, and a crash redelivers at most a window.
+//! A body bigger than the window's share narrows it (consumers cancelled, what they
+//! received delivered and acked, new channels at the smaller prefetch). Each job then goes
+//! through [`crate::step`].
 //!
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or the broker
 //! blocks publishing, or shutdown is asked for, it acks what it settled, cancels its
