@@ -7,6 +7,7 @@ use sluice_shared::shutdown::Shutdown;
 use sluice_shared::Topology;
 
 use crate::broker::Broker;
+use crate::memory::BodyBudget;
 use crate::metrics::Metrics;
 use crate::relay::Relays;
 
@@ -17,6 +18,9 @@ pub struct LaneContext {
     pub relays: Arc<Relays>,
     pub delays: Arc<[Duration]>,
     pub max_message_bytes: usize,
+    /// The bytes of job bodies the worker works on at once, shared by every lane and
+    /// every broker connection of the worker.
+    pub bodies: Arc<BodyBudget>,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
 }

@@ -5,10 +5,14 @@
 //! A lane waits until one of its queues has work, takes a fleet-wide budget slot, opens a
 //! session, and only then starts consuming (see [`crate::feed`]): [`PROBE_JOBS`] jobs at
 //! prefetch 1 to time the relay, then with a prefetch of [`lane_window`] (1 for a slow
-//! relay, up to [`MAX_LANE_WINDOW`] for a fast one): the job being sent, the next ones
-//! ready behind it, and the settled ones whose batched ack has not gone out yet. So a
-//! worker never holds more unacknowledged jobs than its sessions may have in flight, and a
-//! crash redelivers at most that many. Each job then goes through [`crate::step`].
+//! relay, up to [`MAX_LANE_WINDOW`] for a fast one), and never more than
+//! [`crate::memory::WINDOW_BYTES`] of the largest body seen: the job being sent, the next
+//! ones ready behind it, and the settled ones whose batched ack has not gone out yet. So a
+//! worker never holds more unacknowledged jobs than its sessions may have in flight, nor
+//! more than a few MiB of waiting bodies per lane, and a crash redelivers at most a window.
+//! A body bigger than the window's share narrows it (consumers cancelled, what they
+//! received delivered and acked, new channels at the smaller prefetch). Each job then goes
+//! through [`crate::step`].
 //!
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or the broker
 //! blocks publishing, or shutdown is asked for, it acks what it settled, cancels its
@@ -28,6 +32,7 @@ use crate::broker::{within, BrokerError};
 use crate::budget::{RateShare, Slot};
 pub use crate::context::LaneContext;
 use crate::feed::Feed;
+use crate::memory::window_for_bytes;
 use crate::relay::Relay;
 use crate::settle::{Publisher, SettleError};
 use crate::step::{deliver_one, Next, Sender};
@@ -119,6 +124,9 @@ async fn serve(
         last_recheck: Instant::now(),
         draining: false,
         parked: None,
+        window: 1,
+        largest_body: 0,
+        narrowing: false,
     };
     if !lane.sender.open_session().await {
         return Ok(());
@@ -166,6 +174,8 @@ enum LaneEnd {
     StreamEnded,
     /// The number of deliveries asked for is done.
     Probed,
+    /// A body arrived bigger than the window's byte share (see [`crate::memory`]).
+    Narrow,
 }
 
 /// One lane's state while it holds a slot.
@@ -178,43 +188,44 @@ struct Lane<'a> {
     draining: bool,
     /// Settled deliveries the broker's block kept from being flushed, on their channels.
     parked: Option<Feed>,
+    /// The prefetch of the feed being consumed.
+    window: u16,
+    /// The largest job body this lane has received while holding its slot.
+    largest_body: usize,
+    /// Consumers cancelled to change the window: deliver what was received first.
+    narrowing: bool,
 }
 
 impl Lane<'_> {
     /// Consume the lane's queues: time the relay at prefetch 1, then widen the window if
-    /// it is fast, on channels of their own opened once the first ones' deliveries are all
-    /// settled (the batched, `multiple` acks rely on a channel's deliveries being settled
-    /// in order).
+    /// the relay is fast and the bodies small (see [`crate::memory`]), and narrow it again
+    /// when a bigger body arrives.
     async fn consume(&mut self, publisher: &Publisher) -> anyhow::Result<()> {
-        let ctx = self.sender.ctx;
         let relay = self.sender.relay;
-        let mut feed = Feed::open(ctx, publisher, self.queues, 1).await?;
+        let mut feed = Feed::open(self.sender.ctx, publisher, self.queues, 1).await?;
         let mut end = self.deliver_from(&mut feed, Some(PROBE_JOBS)).await;
         if matches!(end, LaneEnd::Probed) {
             let per_message = self.sender.sending / PROBE_JOBS as u32;
-            let window = lane_window(relay.rate_share, per_message);
-            tracing::debug!(relay = relay.name(), ?per_message, window, "relay timed");
-            if window > 1 {
-                feed.cancel().await;
-                end = self.deliver_from(&mut feed, None).await;
-                if matches!(end, LaneEnd::StreamEnded) {
-                    end = match feed.flush().await {
-                        Err(e) => LaneEnd::Stop(Err(e.into())),
-                        Ok(()) => {
-                            feed.close().await;
-                            match Feed::open(ctx, publisher, self.queues, window).await {
-                                Ok(wider) => {
-                                    feed = wider;
-                                    self.deliver_from(&mut feed, None).await
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                    };
-                }
-            } else {
-                end = self.deliver_from(&mut feed, None).await;
-            }
+            let by_time = lane_window(relay.rate_share, per_message);
+            let window = by_time.min(window_for_bytes(self.largest_body));
+            tracing::debug!(
+                relay = relay.name(),
+                ?per_message,
+                largest_body = self.largest_body,
+                window,
+                "relay timed"
+            );
+            end = self.resize(&mut feed, publisher, window).await;
+        }
+        while matches!(end, LaneEnd::Narrow) {
+            let window = self.window.min(window_for_bytes(self.largest_body));
+            tracing::debug!(
+                relay = relay.name(),
+                largest_body = self.largest_body,
+                window,
+                "bigger bodies: narrower window"
+            );
+            end = self.resize(&mut feed, publisher, window).await;
         }
         if matches!(end, LaneEnd::Changed) {
             // Send what was already received before giving the slot back: returned jobs
@@ -225,7 +236,7 @@ impl Lane<'_> {
         }
         let result = match end {
             LaneEnd::Stop(result) => result,
-            LaneEnd::StreamEnded | LaneEnd::Probed | LaneEnd::Changed => Ok(()),
+            LaneEnd::StreamEnded | LaneEnd::Probed | LaneEnd::Changed | LaneEnd::Narrow => Ok(()),
         };
         // Ack what is settled, then stop taking jobs; closing the channels hands back
         // anything prefetched.
@@ -239,6 +250,34 @@ impl Lane<'_> {
         }
         feed.close().await;
         result.and(flushed.map_err(Into::into))
+    }
+
+    /// Go on consuming with a window of `window`. A different window needs channels of
+    /// their own, opened once the current ones' deliveries are all settled (the batched,
+    /// `multiple` acks rely on a channel's deliveries being settled in order): stop the
+    /// consumers, deliver what they already received, ack it, then reopen.
+    async fn resize(&mut self, feed: &mut Feed, publisher: &Publisher, window: u16) -> LaneEnd {
+        if window == self.window {
+            return self.deliver_from(feed, None).await;
+        }
+        feed.cancel().await;
+        self.narrowing = true;
+        let end = self.deliver_from(feed, None).await;
+        self.narrowing = false;
+        if !matches!(end, LaneEnd::StreamEnded) {
+            return end;
+        }
+        if let Err(e) = feed.flush().await {
+            return LaneEnd::Stop(Err(e.into()));
+        }
+        match Feed::open(self.sender.ctx, publisher, self.queues, window).await {
+            Ok(resized) => {
+                std::mem::replace(feed, resized).close().await;
+                self.window = window;
+                self.deliver_from(feed, None).await
+            }
+            Err(e) => LaneEnd::Stop(Err(e.into())),
+        }
     }
 
     /// Deliver what `feed` brings, up to `limit` deliveries when given.
@@ -293,11 +332,19 @@ impl Lane<'_> {
                 Some((index, Ok(delivery))) => (index, delivery),
             };
             self.last_delivery = Instant::now();
+            self.largest_body = self.largest_body.max(delivery.data.len());
             done += 1;
             match deliver_one(&mut self.sender, feed, index, delivery).await {
                 Ok(Next::Continue) => {}
                 Ok(Next::GiveUpSlot) => return LaneEnd::Stop(Ok(())),
                 Err(e) => return LaneEnd::Stop(Err(e)),
+            }
+            if limit.is_none()
+                && !self.draining
+                && !self.narrowing
+                && window_for_bytes(self.largest_body) < self.window
+            {
+                return LaneEnd::Narrow;
             }
         }
     }

@@ -14,6 +14,8 @@
 //! - [`settle`]: outcome → ack / copy / requeue / event, in one place.
 //! - [`budget`]: the fleet-wide relay budget (slots as exclusive queues, rate shares).
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
+//! - [`memory`]: the byte bounds on job bodies held (lane windows, bodies worked on).
+//! - [`line_endings`]: every line CRLF, in linear time (no smuggling through bare CR/LF).
 //! - [`smtp`]: SMTP sessions (TLS, AUTH, timeouts, pipelining).
 //! - [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`tracing_spans`]: OpenTelemetry spans of each attempt (`process <queue>`, `smtp.send`).
@@ -29,6 +31,8 @@ pub mod deliver;
 pub mod feed;
 pub mod health;
 pub mod lane;
+pub mod line_endings;
+pub mod memory;
 pub mod metrics;
 pub mod otel_metrics;
 pub mod relay;
@@ -62,6 +66,7 @@ pub async fn run(
     listen: Option<String>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    memory::give_big_allocations_back();
     let (own, lanes_for) = select_relays(&settings, &only_relays)?;
     // Build every relay client once up front, so a bad TLS file or password file stops
     // the worker at start, not at its first job.
@@ -82,6 +87,7 @@ pub async fn run(
     }
     let topology = Topology::from_settings(&settings);
     let delays: Arc<[Duration]> = settings.retry.delays.clone().into();
+    let bodies = Arc::new(memory::BodyBudget::new(memory::WORKING_BYTES));
 
     loop {
         let broker = tokio::select! {
@@ -143,6 +149,7 @@ pub async fn run(
             relays: relays.clone(),
             delays: delays.clone(),
             max_message_bytes: settings.worker.max_message_bytes,
+            bodies: bodies.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });

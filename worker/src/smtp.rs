@@ -20,6 +20,8 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
 use sluice_shared::config::{RelaySettings, TlsMode};
 
+use crate::line_endings::crlf_line_endings;
+
 /// Why a session could not be opened. Every variant is a fault of the relay (or of our
 /// settings for it), never of a job: no job is bounced or deferred for it.
 #[derive(Debug, thiserror::Error)]
@@ -298,23 +300,14 @@ impl SmtpSession {
         // Non-ASCII addresses or content need SMTPUTF8 / 8BITMIME parameters: such messages
         // are rare enough to take the step-by-step path.
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
-        let ascii_content = std::str::from_utf8(message)
-            .ok()
-            .filter(|text| text.is_ascii());
-        let pipelined = match ascii_content {
-            Some(text)
-                if self.pipelining
-                    && envelope.from().is_none_or(ascii)
-                    && envelope.to().iter().all(ascii) =>
-            {
-                Some(text)
-            }
-            _ => None,
-        };
+        let pipelined = self.pipelining
+            && message.is_ascii()
+            && envelope.from().is_none_or(ascii)
+            && envelope.to().iter().all(ascii);
         // Every step has its own timeout (see `within`), so a relay that stalls anywhere
         // defers the job instead of holding it forever.
-        let result = if let Some(text) = pipelined {
-            self.send_pipelined(envelope, text).await
+        let result = if pipelined {
+            self.send_pipelined(envelope, message).await
         } else {
             self.send_stepwise(envelope, message).await
         };
@@ -341,7 +334,7 @@ impl SmtpSession {
     async fn send_pipelined(
         &mut self,
         envelope: &Envelope,
-        message: &str,
+        message: &[u8],
     ) -> Result<Response, SendError> {
         let mut group = Mail::new(envelope.from().cloned(), Vec::new()).to_string();
         for recipient in envelope.to() {
@@ -384,9 +377,8 @@ impl SmtpSession {
             }
             return Err(send_error(stage, refused));
         }
-        // The content, dot-stuffed, and its final dot in one write; the relay may take its
-        // time (a content scan) before it answers.
-        let sent = within(self.data_timeout, self.conn.command(DataContent(message))).await?;
+        // The relay may take its time (a content scan) before it answers the final dot.
+        let sent = within(self.data_timeout, write_content(&mut self.conn, message)).await?;
         self.finish(Stage::Content, sent).await
     }
 
@@ -431,8 +423,7 @@ impl SmtpSession {
         }
         let reply = within(command, self.conn.command(Data)).await?;
         self.finish(Stage::Data, reply).await?;
-        let content = crlf_line_endings(message);
-        let reply = within(self.data_timeout, self.conn.message(&content)).await?;
+        let reply = within(self.data_timeout, write_content(&mut self.conn, message)).await?;
         self.finish(Stage::Content, reply).await
     }
 
@@ -535,36 +526,28 @@ impl std::fmt::Display for DataContent<'_> {
     }
 }
 
-/// The message with every line ending CRLF: a bare CR or a bare LF becomes CRLF. lettre's
-/// `message()` dot-stuffs only after CRLF, so a `<CR>.<CR>` or `<LF>.<LF>` left in would
-/// reach the relay as a lone dot some relays take for the end of the message (SMTP
-/// smuggling). Borrowed when there is nothing to change.
-fn crlf_line_endings(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let bare = message.iter().enumerate().any(|(i, &b)| match b {
-        b'\r' => message.get(i + 1) != Some(&b'\n'),
-        b'\n' => i == 0 || message[i - 1] != b'\r',
-        _ => false,
-    });
-    if !bare {
-        return std::borrow::Cow::Borrowed(message);
-    }
-    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
-    let mut i = 0;
-    while i < message.len() {
-        match message[i] {
-            b'\r' | b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                // CRLF is one line ending, not two.
-                if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b => out.push(b),
+/// The content of a message after DATA's 354, on either path, then `CRLF . CRLF`, with
+/// every line ending CRLF and every line that starts with a dot stuffed (RFC 5321 4.5.2):
+/// no lone dot (`<LF>.<LF>`...) can end the message early. A message that fits in one
+/// [`CONTENT_CHUNK`] (nearly all of them) goes out with its final dot in one write, one
+/// syscall; a larger one is made CRLF-only (see [`crate::line_endings`]; borrowed when it
+/// already is) and written in pieces that lettre dot-stuffs one at a time, so sending it
+/// adds one piece to the worker's memory, not a copy of the message.
+async fn write_content(
+    conn: &mut AsyncSmtpConnection,
+    message: &[u8],
+) -> Result<Response, lettre::transport::smtp::Error> {
+    if message.len() <= CONTENT_CHUNK {
+        if let Ok(text) = std::str::from_utf8(message) {
+            return conn.command(DataContent(text)).await;
         }
-        i += 1;
     }
-    std::borrow::Cow::Owned(out)
+    let content = crlf_line_endings(message);
+    conn.message_iter(content.chunks(CONTENT_CHUNK)).await
 }
+
+/// Bytes of content handed to lettre per write: lettre copies each piece it dot-stuffs.
+const CONTENT_CHUNK: usize = 64 * 1024;
 
 /// How a relay's credentials travel, as far as the configuration says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -705,9 +688,7 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        cleartext_auth, crlf_line_endings, envelope_for_relay, CleartextAuth, DataContent,
-    };
+    use super::{cleartext_auth, envelope_for_relay, CleartextAuth, DataContent};
     use sluice_shared::config::{RelaySettings, TlsMode};
 
     #[test]
@@ -859,32 +840,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_stepwise_path_gets_crlf_only_content() {
-        let cases: [(&[u8], &[u8]); 7] = [
-            (b"plain\r\ntext\r\n", b"plain\r\ntext\r\n"),
-            (b"a\r.\rb", b"a\r\n.\r\nb"),
-            (b"a\n.\nb", b"a\r\n.\r\nb"),
-            (b"a\n.\r\nb", b"a\r\n.\r\nb"),
-            (b"\r", b"\r\n"),
-            (b"\n", b"\r\n"),
-            (b"\n\r", b"\r\n\r\n"),
-        ];
-        for (content, normalised) in cases {
-            assert_eq!(
-                &*crlf_line_endings(content),
-                normalised,
-                "{:?}",
-                String::from_utf8_lossy(content)
-            );
-        }
-        assert!(matches!(
-            crlf_line_endings(b"clean\r\n"),
-            std::borrow::Cow::Borrowed(_)
-        ));
-    }
-
-    /// No line of the wire content but the last is a lone dot: nothing ends the DATA early.
     fn assert_only_the_last_line_is_a_dot(wire: &str) {
         let lines: Vec<&str> = wire.split("\r\n").collect();
         assert!(!wire.replace("\r\n", "").contains(['\r', '\n']), "{wire:?}");

@@ -135,6 +135,9 @@ pub(crate) async fn deliver_one(
     let ctx = sender.ctx;
     let source_relay = feed.relay(index).to_string();
     ctx.metrics.received(&source_relay);
+    // Held until the job is settled (which may publish its body again): the bodies being
+    // worked on stay within the worker's byte budget, whatever the number of lanes.
+    let _hold = ctx.bodies.hold(delivery.data.len()).await;
     let parsed = parse(&delivery, ctx.max_message_bytes);
     let span = start_span(sender, &source_relay, &delivery, &parsed);
 
@@ -210,10 +213,11 @@ pub(crate) async fn deliver_one(
 
 /// Read the delivery as a job and build its message.
 fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
-    let job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+    let mut job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+    // The message takes the job's text and html (no copy); the job keeps the rest.
     let message = job
-        .as_ref()
-        .map_err(Clone::clone)
+        .as_mut()
+        .map_err(|e| e.clone())
         .and_then(|job| deliver::prepare(job).map_err(|e| e.to_string()));
     let id = match &job {
         Ok(job) => job.id.clone(),
