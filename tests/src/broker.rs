@@ -431,21 +431,25 @@ impl EventTap {
     }
 }
 
-/// Wait until `condition` holds, polling; false on timeout.
-pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+pub use crate::wait::eventually;
+
+/// Run `rabbitmqctl args...` against the machine's broker (the tests run as root beside
+/// it): its stdout, or the command and everything it said when it failed or could not run.
+pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("rabbitmqctl {args:?} could not run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 

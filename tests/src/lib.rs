@@ -10,6 +10,7 @@
 //! - [`http`]: one plain HTTP GET for the worker's endpoints.
 //! - [`rabbit_node`]: private RabbitMQ nodes and clusters to crash, alarm and partition.
 //! - [`tcp_proxy`]: a loopback TCP proxy whose traffic a test can cut.
+//! - [`wait`]: waits on conditions with a deadline, and negative checks held for a stated time.
 
 pub mod aiosmtpd;
 pub mod broker;
@@ -22,3 +23,4 @@ pub mod scripted_smtp;
 pub mod smtp_sink;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod wait;

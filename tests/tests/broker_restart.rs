@@ -6,28 +6,17 @@
 //! `cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1`.
 //! They need `rabbitmqctl` (and the rights to stop and start the local node).
 
-use std::process::Command;
 use std::time::Duration;
 
 use sluice_tests::broker::{eventually, TestNamespace, AMQP_URL};
 use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
 use sluice_tests::smtp_sink::{free_port, SmtpSink};
 
+/// `rabbitmqctl args...`; false (said on stderr) when it fails.
 fn rabbitmqctl(args: &[&str]) -> bool {
-    Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .map(|o| {
-            if !o.status.success() {
-                eprintln!(
-                    "rabbitmqctl {args:?} failed: {}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-            o.status.success()
-        })
-        .unwrap_or(false)
+    sluice_tests::broker::rabbitmqctl(args)
+        .map_err(|e| eprintln!("{e}"))
+        .is_ok()
 }
 
 /// Stops the RabbitMQ application; starts it again when dropped, so that a failing test

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use sluice_tests::broker::{eventually, TestNamespace};
-use sluice_tests::processes::{config_toml, run_producer, ConfigFile, WorkerProcess};
+use sluice_tests::processes::{config_toml, run_producer, Binary, ConfigFile, WorkerProcess};
 use sluice_tests::smtp_sink::{header_value, SmtpSink};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,11 +203,7 @@ async fn a_job_published_from_python_with_pika_is_delivered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mistyped_config_key_stops_the_worker_naming_the_key() {
     let config = ConfigFile::new("[relays.primary]\nhost = \"127.0.0.1\"\nmax_conections = 4\n");
-    let output = Command::new(sluice_tests::processes::bin("sluice-worker"))
-        .arg("--config")
-        .arg(&config.path)
-        .output()
-        .expect("run worker");
+    let output = Binary::new("sluice-worker").config(&config.path).output();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_conections"), "{stderr}");
@@ -217,12 +213,12 @@ async fn a_mistyped_config_key_stops_the_worker_naming_the_key() {
 async fn environment_variables_alone_configure_the_worker() {
     let ns = TestNamespace::new("env", &["primary"], 5).await;
     let sink = SmtpSink::start().await;
-    let mut worker = Command::new(sluice_tests::processes::bin("sluice-worker"))
+    let mut worker = Binary::new("sluice-worker")
         .env("SLUICE__AMQP__NAMESPACE", &ns.name)
         .env("SLUICE__RELAYS__PRIMARY__HOST", "127.0.0.1")
         .env("SLUICE__RELAYS__PRIMARY__PORT", sink.port.to_string())
         .env("SLUICE__RELAYS__PRIMARY__MAX_CONNECTIONS", "2")
-        .env_remove("SLUICE_CONFIG")
+        .command()
         .spawn()
         .expect("start worker");
     ns.publish_raw(

@@ -11,8 +11,9 @@ use std::time::Duration;
 use base64::Engine;
 use sluice_shared::events::EventOutcome;
 use sluice_tests::aiosmtpd::{Aiosmtpd, Mode};
+use sluice_tests::broker::rabbitmqctl;
 use sluice_tests::broker::{eventually, EventTap, TestNamespace};
-use sluice_tests::processes::{bin, config_toml, ConfigFile};
+use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 use sluice_tests::tls::{TestPki, TlsProxy};
 
 const USER: &str = "sluice-relay-user";
@@ -821,11 +822,11 @@ struct Captured {
 
 impl Captured {
     fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(bin(binary))
+        let mut child = Binary::new(binary)
+            .command()
             .args(args)
             .envs(env.iter().copied())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -914,12 +915,10 @@ impl Drop for Captured {
 
 /// Run a binary to completion.
 fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(bin(binary))
+    Binary::new(binary)
         .args(args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run {binary}: {e}"))
 }
 
 fn output_text(output: &std::process::Output) -> String {
@@ -943,8 +942,12 @@ impl RabbitUser {
             name: format!("sluice-sec-{tag}"),
             password: format!("AmqpPassw0rd{tag}"),
         };
-        rabbitmqctl(&["add_user", &user.name, &user.password]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        for args in [
+            &["add_user", &user.name, &user.password][..],
+            &["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"],
+        ] {
+            rabbitmqctl(args).unwrap_or_else(|e| panic!("{e}"));
+        }
         user
     }
 
@@ -955,25 +958,8 @@ impl RabbitUser {
 
 impl Drop for RabbitUser {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = rabbitmqctl(&["delete_user", &self.name]);
     }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (the tests run as root on the broker's machine)");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {}: {}",
-        args.first().unwrap_or(&""),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
