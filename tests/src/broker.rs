@@ -403,25 +403,58 @@ impl EventTap {
     ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while !done(&self.seen) {
-            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
-            match next {
-                Ok(Some(Ok(delivery))) => {
-                    crate::event_schema::assert_valid_batch(&delivery.data);
-                    let batch: Vec<sluice_shared::events::DeliveryEvent> =
-                        serde_json::from_slice(&delivery.data).expect("event batch JSON");
-                    let key = delivery.routing_key.as_str();
-                    for event in &batch {
-                        assert_eq!(
-                            key,
-                            sluice_shared::events::routing_key(event.outcome, &event.campaign),
-                            "every event of a batch has the batch's outcome and campaign"
-                        );
-                    }
-                    self.seen.extend(batch);
-                }
-                _ => return done(&self.seen),
+            if !self.read_batch(deadline).await {
+                return done(&self.seen);
             }
         }
+        true
+    }
+
+    /// A negative check: read every event that arrives for `period`, and panic, saying
+    /// `what` was watched, as soon as `condition(seen)` no longer holds (or at the end).
+    /// `what` says why `period` is long enough to mean it.
+    pub async fn holds_throughout(
+        &mut self,
+        condition: impl Fn(&[sluice_shared::events::DeliveryEvent]) -> bool,
+        period: Duration,
+        what: &str,
+    ) {
+        let start = tokio::time::Instant::now();
+        let deadline = start + period;
+        loop {
+            assert!(
+                condition(&self.seen),
+                "{what}: broken after {:?} of the {period:?} watched; events: {:?}",
+                start.elapsed(),
+                self.seen
+            );
+            if !self.read_batch(deadline).await {
+                return;
+            }
+        }
+    }
+
+    /// Add the next batch to `seen`; false when none came by `deadline`. Panics when the
+    /// tap itself fails: events nobody could read are not "no events".
+    async fn read_batch(&mut self, deadline: tokio::time::Instant) -> bool {
+        let delivery = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+            Err(_) => return false,
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(e))) => panic!("the event tap failed: {e}"),
+            Ok(None) => panic!("the event tap was closed"),
+        };
+        crate::event_schema::assert_valid_batch(&delivery.data);
+        let batch: Vec<sluice_shared::events::DeliveryEvent> =
+            serde_json::from_slice(&delivery.data).expect("event batch JSON");
+        let key = delivery.routing_key.as_str();
+        for event in &batch {
+            assert_eq!(
+                key,
+                sluice_shared::events::routing_key(event.outcome, &event.campaign),
+                "every event of a batch has the batch's outcome and campaign"
+            );
+        }
+        self.seen.extend(batch);
         true
     }
 

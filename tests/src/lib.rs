@@ -1,5 +1,6 @@
 //! Helpers for sluice's integration tests: real services spawned per test.
 //!
+//! - [`app`]: one test's world (namespace, scripted relays, config, workers) from one description.
 //! - [`broker`]: a namespace of its own on the real RabbitMQ, and ways to look into it.
 //! - [`event_schema`]: every event batch checked against `shared/event.schema.json`.
 //! - [`processes`]: the real binaries and per-test config files.
@@ -13,6 +14,7 @@
 //! - [`wait`]: waits on conditions with a deadline, and negative checks held for a stated time.
 
 pub mod aiosmtpd;
+pub mod app;
 pub mod broker;
 pub mod event_schema;
 pub mod http;

@@ -64,3 +64,34 @@ where
         tokio::time::sleep(POLL.min(end - now)).await;
     }
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    #[should_panic(expected = "the count stays 0: broken after")]
+    async fn a_negative_check_fails_when_the_condition_breaks_during_the_period() {
+        let polls = AtomicUsize::new(0);
+        holds_throughout(
+            || async { polls.fetch_add(1, Ordering::SeqCst) < 3 },
+            Duration::from_secs(5),
+            "the count stays 0",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_negative_check_watches_the_whole_period() {
+        let start = tokio::time::Instant::now();
+        holds_throughout(|| async { true }, Duration::from_millis(300), "true").await;
+        assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "waited 200ms for the impossible, in vain")]
+    async fn a_wait_that_times_out_names_what_it_waited_for() {
+        wait_until(|| async { false }, Duration::from_millis(200), "the impossible").await;
+    }
+}

@@ -1,0 +1,159 @@
+//! One test's world from one description, as zero2prod's `spawn_app` builds it: a namespace
+//! of its own, scripted relays, a config naming them, and workers running that config.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use sluice_tests::app::TestApp;
+//! use sluice_tests::scripted_smtp::Behaviour;
+//! let app = TestApp::builder("tempfail")
+//!     .relay("primary", Behaviour::every_rcpt("451 4.7.1 later"), "max_connections = 2")
+//!     .retries(&["1s", "1s"])
+//!     .workers(2)
+//!     .start()
+//!     .await;
+//! app.ns.publish_jobs("primary", "grey", 1).await;
+//! # }
+//! ```
+
+use crate::broker::TestNamespace;
+use crate::processes::{config_toml, ConfigFile, WorkerProcess};
+use crate::scripted_smtp::{Behaviour, ScriptedSmtp};
+
+/// A running test world; everything in it stops or is deleted when it is dropped.
+pub struct TestApp {
+    /// The test's own namespace, its topology declared.
+    pub ns: TestNamespace,
+    /// The config every worker of the app runs with.
+    pub config: ConfigFile,
+    /// The workers started so far, in order.
+    pub workers: Vec<WorkerProcess>,
+    relays: Vec<(String, ScriptedSmtp)>,
+    logged: bool,
+}
+
+/// What a [`TestApp`] is made of; [`TestAppBuilder::start`] brings it up.
+pub struct TestAppBuilder {
+    tag: String,
+    relays: Vec<(String, Behaviour, String)>,
+    retries: Vec<String>,
+    workers: usize,
+    logged: bool,
+}
+
+impl TestApp {
+    /// A world for the test named `tag` (the namespace is `t-<tag>-<random>`): by default
+    /// no relay, one retry step of 1 s and one worker.
+    pub fn builder(tag: &str) -> TestAppBuilder {
+        TestAppBuilder {
+            tag: tag.to_string(),
+            relays: Vec::new(),
+            retries: vec!["1s".to_string()],
+            workers: 1,
+            logged: false,
+        }
+    }
+
+    /// The scripted server behind relay `name`.
+    pub fn relay(&self, name: &str) -> &ScriptedSmtp {
+        self.relays
+            .iter()
+            .find(|(relay, _)| relay == name)
+            .map(|(_, smtp)| smtp)
+            .unwrap_or_else(|| panic!("the app has no relay {name}"))
+    }
+
+    /// Start one more worker with the app's config (logged if the app's workers are).
+    pub fn start_worker(&mut self) -> &mut WorkerProcess {
+        let worker = if self.logged {
+            WorkerProcess::start_logged(&self.config.path, &[])
+        } else {
+            WorkerProcess::start(&self.config.path, &[])
+        };
+        self.workers.push(worker);
+        self.workers.last_mut().expect("just pushed")
+    }
+
+    /// Start `n` more workers.
+    pub fn start_workers(&mut self, n: usize) {
+        for _ in 0..n {
+            self.start_worker();
+        }
+    }
+
+    /// Ready messages in relay `relay`'s jobs queue (panics when it cannot count).
+    pub async fn jobs_len(&self, relay: &str) -> u32 {
+        self.ns.queue_len(&self.ns.topology.jobs_queue(relay)).await
+    }
+
+    /// Ready messages in relay `relay`'s dead queue (panics when it cannot count).
+    pub async fn dead_len(&self, relay: &str) -> u32 {
+        self.ns.queue_len(&self.ns.topology.dead_queue(relay)).await
+    }
+
+    /// Ready messages in retry step `step` (1-based) of relay `relay`.
+    pub async fn retry_len(&self, relay: &str, step: usize) -> u32 {
+        self.ns
+            .queue_len(&self.ns.topology.retry_queue(relay, step))
+            .await
+    }
+}
+
+impl TestAppBuilder {
+    /// A relay `name` served by a scripted SMTP server with `behaviour`; `extra` is TOML
+    /// added to its `[relays.<name>]` table (`max_connections = 2`, `failover = "backup"`).
+    pub fn relay(mut self, name: &str, behaviour: Behaviour, extra: &str) -> Self {
+        self.relays
+            .push((name.to_string(), behaviour, extra.to_string()));
+        self
+    }
+
+    /// The retry ladder (`["1s", "2s"]`); its length is the number of retry steps.
+    pub fn retries(mut self, delays: &[&str]) -> Self {
+        self.retries = delays.iter().map(|d| d.to_string()).collect();
+        self
+    }
+
+    /// How many workers [`TestAppBuilder::start`] starts (0 for a test that publishes
+    /// first, then calls [`TestApp::start_workers`]).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Keep the workers' logs, for [`WorkerProcess::logs`].
+    pub fn logged(mut self) -> Self {
+        self.logged = true;
+        self
+    }
+
+    /// Declare the namespace, start the relays, write the config, start the workers.
+    pub async fn start(self) -> TestApp {
+        let names: Vec<&str> = self
+            .relays
+            .iter()
+            .map(|(name, _, _)| name.as_str())
+            .collect();
+        let ns = TestNamespace::new(&self.tag, &names, self.retries.len()).await;
+        let mut relays = Vec::new();
+        for (name, behaviour, _) in &self.relays {
+            relays.push((name.clone(), ScriptedSmtp::start(behaviour.clone()).await));
+        }
+        let tables: Vec<(&str, u16, &str)> = self
+            .relays
+            .iter()
+            .zip(&relays)
+            .map(|((name, _, extra), (_, smtp))| (name.as_str(), smtp.port(), extra.as_str()))
+            .collect();
+        let delays: Vec<&str> = self.retries.iter().map(String::as_str).collect();
+        let config = ConfigFile::new(&config_toml(&ns.name, &tables, &delays));
+        let mut app = TestApp {
+            ns,
+            config,
+            workers: Vec::new(),
+            relays,
+            logged: self.logged,
+        };
+        app.start_workers(self.workers);
+        app
+    }
+}
