@@ -15,6 +15,8 @@
 //! # }
 //! ```
 
+use std::sync::Arc;
+
 use crate::broker::TestNamespace;
 use crate::processes::{config_toml, ConfigFile, WorkerProcess};
 use crate::scripted_smtp::{Behaviour, ScriptedSmtp};
@@ -27,7 +29,7 @@ pub struct TestApp {
     pub config: ConfigFile,
     /// The workers started so far, in order.
     pub workers: Vec<WorkerProcess>,
-    relays: Vec<(String, ScriptedSmtp)>,
+    relays: Vec<(String, Arc<ScriptedSmtp>)>,
     logged: bool,
 }
 
@@ -53,12 +55,13 @@ impl TestApp {
         }
     }
 
-    /// The scripted server behind relay `name`.
-    pub fn relay(&self, name: &str) -> &ScriptedSmtp {
+    /// The scripted server behind relay `name` (shared, so the test can hold it while it
+    /// starts or kills workers).
+    pub fn relay(&self, name: &str) -> Arc<ScriptedSmtp> {
         self.relays
             .iter()
             .find(|(relay, _)| relay == name)
-            .map(|(_, smtp)| smtp)
+            .map(|(_, smtp)| Arc::clone(smtp))
             .unwrap_or_else(|| panic!("the app has no relay {name}"))
     }
 
@@ -136,7 +139,10 @@ impl TestAppBuilder {
         let ns = TestNamespace::new(&self.tag, &names, self.retries.len()).await;
         let mut relays = Vec::new();
         for (name, behaviour, _) in &self.relays {
-            relays.push((name.clone(), ScriptedSmtp::start(behaviour.clone()).await));
+            relays.push((
+                name.clone(),
+                Arc::new(ScriptedSmtp::start(behaviour.clone()).await),
+            ));
         }
         let tables: Vec<(&str, u16, &str)> = self
             .relays

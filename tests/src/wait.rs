@@ -92,6 +92,11 @@ mod unit {
     #[tokio::test]
     #[should_panic(expected = "waited 200ms for the impossible, in vain")]
     async fn a_wait_that_times_out_names_what_it_waited_for() {
-        wait_until(|| async { false }, Duration::from_millis(200), "the impossible").await;
+        wait_until(
+            || async { false },
+            Duration::from_millis(200),
+            "the impossible",
+        )
+        .await;
     }
 }
