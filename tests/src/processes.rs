@@ -294,6 +294,23 @@ impl WorkerProcess {
         std::fs::read_to_string(path).expect("read worker log")
     }
 
+    /// Its exit status once it exits on its own, `None` while it still runs after `within`.
+    pub async fn exit_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("worker status") {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
