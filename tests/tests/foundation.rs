@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice_tests::broker::{eventually, TestNamespace};
 use sluice_tests::processes::{config_toml, run_producer, Binary, ConfigFile, WorkerProcess};
 use sluice_tests::smtp_sink::{header_value, SmtpSink};
+use sluice_tests::wait::holds_throughout;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() {
@@ -62,11 +63,14 @@ async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() 
         "only {} of 1000 messages arrived",
         sink.count()
     );
-    // Give any duplicate a moment to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    holds_throughout(
+        || async { sink.count() == 1000 },
+        Duration::from_secs(2),
+        "1000 messages and no more for 2 s after the last one arrived (every worker still runs)",
+    )
+    .await;
 
     let by_recipient: HashMap<String, Vec<String>> = sink.by_header("X-Rcpt-Args");
-    assert_eq!(sink.count(), 1000, "a message was delivered twice");
     for i in 0..1000 {
         let rcpt = format!("<user{i}@example.org>");
         let messages = by_recipient

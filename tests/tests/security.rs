@@ -15,6 +15,7 @@ use sluice_tests::broker::rabbitmqctl;
 use sluice_tests::broker::{eventually, EventTap, TestNamespace};
 use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 use sluice_tests::tls::{TestPki, TlsProxy};
+use sluice_tests::wait::{holds_throughout, wait_until};
 
 const USER: &str = "sluice-relay-user";
 const PASSWORD: &str = "Rel4yPassw0rd-7c1e";
@@ -174,8 +175,23 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
             "{line}"
         );
     }
-    // Several cool-offs (1 s) later: probed again and again, never delivered, never dead.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Probed again and again through 1 s cool-offs, never delivered, never dead. Later
+    // probes are logged at debug level only; the STARTTLS relay sees each one's EHLO.
+    holds_throughout(
+        || async { starttls.messages().is_empty() && implicit.messages().is_empty() },
+        Duration::from_secs(4),
+        "no message at either relay through four 1 s cool-offs",
+    )
+    .await;
+    let probes = starttls
+        .commands()
+        .iter()
+        .filter(|c| c.contains(" EHLO "))
+        .count();
+    assert!(
+        probes >= 2,
+        "the STARTTLS relay was probed {probes} time(s)"
+    );
     assert_relay_fault_kept_the_jobs(&ns, &mut events, &["viastarttls", "viatls"]).await;
     assert!(starttls.messages().is_empty() && implicit.messages().is_empty());
     for commands in [starttls.commands(), implicit.commands()] {
@@ -266,8 +282,20 @@ async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_i
         "the worker never tried the relay:\n{}",
         worker.text()
     );
-    // Cool-offs of 1 s: several sessions were tried by now.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Cool-offs of 1 s: several sessions are tried.
+    wait_until(
+        || async {
+            relay
+                .commands()
+                .iter()
+                .filter(|c| c.contains(" EHLO "))
+                .count()
+                >= 3
+        },
+        Duration::from_secs(20),
+        "three sessions tried with the relay",
+    )
+    .await;
     let commands = relay.commands();
     assert!(
         commands
@@ -315,7 +343,13 @@ async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
         "{}",
         worker.text()
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        worker
+            .wait_for("relay marked down", Duration::from_secs(30))
+            .await,
+        "{}",
+        worker.text()
+    );
     let log = worker.text();
     assert!(
         log.contains("relay marked down") && log.contains("535"),
@@ -767,13 +801,12 @@ async fn assert_relay_fault_kept_the_jobs(
     relays: &[&str],
 ) {
     events
-        .wait_until(Duration::from_millis(300), |_| false)
+        .holds_throughout(
+            |seen| seen.iter().all(|e| !e.outcome.is_final()),
+            Duration::from_secs(1),
+            "no final outcome among the events of the relay's faults, read for 1 s after them",
+        )
         .await;
-    assert!(
-        events.seen.iter().all(|e| !e.outcome.is_final()),
-        "a relay fault gave a job a final outcome: {:?}",
-        events.seen
-    );
     for relay in relays {
         let jobs = ns.topology.jobs_queue(relay);
         assert!(
