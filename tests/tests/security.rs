@@ -161,11 +161,7 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
 
     for name in ["viastarttls", "viatls"] {
         let needle = format!("relay {name} refused the session");
-        assert!(
-            worker.wait_for(&needle, Duration::from_secs(30)).await,
-            "no '{needle}' in the worker's log:\n{}",
-            worker.text()
-        );
+        worker.wait_for(&needle, Duration::from_secs(30)).await;
     }
     let log = worker.text();
     assert!(log.contains("relay marked down"), "{log}");
@@ -226,13 +222,9 @@ async fn skipping_verification_delivers_and_says_so_at_start() {
         &[("RUST_LOG", "warn")],
     );
 
-    assert!(
-        worker
-            .wait_for("tls_insecure_skip_verify", Duration::from_secs(20))
-            .await,
-        "no warning at start:\n{}",
-        worker.text()
-    );
+    worker
+        .wait_for("tls_insecure_skip_verify", Duration::from_secs(20))
+        .await;
     assert!(worker.text().contains("NOT verified"), "{}", worker.text());
     ns.publish_jobs("primary", "insecure", 1).await;
 
@@ -336,20 +328,12 @@ async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
 
     ns.publish_jobs("primary", "badpw", 1).await;
 
-    assert!(
-        worker
-            .wait_for("rejected our credentials", Duration::from_secs(30))
-            .await,
-        "{}",
-        worker.text()
-    );
-    assert!(
-        worker
-            .wait_for("relay marked down", Duration::from_secs(30))
-            .await,
-        "{}",
-        worker.text()
-    );
+    worker
+        .wait_for("rejected our credentials", Duration::from_secs(30))
+        .await;
+    worker
+        .wait_for("relay marked down", Duration::from_secs(30))
+        .await;
     let log = worker.text();
     assert!(
         log.contains("relay marked down") && log.contains("535"),
@@ -461,11 +445,9 @@ async fn no_secret_reaches_the_output_of_a_trace_level_run() {
         worker.text()
     );
     assert_eq!(events.seen[0].outcome, EventOutcome::Delivered);
-    assert!(
-        worker
-            .wait_for("rejected our credentials", Duration::from_secs(30))
-            .await
-    );
+    worker
+        .wait_for("rejected our credentials", Duration::from_secs(30))
+        .await;
 
     // The producer, with the same broker credentials in its URL.
     let recipients = config.write("recipients.csv", "email\nsomeone@example.org\n");
@@ -563,13 +545,9 @@ async fn an_unreachable_broker_is_reported_without_the_password_in_its_url() {
         &[("RUST_LOG", "trace")],
     );
     for (name, process) in [("worker", &worker), ("producer", &producer)] {
-        assert!(
-            process
-                .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
-                .await,
-            "{name}: {}",
-            process.text()
-        );
+        process
+            .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
+            .await;
         assert!(
             process.text().contains("sluice:***@127.0.0.1:1"),
             "{name}: {}",
@@ -620,13 +598,9 @@ async fn amqps_with_a_private_ca_reaches_the_broker_and_an_unknown_ca_does_not()
     let args = send(&without_ca.path);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let refused = Captured::spawn("sluice-producer", &args, &[("RUST_LOG", "info")]);
-    assert!(
-        refused
-            .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
-            .await,
-        "{}",
-        refused.text()
-    );
+    refused
+        .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
+        .await;
     let refused = refused.stop();
     assert!(refused.contains("UnknownIssuer"), "{refused}");
     assert_eq!(proxy.handshakes(), 0);
@@ -895,9 +869,14 @@ impl Captured {
         self.output.lock().expect("output lock").clone()
     }
 
-    /// Wait until the output contains `needle`.
-    async fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        eventually(timeout, || async { self.text().contains(needle) }).await
+    /// Wait until the output contains `needle`; panics with the output after `timeout`.
+    async fn wait_for(&self, needle: &str, timeout: Duration) {
+        let found = eventually(timeout, || async { self.text().contains(needle) }).await;
+        assert!(
+            found,
+            "no {needle:?} within {timeout:?} in the output:\n{}",
+            self.text()
+        );
     }
 
     /// SIGTERM, wait for the exit, and return everything printed.
