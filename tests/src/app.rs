@@ -30,6 +30,14 @@ pub struct TestApp {
     /// The workers started so far, in order.
     pub workers: Vec<WorkerProcess>,
     relays: Vec<(String, Arc<ScriptedSmtp>)>,
+    worker: WorkerSpec,
+}
+
+/// How the app's workers are started: extra arguments and variables, logs kept or not.
+#[derive(Clone, Default)]
+struct WorkerSpec {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     logged: bool,
 }
 
@@ -39,7 +47,7 @@ pub struct TestAppBuilder {
     relays: Vec<(String, Behaviour, String)>,
     retries: Vec<String>,
     workers: usize,
-    logged: bool,
+    worker: WorkerSpec,
 }
 
 impl TestApp {
@@ -51,7 +59,7 @@ impl TestApp {
             relays: Vec::new(),
             retries: vec!["1s".to_string()],
             workers: 1,
-            logged: false,
+            worker: WorkerSpec::default(),
         }
     }
 
@@ -65,13 +73,16 @@ impl TestApp {
             .unwrap_or_else(|| panic!("the app has no relay {name}"))
     }
 
-    /// Start one more worker with the app's config (logged if the app's workers are).
+    /// Start one more worker as the app's workers are started.
     pub fn start_worker(&mut self) -> &mut WorkerProcess {
-        let worker = if self.logged {
-            WorkerProcess::start_logged(&self.config.path, &[])
-        } else {
-            WorkerProcess::start(&self.config.path, &[])
-        };
+        let spec = &self.worker;
+        let args: Vec<&str> = spec.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let worker = WorkerProcess::launch(&self.config.path, &args, &env, spec.logged);
         self.workers.push(worker);
         self.workers.last_mut().expect("just pushed")
     }
@@ -125,7 +136,22 @@ impl TestAppBuilder {
 
     /// Keep the workers' logs, for [`WorkerProcess::logs`].
     pub fn logged(mut self) -> Self {
-        self.logged = true;
+        self.worker.logged = true;
+        self
+    }
+
+    /// Arguments every worker gets after `--config` (`--listen 127.0.0.1:<port>`).
+    pub fn worker_args(mut self, args: &[&str]) -> Self {
+        self.worker.args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Environment variables every worker gets (`OTEL_*`, `RUST_LOG`).
+    pub fn worker_env<K: AsRef<str>, V: AsRef<str>>(mut self, env: &[(K, V)]) -> Self {
+        self.worker.env = env
+            .iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
         self
     }
 
@@ -157,7 +183,7 @@ impl TestAppBuilder {
             config,
             workers: Vec::new(),
             relays,
-            logged: self.logged,
+            worker: self.worker,
         };
         app.start_workers(self.workers);
         app

@@ -253,39 +253,44 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Start a worker with `--config <path>` plus `args`; its logs go to the test's stderr.
     pub fn start(config: &Path, args: &[&str]) -> Self {
-        Self::start_with_env(config, args, &[])
+        Self::launch(config, args, &[], false)
     }
 
     /// Like [`WorkerProcess::start`], with extra environment variables (`OTEL_*`...).
     pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let child = Self::binary(config, args)
-            .envs(env.iter().copied())
-            .spawn(Stdio::inherit());
-        Self { child, log: None }
+        Self::launch(config, args, env, false)
     }
 
     /// Like [`WorkerProcess::start`], with its stderr (at `warn` level) kept in a file that
     /// [`WorkerProcess::logs`] reads, so a test can assert on what the worker said.
     pub fn start_logged(config: &Path, args: &[&str]) -> Self {
+        Self::launch(config, args, &[], true)
+    }
+
+    /// Start a worker with `--config <path>`, `args` and `env`; `logged` keeps its stderr
+    /// (at `warn` level unless `env` says otherwise) for [`WorkerProcess::logs`].
+    pub fn launch(config: &Path, args: &[&str], env: &[(&str, &str)], logged: bool) -> Self {
+        let binary = Binary::new("sluice-worker")
+            .quiet()
+            .config(config)
+            .args(args);
+        if !logged {
+            let child = binary.envs(env.iter().copied()).spawn(Stdio::inherit());
+            return Self { child, log: None };
+        }
         let log = std::env::temp_dir().join(format!(
             "sluice-worker-{}.log",
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).expect("worker log file");
-        let child = Self::binary(config, args)
+        let child = binary
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .spawn(file.into());
         Self {
             child,
             log: Some(log),
         }
-    }
-
-    fn binary(config: &Path, args: &[&str]) -> Binary {
-        Binary::new("sluice-worker")
-            .quiet()
-            .config(config)
-            .args(args)
     }
 
     /// What a worker started with [`WorkerProcess::start_logged`] has logged so far.
