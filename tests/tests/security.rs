@@ -976,19 +976,20 @@ impl Drop for RabbitUser {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce() {
-    use sluice_tests::processes::WorkerProcess;
-    use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+    use sluice_tests::app::TestApp;
+    use sluice_tests::scripted_smtp::Behaviour;
 
-    let ns = TestNamespace::new("sec-530", &["primary"], 1).await;
     // The relay wants AUTH; our settings carry no credentials, so MAIL gets 530.
-    let smtp = ScriptedSmtp::start(Behaviour::auth_required("relay-user", "relay-pass")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "down_cooloff = \"1s\"")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-530")
+        .relay(
+            "primary",
+            Behaviour::auth_required("relay-user", "relay-pass"),
+            "down_cooloff = \"1s\"",
+        )
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "needs-auth", 1).await;
 
     assert!(
@@ -997,7 +998,7 @@ async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce()
         })
         .await
     );
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
     assert_eq!(smtp.accepted_count(), 0);
 }
 
