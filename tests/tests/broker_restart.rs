@@ -192,6 +192,7 @@ async fn a_campaign_survives_a_broker_restart_with_nothing_lost() {
 
     // Restart the broker while the producer publishes and the workers deliver.
     assert!(smtp.wait_for_accepted(200, Duration::from_secs(60)).await >= 200);
+    // The broker stays down for 3 s: the scenario's outage, not a wait for a condition.
     let mut broker = StoppedBroker::stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.start();
