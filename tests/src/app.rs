@@ -23,13 +23,14 @@ use crate::scripted_smtp::{Behaviour, ScriptedSmtp};
 
 /// A running test world; everything in it stops or is deleted when it is dropped.
 pub struct TestApp {
+    // Fields drop in this order: the workers stop before their relays and namespace go.
+    /// The workers started so far, in order.
+    pub workers: Vec<WorkerProcess>,
+    relays: Vec<(String, Arc<ScriptedSmtp>)>,
     /// The test's own namespace, its topology declared.
     pub ns: TestNamespace,
     /// The config every worker of the app runs with.
     pub config: ConfigFile,
-    /// The workers started so far, in order.
-    pub workers: Vec<WorkerProcess>,
-    relays: Vec<(String, Arc<ScriptedSmtp>)>,
     worker: WorkerSpec,
 }
 
@@ -179,10 +180,10 @@ impl TestAppBuilder {
         let delays: Vec<&str> = self.retries.iter().map(String::as_str).collect();
         let config = ConfigFile::new(&config_toml(&ns.name, &tables, &delays));
         let mut app = TestApp {
-            ns,
-            config,
             workers: Vec::new(),
             relays,
+            ns,
+            config,
             worker: self.worker,
         };
         app.start_workers(self.workers);

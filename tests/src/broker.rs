@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -15,7 +15,7 @@ use sluice_shared::Topology;
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A namespace of its own for one test, so tests run in parallel without seeing each
-/// other's queues. Its queues are deleted when it is dropped (best effort).
+/// other's queues. Its queues and exchanges are deleted when it is dropped (best effort).
 pub struct TestNamespace {
     pub name: String,
     /// The broker it lives on.
@@ -362,6 +362,11 @@ impl Drop for TestNamespace {
                 queues.push(self.topology.retry_queue(relay, step));
             }
         }
+        let exchanges = vec![
+            self.topology.jobs_exchange(),
+            self.topology.dead_exchange(),
+            self.topology.events_exchange(),
+        ];
         // Best effort, from a plain thread: Drop cannot await.
         let url = self.url.clone();
         let _ = std::thread::spawn(move || {
@@ -377,6 +382,12 @@ impl Drop for TestNamespace {
                     let channel = connection.create_channel().await.ok()?;
                     let _ = channel
                         .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in exchanges {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                         .await;
                 }
                 let _ = connection.close(200, "cleanup".into()).await;

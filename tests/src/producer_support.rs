@@ -10,16 +10,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sluice_tests::broker::{TestNamespace, AMQP_URL};
+use lapin::BasicProperties;
+use sluice_tests::broker::TestNamespace;
 pub use sluice_tests::processes::Run;
 use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 
 /// A namespace of its own, a config file naming it (relay `primary`), and a scratch
 /// directory for CSV and template files. Everything it created on the broker is deleted
-/// when it is dropped (best effort), exchanges included.
+/// when it is dropped (best effort, by its [`TestNamespace`]).
 pub struct ProducerEnv {
     pub ns: TestNamespace,
     pub config: ConfigFile,
@@ -187,37 +187,6 @@ impl ProducerEnv {
     pub async fn wait_for_messages(&self, queue: &str, n: u32, timeout: Duration) -> bool {
         sluice_tests::broker::eventually(timeout, || async { self.ns.queue_len(queue).await >= n })
             .await
-    }
-}
-
-impl Drop for ProducerEnv {
-    fn drop(&mut self) {
-        // TestNamespace deletes the queues and the event log; the exchanges are ours.
-        let topology = self.ns.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-                    .await
-                    .ok()?;
-                for exchange in [
-                    topology.jobs_exchange(),
-                    topology.dead_exchange(),
-                    topology.events_exchange(),
-                ] {
-                    let channel = connection.create_channel().await.ok()?;
-                    let _ = channel
-                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "cleanup".into()).await;
-                Some(())
-            })
-        })
-        .join();
     }
 }
 
