@@ -34,6 +34,14 @@ pub struct TestApp {
     worker: WorkerSpec,
 }
 
+/// What serves a relay of the app.
+enum Server {
+    /// A scripted SMTP server the app starts.
+    Scripted(Box<Behaviour>),
+    /// Something the test started on 127.0.0.1 (smtp-sink, aiosmtpd), at this port.
+    At(u16),
+}
+
 /// How the app's workers are started: extra arguments and variables, logs kept or not.
 #[derive(Clone, Default)]
 struct WorkerSpec {
@@ -45,7 +53,7 @@ struct WorkerSpec {
 /// What a [`TestApp`] is made of; [`TestAppBuilder::start`] brings it up.
 pub struct TestAppBuilder {
     tag: String,
-    relays: Vec<(String, Behaviour, String)>,
+    relays: Vec<(String, Server, String)>,
     retries: Vec<String>,
     workers: usize,
     worker: WorkerSpec,
@@ -71,7 +79,7 @@ impl TestApp {
             .iter()
             .find(|(relay, _)| relay == name)
             .map(|(_, smtp)| Arc::clone(smtp))
-            .unwrap_or_else(|| panic!("the app has no relay {name}"))
+            .unwrap_or_else(|| panic!("the app has no scripted relay {name}"))
     }
 
     /// Start one more worker as the app's workers are started.
@@ -117,8 +125,19 @@ impl TestAppBuilder {
     /// A relay `name` served by a scripted SMTP server with `behaviour`; `extra` is TOML
     /// added to its `[relays.<name>]` table (`max_connections = 2`, `failover = "backup"`).
     pub fn relay(mut self, name: &str, behaviour: Behaviour, extra: &str) -> Self {
+        self.relays.push((
+            name.to_string(),
+            Server::Scripted(Box::new(behaviour)),
+            extra.to_string(),
+        ));
+        self
+    }
+
+    /// A relay `name` served by something the test started on 127.0.0.1:`port`
+    /// (smtp-sink, aiosmtpd); `extra` as for [`TestAppBuilder::relay`].
+    pub fn relay_at(mut self, name: &str, port: u16, extra: &str) -> Self {
         self.relays
-            .push((name.to_string(), behaviour, extra.to_string()));
+            .push((name.to_string(), Server::At(port), extra.to_string()));
         self
     }
 
@@ -165,18 +184,19 @@ impl TestAppBuilder {
             .collect();
         let ns = TestNamespace::new(&self.tag, &names, self.retries.len()).await;
         let mut relays = Vec::new();
-        for (name, behaviour, _) in &self.relays {
-            relays.push((
-                name.clone(),
-                Arc::new(ScriptedSmtp::start(behaviour.clone()).await),
-            ));
+        let mut tables = Vec::new();
+        for (name, server, extra) in &self.relays {
+            let port = match server {
+                Server::Scripted(behaviour) => {
+                    let smtp = ScriptedSmtp::start((**behaviour).clone()).await;
+                    let port = smtp.port();
+                    relays.push((name.clone(), Arc::new(smtp)));
+                    port
+                }
+                Server::At(port) => *port,
+            };
+            tables.push((name.as_str(), port, extra.as_str()));
         }
-        let tables: Vec<(&str, u16, &str)> = self
-            .relays
-            .iter()
-            .zip(&relays)
-            .map(|((name, _, extra), (_, smtp))| (name.as_str(), smtp.port(), extra.as_str()))
-            .collect();
         let delays: Vec<&str> = self.retries.iter().map(String::as_str).collect();
         let config = ConfigFile::new(&config_toml(&ns.name, &tables, &delays));
         let mut app = TestApp {

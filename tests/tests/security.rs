@@ -11,6 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use sluice_shared::events::EventOutcome;
 use sluice_tests::aiosmtpd::{Aiosmtpd, Mode};
+use sluice_tests::app::TestApp;
 use sluice_tests::broker::rabbitmqctl;
 use sluice_tests::broker::{eventually, EventTap, TestNamespace};
 use sluice_tests::processes::{config_toml, Binary, ConfigFile};
@@ -24,16 +25,16 @@ const PASSWORD: &str = "Rel4yPassw0rd-7c1e";
 async fn starttls_and_auth_with_a_private_ca_deliver_over_an_encrypted_authenticated_session() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-starttls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-starttls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", Some(&pki), Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -87,16 +88,16 @@ async fn starttls_and_auth_with_a_private_ca_deliver_over_an_encrypted_authentic
 async fn implicit_tls_with_a_private_ca_delivers() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Tls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-tls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-tls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("tls", Some(&pki), Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -136,19 +137,17 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
     let pki = TestPki::generate();
     let starttls = Aiosmtpd::start(Mode::Starttls, Some(&pki), None).await;
     let implicit = Aiosmtpd::start(Mode::Tls, Some(&pki), None).await;
-    let ns = TestNamespace::new("sec-verify", &["viastarttls", "viatls"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "viastarttls",
-                starttls.port,
-                &tls_lines("starttls", None, None),
-            ),
-            ("viatls", implicit.port, &tls_lines("tls", None, None)),
-        ],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-verify")
+        .relay_at(
+            "viastarttls",
+            starttls.port,
+            &tls_lines("starttls", None, None),
+        )
+        .relay_at("viatls", implicit.port, &tls_lines("tls", None, None))
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -188,7 +187,7 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
         probes >= 2,
         "the STARTTLS relay was probed {probes} time(s)"
     );
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["viastarttls", "viatls"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["viastarttls", "viatls"]).await;
     assert!(starttls.messages().is_empty() && implicit.messages().is_empty());
     for commands in [starttls.commands(), implicit.commands()] {
         assert!(
@@ -204,16 +203,16 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
 async fn skipping_verification_delivers_and_says_so_at_start() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), None).await;
-    let ns = TestNamespace::new("sec-insecure", &["primary"], 1).await;
     let extra = format!(
         "{}tls_insecure_skip_verify = true\n",
         tls_lines("starttls", None, None)
     );
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", relay.port, &extra)],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-insecure")
+        .relay_at("primary", relay.port, &extra)
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     // At `warn`, the level a quiet production worker runs at.
     let worker = Captured::spawn(
@@ -247,16 +246,16 @@ async fn skipping_verification_delivers_and_says_so_at_start() {
 async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_it() {
     // A plain server that offers AUTH in clear: a lax client would log in and send.
     let relay = Aiosmtpd::start(Mode::Plain, None, Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-nostarttls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-nostarttls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", None, Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -301,24 +300,24 @@ async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_i
         worker.text()
     );
     assert!(relay.messages().is_empty());
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-badpw", &["primary"], 1).await;
     let wrong = "Wr0ngPassw0rd-51d2";
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-badpw")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", Some(&pki), Some(wrong)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -345,7 +344,7 @@ async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
         .any(|c| c.contains(" AUTH-RESULT PLAIN fail tls=1")
             || c.contains(" AUTH-RESULT LOGIN fail tls=1")));
     assert!(relay.messages().is_empty());
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
     let output = worker.stop();
     assert_no_secret(
         &output,
