@@ -401,6 +401,16 @@ impl ScriptedSmtp {
         self.inner.records().accepted.clone()
     }
 
+    /// Every recipient of an accepted message, each once however often it arrived.
+    pub fn recipients(&self) -> std::collections::HashSet<String> {
+        self.inner
+            .records()
+            .accepted
+            .iter()
+            .flat_map(|m| m.rcpt_to.iter().cloned())
+            .collect()
+    }
+
     /// Number of messages accepted with 250 after DATA.
     pub fn accepted_count(&self) -> usize {
         self.inner.records().accepted.len()

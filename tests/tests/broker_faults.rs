@@ -1,7 +1,6 @@
 //! The broker misbehaves and nothing is lost: a memory alarm blocks publishing mid-campaign,
 //! and a worker is cut off from the broker while its relay stays reachable.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sluice_tests::broker::{eventually, TestNamespace, AMQP_URL};
@@ -11,13 +10,6 @@ use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
 use sluice_tests::smtp_sink::free_port;
 use sluice_tests::tcp_proxy::TcpProxy;
 use sluice_tests::wait::{holds_throughout, wait_until};
-
-fn recipients(smtp: &ScriptedSmtp) -> HashSet<String> {
-    smtp.accepted()
-        .iter()
-        .flat_map(|m| m.rcpt_to.iter().cloned())
-        .collect()
-}
 
 /// The value of an unlabelled metric in a Prometheus scrape.
 fn sample(scrape: &str, name: &str) -> Option<f64> {
@@ -96,10 +88,10 @@ async fn a_memory_alarm_mid_campaign_loses_nothing_and_the_worker_recovers_by_it
     // The alarm clears: the same worker process finishes the campaign.
     node.set_memory_high_watermark(0.4);
     let done = eventually(Duration::from_secs(60), || async {
-        recipients(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
-    let got = recipients(&smtp);
+    let got = smtp.recipients();
     let missing: Vec<&String> = ids
         .iter()
         .filter(|id| !got.contains(&format!("{id}@example.org")))
@@ -189,9 +181,9 @@ async fn a_worker_cut_off_from_the_broker_stops_sending_before_its_slots_change_
         smtp.max_concurrent_sessions()
     );
     let all = eventually(Duration::from_secs(120), || async {
-        recipients(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
-    assert!(all, "only {} of {JOBS} delivered", recipients(&smtp).len());
+    assert!(all, "only {} of {JOBS} delivered", smtp.recipients().len());
     assert!(smtp.max_concurrent_sessions() <= MAX_CONNECTIONS);
 }

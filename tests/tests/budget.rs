@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sluice_tests::app::TestApp;
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::scripted_smtp::Behaviour;
 use sluice_tests::wait::{eventually, holds_throughout};
 
 const JOBS: usize = 3000;
@@ -41,24 +41,18 @@ async fn budget_holds_with(workers: usize) {
         app.start_worker();
     }
 
-    let unique = |smtp: &ScriptedSmtp| -> HashSet<String> {
-        smtp.accepted()
-            .iter()
-            .flat_map(|m| m.rcpt_to.iter().cloned())
-            .collect()
-    };
     let all_arrived = eventually(Duration::from_secs(90), || async {
-        unique(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
     assert!(
         all_arrived,
         "only {} of {JOBS} delivered",
-        unique(&smtp).len()
+        smtp.recipients().len()
     );
 
     let messages = smtp.accepted();
-    let delivered = unique(&smtp);
+    let delivered = smtp.recipients();
     for id in &ids {
         assert!(
             delivered.contains(&format!("{id}@example.org")),

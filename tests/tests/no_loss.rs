@@ -1,22 +1,14 @@
 //! Every job ends known and none is lost: a relay flapping while another takes its jobs,
 //! a relay that refuses the account rather than the recipient, bounces kept for replay.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sluice_tests::app::TestApp;
 use sluice_tests::processes::{run_producer, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::scripted_smtp::Behaviour;
 use sluice_tests::wait::{eventually, holds_throughout};
 
 /// Recipients a relay accepted, each once.
-fn recipients(smtp: &ScriptedSmtp) -> HashSet<String> {
-    smtp.accepted()
-        .iter()
-        .flat_map(|m| m.rcpt_to.iter().cloned())
-        .collect()
-}
-
 /// What a worker must never log: the broker closing a channel over a bad ack, or a lane
 /// failing on a channel error.
 fn assert_no_channel_errors(worker: &WorkerProcess) {
@@ -64,8 +56,8 @@ async fn failover_under_load_delivers_every_job_of_both_queues() {
     }
 
     let delivered = || {
-        let mut all = recipients(&primary);
-        all.extend(recipients(&backup));
+        let mut all = primary.recipients();
+        all.extend(backup.recipients());
         all
     };
     let all_arrived = eventually(Duration::from_secs(120), || async {
@@ -156,7 +148,7 @@ async fn a_relay_refusing_the_account_bounces_nothing_and_keeps_the_campaign() {
         smtp.wait_for_accepted(JOBS, Duration::from_secs(30)).await,
         JOBS
     );
-    let got = recipients(&smtp);
+    let got = smtp.recipients();
     for id in &ids {
         assert!(got.contains(&format!("{id}@example.org")), "{id} missing");
     }
@@ -189,7 +181,7 @@ async fn a_relay_refusing_the_account_hands_the_campaign_to_its_failover() {
         "the failover relay did not take the campaign"
     );
     assert_eq!(primary.accepted_count(), 0);
-    let got = recipients(&backup);
+    let got = backup.recipients();
     for id in &ids {
         assert!(got.contains(&format!("{id}@example.org")), "{id} missing");
     }
@@ -283,7 +275,7 @@ async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
     let replayed = run_producer(&config.path, &["dead", "replay", "--reason", "bounced"]);
     assert!(replayed.status.success(), "{replayed:?}");
     assert_eq!(smtp.wait_for_accepted(3, Duration::from_secs(20)).await, 3);
-    assert!(recipients(&smtp).contains("k-1@example.org"));
+    assert!(smtp.recipients().contains("k-1@example.org"));
     assert!(
         eventually(Duration::from_secs(10), || async {
             ns.queue_len(&dead).await == 0
