@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -15,7 +15,7 @@ use sluice_shared::Topology;
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A namespace of its own for one test, so tests run in parallel without seeing each
-/// other's queues. Its queues are deleted when it is dropped (best effort).
+/// other's queues. Its queues and exchanges are deleted when it is dropped (best effort).
 pub struct TestNamespace {
     pub name: String,
     /// The broker it lives on.
@@ -362,6 +362,11 @@ impl Drop for TestNamespace {
                 queues.push(self.topology.retry_queue(relay, step));
             }
         }
+        let exchanges = vec![
+            self.topology.jobs_exchange(),
+            self.topology.dead_exchange(),
+            self.topology.events_exchange(),
+        ];
         // Best effort, from a plain thread: Drop cannot await.
         let url = self.url.clone();
         let _ = std::thread::spawn(move || {
@@ -377,6 +382,12 @@ impl Drop for TestNamespace {
                     let channel = connection.create_channel().await.ok()?;
                     let _ = channel
                         .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in exchanges {
+                    let channel = connection.create_channel().await.ok()?;
+                    let _ = channel
+                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                         .await;
                 }
                 let _ = connection.close(200, "cleanup".into()).await;
@@ -403,25 +414,58 @@ impl EventTap {
     ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while !done(&self.seen) {
-            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
-            match next {
-                Ok(Some(Ok(delivery))) => {
-                    crate::event_schema::assert_valid_batch(&delivery.data);
-                    let batch: Vec<sluice_shared::events::DeliveryEvent> =
-                        serde_json::from_slice(&delivery.data).expect("event batch JSON");
-                    let key = delivery.routing_key.as_str();
-                    for event in &batch {
-                        assert_eq!(
-                            key,
-                            sluice_shared::events::routing_key(event.outcome, &event.campaign),
-                            "every event of a batch has the batch's outcome and campaign"
-                        );
-                    }
-                    self.seen.extend(batch);
-                }
-                _ => return done(&self.seen),
+            if !self.read_batch(deadline).await {
+                return done(&self.seen);
             }
         }
+        true
+    }
+
+    /// A negative check: read every event that arrives for `period`, and panic, saying
+    /// `what` was watched, as soon as `condition(seen)` no longer holds (or at the end).
+    /// `what` says why `period` is long enough to mean it.
+    pub async fn holds_throughout(
+        &mut self,
+        condition: impl Fn(&[sluice_shared::events::DeliveryEvent]) -> bool,
+        period: Duration,
+        what: &str,
+    ) {
+        let start = tokio::time::Instant::now();
+        let deadline = start + period;
+        loop {
+            assert!(
+                condition(&self.seen),
+                "{what}: broken after {:?} of the {period:?} watched; events: {:?}",
+                start.elapsed(),
+                self.seen
+            );
+            if !self.read_batch(deadline).await {
+                return;
+            }
+        }
+    }
+
+    /// Add the next batch to `seen`; false when none came by `deadline`. Panics when the
+    /// tap itself fails: events nobody could read are not "no events".
+    async fn read_batch(&mut self, deadline: tokio::time::Instant) -> bool {
+        let delivery = match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+            Err(_) => return false,
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(e))) => panic!("the event tap failed: {e}"),
+            Ok(None) => panic!("the event tap was closed"),
+        };
+        crate::event_schema::assert_valid_batch(&delivery.data);
+        let batch: Vec<sluice_shared::events::DeliveryEvent> =
+            serde_json::from_slice(&delivery.data).expect("event batch JSON");
+        let key = delivery.routing_key.as_str();
+        for event in &batch {
+            assert_eq!(
+                key,
+                sluice_shared::events::routing_key(event.outcome, &event.campaign),
+                "every event of a batch has the batch's outcome and campaign"
+            );
+        }
+        self.seen.extend(batch);
         true
     }
 
@@ -431,21 +475,25 @@ impl EventTap {
     }
 }
 
-/// Wait until `condition` holds, polling; false on timeout.
-pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+pub use crate::wait::eventually;
+
+/// Run `rabbitmqctl args...` against the machine's broker (the tests run as root beside
+/// it): its stdout, or the command and everything it said when it failed or could not run.
+pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("rabbitmqctl {args:?} could not run: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Helpers for sluice's integration tests: real services spawned per test.
 //!
+//! - [`app`]: one test's world (namespace, scripted relays, config, workers) from one description.
 //! - [`broker`]: a namespace of its own on the real RabbitMQ, and ways to look into it.
 //! - [`event_schema`]: every event batch checked against `shared/event.schema.json`.
 //! - [`processes`]: the real binaries and per-test config files.
@@ -10,8 +11,10 @@
 //! - [`http`]: one plain HTTP GET for the worker's endpoints.
 //! - [`rabbit_node`]: private RabbitMQ nodes and clusters to crash, alarm and partition.
 //! - [`tcp_proxy`]: a loopback TCP proxy whose traffic a test can cut.
+//! - [`wait`]: waits on conditions with a deadline, and negative checks held for a stated time.
 
 pub mod aiosmtpd;
+pub mod app;
 pub mod broker;
 pub mod event_schema;
 pub mod http;
@@ -22,3 +25,4 @@ pub mod scripted_smtp;
 pub mod smtp_sink;
 pub mod tcp_proxy;
 pub mod tls;
+pub mod wait;

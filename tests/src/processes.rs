@@ -1,5 +1,10 @@
 //! The real binaries, spawned as a user would run them, and a config file per test.
+//!
+//! [`Binary`] is the one way a test runs `sluice-worker` or `sluice-producer`: to completion
+//! ([`Binary::run`]), or in the background ([`WorkerProcess`], or [`Binary::command`] for a
+//! test that signals or pipes the process itself).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -16,6 +21,167 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A workspace binary about to run, as a user would start it: no standard input, no
+/// `SLUICE_CONFIG` inherited from the test's environment, arguments and variables added in
+/// the order given.
+pub struct Binary {
+    command: Command,
+}
+
+impl Binary {
+    /// `name` (`sluice-worker`, `sluice-producer`), from [`bin`].
+    pub fn new(name: &str) -> Self {
+        let mut command = Command::new(bin(name));
+        command.env_remove("SLUICE_CONFIG").stdin(Stdio::null());
+        Self { command }
+    }
+
+    /// `RUST_LOG` from `SLUICE_TEST_LOG`, `warn` when unset: a test's output stays readable
+    /// unless someone asks for more.
+    pub fn quiet(self) -> Self {
+        let level = std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        self.env("RUST_LOG", level)
+    }
+
+    /// `--config <path>`, at this point of the command line.
+    pub fn config(self, path: &Path) -> Self {
+        self.arg("--config").arg(path)
+    }
+
+    /// One argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.command.arg(arg);
+        self
+    }
+
+    /// Several arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    /// One environment variable.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Several environment variables.
+    pub fn envs<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        self.command.envs(vars);
+        self
+    }
+
+    /// Remove a variable the test's environment would pass on.
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.command.env_remove(key);
+        self
+    }
+
+    /// Pass on no variable of the test's environment, only those given after this.
+    pub fn env_clear(mut self) -> Self {
+        self.command.env_clear();
+        self
+    }
+
+    /// The command, for a test that pipes, signals or waits on the process itself.
+    pub fn command(self) -> Command {
+        self.command
+    }
+
+    /// Run to completion; both outputs captured.
+    pub fn output(mut self) -> Output {
+        self.command.output().expect("run a sluice binary")
+    }
+
+    /// Run to completion, as a [`Run`].
+    pub fn run(self) -> Run {
+        Run::from(self.output())
+    }
+
+    /// Start it with its stderr going to `stderr`.
+    fn spawn(mut self, stderr: Stdio) -> Child {
+        self.command
+            .stderr(stderr)
+            .spawn()
+            .expect("start a sluice binary")
+    }
+}
+
+/// A finished run of a binary.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Panics with both outputs unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// The last line of stdout.
+    pub fn last_line(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+
+    /// stdout's last line as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.last_line())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}\n{}", self.last_line(), self.stderr))
+    }
+
+    /// The `line N` numbers stderr reports.
+    pub fn reported_lines(&self) -> Vec<u64> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("line "))
+            .filter_map(|rest| rest.split(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// The stderr line that reports `line`.
+    pub fn problem_on(&self, line: u64) -> &str {
+        let prefix = format!("line {line}: ");
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no problem reported on line {line}:\n{}", self.stderr))
+    }
 }
 
 /// A TOML config written to a temporary directory, as a user would write it.
@@ -87,50 +253,40 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Start a worker with `--config <path>` plus `args`; its logs go to the test's stderr.
     pub fn start(config: &Path, args: &[&str]) -> Self {
-        Self::start_with_env(config, args, &[])
+        Self::launch(config, args, &[], false)
     }
 
     /// Like [`WorkerProcess::start`], with extra environment variables (`OTEL_*`...).
     pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let child = Command::new(bin("sluice-worker"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start sluice-worker");
-        Self { child, log: None }
+        Self::launch(config, args, env, false)
     }
 
     /// Like [`WorkerProcess::start`], with its stderr (at `warn` level) kept in a file that
     /// [`WorkerProcess::logs`] reads, so a test can assert on what the worker said.
     pub fn start_logged(config: &Path, args: &[&str]) -> Self {
-        Self::start_logged_with_env(config, args, &[])
+        Self::launch(config, args, &[], true)
     }
 
-    /// Like [`WorkerProcess::start_logged`], with extra environment variables (which may
-    /// set `RUST_LOG` and `SLUICE_LOG_FORMAT`).
-    pub fn start_logged_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+    /// Start a worker with `--config <path>`, `args` and `env`; `logged` keeps its stderr
+    /// (at `warn` level unless `env` says otherwise) for [`WorkerProcess::logs`].
+    pub fn launch(config: &Path, args: &[&str], env: &[(&str, &str)], logged: bool) -> Self {
+        let binary = Binary::new("sluice-worker")
+            .quiet()
+            .config(config)
+            .args(args);
+        if !logged {
+            let child = binary.envs(env.iter().copied()).spawn(Stdio::inherit());
+            return Self { child, log: None };
+        }
         let log = std::env::temp_dir().join(format!(
             "sluice-worker-{}.log",
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).expect("worker log file");
-        let child = Command::new(bin("sluice-worker"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
+        let child = binary
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start sluice-worker");
+            .spawn(file.into());
         Self {
             child,
             log: Some(log),
@@ -141,6 +297,23 @@ impl WorkerProcess {
     pub fn logs(&self) -> String {
         let path = self.log.as_ref().expect("started with start_logged");
         std::fs::read_to_string(path).expect("read worker log")
+    }
+
+    /// Its exit status once it exits on its own, `None` while it still runs after `within`.
+    pub async fn exit_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("worker status") {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL, as a crash or an OOM kill would.
@@ -171,19 +344,17 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Run `sluice-producer` with `--config <path>` and `args` to completion.
+/// Run `sluice-producer` with `args` then `--config <path>` to completion.
 pub fn run_producer(config: &Path, args: &[&str]) -> Output {
     run_producer_with_env(config, args, &[])
 }
 
 /// Like [`run_producer`], with extra environment variables (`OTEL_*`...).
 pub fn run_producer_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(bin("sluice-producer"))
+    Binary::new("sluice-producer")
+        .quiet()
         .envs(env.iter().copied())
         .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
+        .config(config)
         .output()
-        .expect("run sluice-producer")
 }

@@ -6,21 +6,20 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sluice_tests::broker::{TestNamespace, AMQP_URL};
-use sluice_tests::processes::{bin, config_toml, ConfigFile};
+use lapin::BasicProperties;
+use sluice_tests::broker::TestNamespace;
+pub use sluice_tests::processes::Run;
+use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 
 /// A namespace of its own, a config file naming it (relay `primary`), and a scratch
 /// directory for CSV and template files. Everything it created on the broker is deleted
-/// when it is dropped (best effort), exchanges included.
+/// when it is dropped (best effort, by its [`TestNamespace`]).
 pub struct ProducerEnv {
     pub ns: TestNamespace,
     pub config: ConfigFile,
@@ -50,36 +49,31 @@ impl ProducerEnv {
 
     /// Like [`ProducerEnv::run`] with extra environment variables.
     pub fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
-        let output = producer()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config.path)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run sluice-producer");
-        Run::from(output)
+        self.producer(args).envs(env.iter().copied()).run()
     }
 
     /// Start `sluice-producer <args> --config <file>` and wait for it in a blocking task.
     pub fn spawn(&self, args: &[&str]) -> tokio::task::JoinHandle<Run> {
-        let mut command = producer();
-        command.args(args).arg("--config").arg(&self.config.path);
-        tokio::task::spawn_blocking(move || {
-            Run::from(command.output().expect("run sluice-producer"))
-        })
+        let producer = self.producer(args);
+        tokio::task::spawn_blocking(move || producer.run())
     }
 
     /// Start `sluice-producer <args> --config <file>` with its output piped, for tests that
     /// signal it.
     pub fn start(&self, args: &[&str]) -> std::process::Child {
-        producer()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config.path)
+        self.producer(args)
+            .command()
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start sluice-producer")
+    }
+
+    fn producer(&self, args: &[&str]) -> Binary {
+        Binary::new("sluice-producer")
+            .quiet()
+            .args(args)
+            .config(&self.config.path)
     }
 
     /// The name of the jobs queue of `primary`.
@@ -92,18 +86,9 @@ impl ProducerEnv {
         self.ns.topology.dead_queue("primary")
     }
 
-    /// True when `queue` exists.
+    /// True when `queue` exists; panics when the broker cannot say.
     pub async fn queue_exists(&self, queue: &str) -> bool {
-        let channel = self.ns.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions::default().passive(),
-                FieldTable::default(),
-            )
-            .await;
-        let _ = channel.close(200, "ok".into()).await;
-        declared.is_ok()
+        self.ns.queue_exists(queue).await
     }
 
     /// Take every message now in `queue`, in queue order (consumed without ack, so they
@@ -205,52 +190,9 @@ impl ProducerEnv {
     }
 }
 
-impl Drop for ProducerEnv {
-    fn drop(&mut self) {
-        // TestNamespace deletes the queues and the event log; the exchanges are ours.
-        let topology = self.ns.topology.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-                    .await
-                    .ok()?;
-                for exchange in [
-                    topology.jobs_exchange(),
-                    topology.dead_exchange(),
-                    topology.events_exchange(),
-                ] {
-                    let channel = connection.create_channel().await.ok()?;
-                    let _ = channel
-                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "cleanup".into()).await;
-                Some(())
-            })
-        })
-        .join();
-    }
-}
-
-fn producer() -> Command {
-    let mut command = Command::new(bin("sluice-producer"));
-    command
-        .env(
-            "RUST_LOG",
-            std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env_remove("SLUICE_CONFIG")
-        .stdin(Stdio::null());
-    command
-}
-
 /// `sluice-producer` with `args` exactly as given (for `--config` before the subcommand).
 pub fn run_producer_raw(args: &[&str]) -> Run {
-    Run::from(producer().args(args).output().expect("run sluice-producer"))
+    Binary::new("sluice-producer").quiet().args(args).run()
 }
 
 /// One message taken from a queue.
@@ -277,66 +219,6 @@ impl Message {
     /// `message_id`.
     pub fn message_id(&self) -> Option<String> {
         self.properties.message_id().as_ref().map(|m| m.to_string())
-    }
-}
-
-/// A finished producer run.
-pub struct Run {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(output: Output) -> Run {
-        Run {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-}
-
-impl Run {
-    /// Panics with both outputs unless the exit code is `code`.
-    pub fn expect_code(&self, code: i32) -> &Run {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit code\n--- stdout\n{}\n--- stderr\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// The last line of stdout.
-    pub fn last_line(&self) -> &str {
-        self.stdout.lines().last().unwrap_or("")
-    }
-
-    /// stdout's last line as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.last_line())
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}\n{}", self.last_line(), self.stderr))
-    }
-
-    /// The `line N` numbers stderr reports.
-    pub fn reported_lines(&self) -> Vec<u64> {
-        self.stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("line "))
-            .filter_map(|rest| rest.split(':').next()?.parse().ok())
-            .collect()
-    }
-
-    /// The stderr line that reports `line`.
-    pub fn problem_on(&self, line: u64) -> &str {
-        let prefix = format!("line {line}: ");
-        self.stderr
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no problem reported on line {line}:\n{}", self.stderr))
     }
 }
 

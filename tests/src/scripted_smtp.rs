@@ -316,9 +316,6 @@ struct Inner {
     open: AtomicUsize,
     max_open: AtomicUsize,
     total: AtomicUsize,
-    /// Sessions ended by QUIT: once the server says 221 the session is over, whatever
-    /// the scheduling of the task that then closes its socket.
-    quit: Mutex<std::collections::HashSet<usize>>,
 }
 
 impl Inner {
@@ -337,15 +334,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Decrements the open-session counter when a session's socket is gone,
-/// including when its task is aborted at shutdown.
-struct SessionGuard(Arc<Inner>, usize);
+/// including when its task is aborted at shutdown. A session that ended with
+/// QUIT stays open until then too, as for a real relay (Postfix's anvil counts
+/// a client until smtpd has closed its connection), not from the `221` on.
+struct SessionGuard(Arc<Inner>);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        // A session ended by QUIT was already counted closed when it said 221.
-        if !lock(&self.0.quit).remove(&self.1) {
-            self.0.open.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -372,7 +368,6 @@ impl ScriptedSmtp {
             open: AtomicUsize::new(0),
             max_open: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
-            quit: Mutex::new(std::collections::HashSet::new()),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&inner), stop_rx));
@@ -404,6 +399,16 @@ impl ScriptedSmtp {
     /// Every message accepted with 250 after DATA, in order.
     pub fn accepted(&self) -> Vec<ReceivedMessage> {
         self.inner.records().accepted.clone()
+    }
+
+    /// Every recipient of an accepted message, each once however often it arrived.
+    pub fn recipients(&self) -> std::collections::HashSet<String> {
+        self.inner
+            .records()
+            .accepted
+            .iter()
+            .flat_map(|m| m.rcpt_to.iter().cloned())
+            .collect()
     }
 
     /// Number of messages accepted with 250 after DATA.
@@ -535,7 +540,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, mut stop: oneshot
                     let open = inner.open.fetch_add(1, Ordering::SeqCst) + 1;
                     inner.max_open.fetch_max(open, Ordering::SeqCst);
                     let session = inner.total.fetch_add(1, Ordering::SeqCst) + 1;
-                    let guard = SessionGuard(Arc::clone(&inner), session);
+                    let guard = SessionGuard(Arc::clone(&inner));
                     let inner = Arc::clone(&inner);
                     sessions.spawn(async move {
                         // The stream is dropped (closed) inside run_session,
@@ -682,9 +687,6 @@ impl Session<'_> {
                 }
                 "NOOP" => self.reply("250 2.0.0 Ok").await?,
                 "QUIT" => {
-                    if lock(&self.inner.quit).insert(self.number) {
-                        self.inner.open.fetch_sub(1, Ordering::SeqCst);
-                    }
                     self.reply("221 2.0.0 Bye").await?;
                     self.io.get_mut().shutdown().await?;
                     return Ok(());

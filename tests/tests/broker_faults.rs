@@ -1,7 +1,6 @@
 //! The broker misbehaves and nothing is lost: a memory alarm blocks publishing mid-campaign,
 //! and a worker is cut off from the broker while its relay stays reachable.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sluice_tests::broker::{eventually, TestNamespace, AMQP_URL};
@@ -10,13 +9,7 @@ use sluice_tests::rabbit_node::RabbitNode;
 use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
 use sluice_tests::smtp_sink::free_port;
 use sluice_tests::tcp_proxy::TcpProxy;
-
-fn recipients(smtp: &ScriptedSmtp) -> HashSet<String> {
-    smtp.accepted()
-        .iter()
-        .flat_map(|m| m.rcpt_to.iter().cloned())
-        .collect()
-}
+use sluice_tests::wait::{holds_throughout, wait_until};
 
 /// The value of an unlabelled metric in a Prometheus scrape.
 fn sample(scrape: &str, name: &str) -> Option<f64> {
@@ -85,21 +78,20 @@ async fn a_memory_alarm_mid_campaign_loses_nothing_and_the_worker_recovers_by_it
     assert_eq!(sample(&scrape, "sluice_broker_blocked"), Some(1.0));
     // While blocked, nothing new is sent.
     let during = smtp.accepted_count();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        smtp.accepted_count(),
-        during,
-        "sent while the broker was blocked"
-    );
-    assert_eq!(smtp.sessions_open(), 0);
+    holds_throughout(
+        || async { smtp.accepted_count() == during && smtp.sessions_open() == 0 },
+        Duration::from_secs(3),
+        "no message and no session for 3 s while the broker blocks (the worker sent about 200 a second)",
+    )
+    .await;
 
     // The alarm clears: the same worker process finishes the campaign.
     node.set_memory_high_watermark(0.4);
     let done = eventually(Duration::from_secs(60), || async {
-        recipients(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
-    let got = recipients(&smtp);
+    let got = smtp.recipients();
     let missing: Vec<&String> = ids
         .iter()
         .filter(|id| !got.contains(&format!("{id}@example.org")))
@@ -164,8 +156,14 @@ async fn a_worker_cut_off_from_the_broker_stops_sending_before_its_slots_change_
         })
         .await
     );
-    let _second = WorkerProcess::start(&healthy.path, &[]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second_listen = format!("127.0.0.1:{}", free_port());
+    let _second = WorkerProcess::start(&healthy.path, &["--listen", &second_listen]);
+    wait_until(
+        || async { sluice_tests::http::status(&second_listen, "/readyz").await == Some(200) },
+        Duration::from_secs(20),
+        "the second worker to be ready",
+    )
+    .await;
     let before = smtp.accepted_count();
 
     // The first worker's packets to the broker are lost; it still hears the broker, but
@@ -183,9 +181,9 @@ async fn a_worker_cut_off_from_the_broker_stops_sending_before_its_slots_change_
         smtp.max_concurrent_sessions()
     );
     let all = eventually(Duration::from_secs(120), || async {
-        recipients(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
-    assert!(all, "only {} of {JOBS} delivered", recipients(&smtp).len());
+    assert!(all, "only {} of {JOBS} delivered", smtp.recipients().len());
     assert!(smtp.max_concurrent_sessions() <= MAX_CONNECTIONS);
 }

@@ -5,9 +5,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sluice_tests::broker::{eventually, TestNamespace};
-use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::app::TestApp;
+use sluice_tests::scripted_smtp::Behaviour;
+use sluice_tests::wait::{eventually, holds_throughout};
 
 const JOBS: usize = 3000;
 const MAX_CONNECTIONS: usize = 4;
@@ -15,21 +15,19 @@ const MAX_RATE: usize = 200;
 
 /// 3,000 jobs through `workers` worker processes, one of them SIGKILLed mid-run.
 async fn budget_holds_with(workers: usize) {
-    let ns = TestNamespace::new(&format!("budget{workers}"), &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let mut app = TestApp::builder(&format!("budget{workers}"))
+        .relay(
             "primary",
-            smtp.port(),
+            Behaviour::accept_all(),
             &format!("max_connections = {MAX_CONNECTIONS}\nmax_messages_per_second = {MAX_RATE}\n"),
-        )],
-        &["1s", "2s"],
-    ));
-    let ids = ns.publish_jobs("primary", "b", JOBS).await;
-    let mut fleet: Vec<WorkerProcess> = (0..workers)
-        .map(|_| WorkerProcess::start(&config.path, &[]))
-        .collect();
+        )
+        .retries(&["1s", "2s"])
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let ids = app.ns.publish_jobs("primary", "b", JOBS).await;
+    app.start_workers(workers);
 
     // Kill one worker once the campaign is well under way.
     assert!(
@@ -37,30 +35,24 @@ async fn budget_holds_with(workers: usize) {
             .await
             >= JOBS / 3
     );
-    fleet[0].kill();
+    app.workers[0].kill();
     if workers == 1 {
         // A lone worker's death stops the campaign until it is rescheduled, as on Kubernetes.
-        fleet.push(WorkerProcess::start(&config.path, &[]));
+        app.start_worker();
     }
 
-    let unique = |smtp: &ScriptedSmtp| -> HashSet<String> {
-        smtp.accepted()
-            .iter()
-            .flat_map(|m| m.rcpt_to.iter().cloned())
-            .collect()
-    };
     let all_arrived = eventually(Duration::from_secs(90), || async {
-        unique(&smtp).len() >= JOBS
+        smtp.recipients().len() >= JOBS
     })
     .await;
     assert!(
         all_arrived,
         "only {} of {JOBS} delivered",
-        unique(&smtp).len()
+        smtp.recipients().len()
     );
 
     let messages = smtp.accepted();
-    let delivered = unique(&smtp);
+    let delivered = smtp.recipients();
     for id in &ids {
         assert!(
             delivered.contains(&format!("{id}@example.org")),
@@ -121,27 +113,21 @@ async fn the_budget_holds_for_eight_workers_one_killed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_down_primary_fails_over_to_the_backup_and_gets_traffic_back_when_it_returns() {
-    let ns = TestNamespace::new("failover", &["primary", "backup"], 1).await;
-    let primary = ScriptedSmtp::start(Behaviour::refuse_connections()).await;
-    let backup = ScriptedSmtp::start(Behaviour::accept_all()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "primary",
-                primary.port(),
-                "failover = \"backup\"\ndown_cooloff = \"1s\"\nmax_messages_per_second = 40\n",
-            ),
-            (
-                "backup",
-                backup.port(),
-                "max_connections = 2\nmax_messages_per_second = 40\n",
-            ),
-        ],
-        &["1s"],
-    ));
-    let _worker = WorkerProcess::start(&config.path, &[]);
-    ns.publish_jobs("primary", "fo", 400).await;
+    let app = TestApp::builder("failover")
+        .relay(
+            "primary",
+            Behaviour::refuse_connections(),
+            "failover = \"backup\"\ndown_cooloff = \"1s\"\nmax_messages_per_second = 40\n",
+        )
+        .relay(
+            "backup",
+            Behaviour::accept_all(),
+            "max_connections = 2\nmax_messages_per_second = 40\n",
+        )
+        .start()
+        .await;
+    let (primary, backup) = (app.relay("primary"), app.relay("backup"));
+    app.ns.publish_jobs("primary", "fo", 400).await;
 
     // Primary refuses: the backup receives everything, within its own budget.
     assert!(backup.wait_for_accepted(60, Duration::from_secs(30)).await >= 60);
@@ -176,28 +162,26 @@ async fn a_down_primary_fails_over_to_the_backup_and_gets_traffic_back_when_it_r
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_down_relay_without_failover_keeps_its_jobs_queued_until_it_returns() {
-    let ns = TestNamespace::new("down", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::refuse_connections()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "down_cooloff = \"1s\"\n")],
-        &["1s"],
-    ));
-    let mut events = ns.events().await;
-    let _workers = [
-        WorkerProcess::start(&config.path, &[]),
-        WorkerProcess::start(&config.path, &[]),
-    ];
-    ns.publish_jobs("primary", "wait", 50).await;
+    let app = TestApp::builder("down")
+        .relay(
+            "primary",
+            Behaviour::refuse_connections(),
+            "down_cooloff = \"1s\"\n",
+        )
+        .workers(2)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "wait", 50).await;
 
     // A few probes, no job pushed through the retry ladder: the queue waits intact.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let jobs_queue = ns.topology.jobs_queue("primary");
-    assert_eq!(ns.queue_len(&jobs_queue).await, 50);
-    assert_eq!(
-        ns.queue_len(&ns.topology.retry_queue("primary", 1)).await,
-        0
-    );
+    holds_throughout(
+        || async { app.jobs_len("primary").await == 50 && app.retry_len("primary", 1).await == 0 },
+        Duration::from_secs(4),
+        "all 50 jobs in their queue, none in retry, for four 1 s cool-offs",
+    )
+    .await;
     let probes = smtp.sessions_total();
     assert!(probes >= 2, "the relay was never probed");
     assert!(
@@ -205,18 +189,17 @@ async fn a_down_relay_without_failover_keeps_its_jobs_queued_until_it_returns() 
         "{probes} connection attempts in 4 s is not backing off"
     );
     events
-        .wait_until(Duration::from_millis(200), |_| false)
+        .holds_throughout(
+            |seen| seen.is_empty(),
+            Duration::from_millis(200),
+            "no event (a deferral would be one), read after the four cool-offs",
+        )
         .await;
-    assert!(
-        events.seen.is_empty(),
-        "jobs were deferred: {:?}",
-        events.seen
-    );
 
     smtp.set_behaviour(Behaviour::accept_all());
     assert_eq!(
         smtp.wait_for_accepted(50, Duration::from_secs(30)).await,
         50
     );
-    assert_eq!(ns.queue_len(&jobs_queue).await, 0);
+    assert_eq!(app.jobs_len("primary").await, 0);
 }

@@ -2,11 +2,9 @@
 //! the first campaign: one line per check, exit 0 only when every check passed, nothing
 //! declared and nothing sent.
 
-use std::process::{Command, Output};
-
 use sluice_tests::aiosmtpd::{Aiosmtpd, Mode};
 use sluice_tests::broker::{TestNamespace, AMQP_URL};
-use sluice_tests::processes::{bin, config_toml, ConfigFile};
+use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
 use sluice_tests::smtp_sink::free_port;
 use sluice_tests::tls::TestPki;
@@ -14,21 +12,16 @@ use sluice_tests::tls::TestPki;
 /// Run `sluice-worker check --config <config>` off the async runtime; (exit code, stdout).
 async fn check(config: &ConfigFile) -> (i32, String) {
     let path = config.path.clone();
-    let output: Output = tokio::task::spawn_blocking(move || {
-        Command::new(bin("sluice-worker"))
+    let run = tokio::task::spawn_blocking(move || {
+        Binary::new("sluice-worker")
             .arg("check")
-            .arg("--config")
-            .arg(&path)
+            .config(&path)
             .env("RUST_LOG", "error")
-            .output()
-            .expect("run sluice-worker check")
+            .run()
     })
     .await
     .expect("join");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+    (run.code.unwrap_or(-1), run.stdout)
 }
 
 /// The line of `stdout` about `what`.

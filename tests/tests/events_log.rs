@@ -17,6 +17,7 @@ use sluice_tests::processes::{
 use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
 use sluice_tests::smtp_sink::SmtpSink;
 use sluice_tests::tcp_proxy::TcpProxy;
+use sluice_tests::wait::wait_until;
 
 fn example(name: &str) -> String {
     format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -171,8 +172,14 @@ async fn a_worker_killed_between_an_events_confirm_and_its_ack_repeats_an_event_
     // The worker's consume connection (its first) stops reaching the broker: its acks are
     // lost, while its publishing connection still gets the events of the jobs it goes on
     // sending confirmed. Then it dies, with those jobs confirmed as events and never acked.
+    let sent_before_cut = smtp.accepted_count();
     proxy.cut_connection_towards_upstream(0);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_until(
+        || async { delivered_events(&ns.logged_events().await).len() >= sent_before_cut + 20 },
+        Duration::from_secs(20),
+        "the delivered events of 20 jobs sent after the cut in the log",
+    )
+    .await;
     first.kill();
     let _second = WorkerProcess::start(&healthy.path, &[]);
 

@@ -1,19 +1,15 @@
 //! `deploy/sluice.example.toml`, the config a newcomer copies, stays valid, names every key
 //! the code knows, and states the defaults the code really has.
 
+use sluice_tests::processes::{Binary, ConfigFile};
 use std::path::PathBuf;
-use std::process::Command;
-
-use sluice_tests::processes::{bin, ConfigFile};
 
 fn print_config(path: &std::path::Path) -> serde_json::Value {
-    let output = Command::new(bin("sluice-worker"))
+    let output = Binary::new("sluice-worker")
         .arg("print-config")
-        .arg("--config")
-        .arg(path)
+        .config(path)
         .env_clear()
-        .output()
-        .expect("run sluice-worker print-config");
+        .output();
     assert!(
         output.status.success(),
         "{}",

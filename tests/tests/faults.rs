@@ -5,22 +5,21 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use sluice_shared::events::EventOutcome;
+use sluice_tests::app::TestApp;
 use sluice_tests::broker::{eventually, job_json, TestNamespace};
 use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, Phase, ScriptedSmtp};
+use sluice_tests::scripted_smtp::{Behaviour, Phase};
 use sluice_tests::smtp_sink::SmtpSink;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_dropped_mid_data_defers_the_job_which_is_delivered_later() {
-    let ns = TestNamespace::new("drop", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::drop_mid_data()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "max_connections = 2")],
-        &["1s", "1s"],
-    ));
+    let app = TestApp::builder("drop")
+        .relay("primary", Behaviour::drop_mid_data(), "max_connections = 2")
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "dropped", 1).await;
 
     assert!(
@@ -46,23 +45,17 @@ async fn a_connection_dropped_mid_data_defers_the_job_which_is_delivered_later()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_stalling_past_the_data_timeout_after_the_final_dot_defers_the_job() {
-    let ns = TestNamespace::new("stall", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::stall_at(
-        Phase::EndOfData,
-        Duration::from_secs(30),
-    ))
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("stall")
+        .relay(
             "primary",
-            smtp.port(),
+            Behaviour::stall_at(Phase::EndOfData, Duration::from_secs(30)),
             "max_connections = 2\ncommand_timeout = \"500ms\"\ndata_timeout = \"1s\"",
-        )],
-        &["1s", "1s"],
-    ));
+        )
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "stalled", 1).await;
 
     assert!(
@@ -86,15 +79,13 @@ async fn a_relay_stalling_past_the_data_timeout_after_the_final_dot_defers_the_j
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_that_closes_before_its_reply_counts_as_deferred_not_delivered() {
-    let ns = TestNamespace::new("noreply", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_then_close()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "1s"],
-    ));
+    let app = TestApp::builder("noreply")
+        .relay("primary", Behaviour::accept_then_close(), "")
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "unanswered", 1).await;
 
     assert!(
@@ -128,22 +119,24 @@ async fn a_relay_that_closes_before_its_reply_counts_as_deferred_not_delivered()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_recognisable() {
-    let ns = TestNamespace::new("sigkill", &["primary"], 2).await;
-    let smtp =
-        ScriptedSmtp::start(Behaviour::accept_all().with_accept_delay(Duration::from_millis(5)))
-            .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "max_connections = 4")],
-        &["1s", "1s"],
-    ));
-    let mut events = ns.events().await;
-    let ids = ns.publish_jobs("primary", "k", 600).await;
-    let mut victim = WorkerProcess::start(&config.path, &[]);
-    let _survivor = WorkerProcess::start(&config.path, &[]);
+    const MAX_CONNECTIONS: usize = 4;
+    let mut app = TestApp::builder("sigkill")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_accept_delay(Duration::from_millis(5)),
+            &format!("max_connections = {MAX_CONNECTIONS}"),
+        )
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .start()
+        .await;
+    let mut events = app.ns.events().await;
+    let ids = app.ns.publish_jobs("primary", "k", 600).await;
+    app.start_workers(2);
+    let smtp = app.relay("primary");
 
     assert!(smtp.wait_for_accepted(150, Duration::from_secs(30)).await >= 150);
-    victim.kill();
+    app.workers[0].kill();
 
     let expected: HashSet<String> = ids.iter().cloned().collect();
     assert!(
@@ -170,10 +163,10 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
     // The design's bound: per open session of the killed worker, the settled jobs whose
     // batched ack had not gone out, plus the one being sent.
-    let bound = 4 * sluice_worker::settle::MAX_REPEATED_PER_SESSION;
+    let bound = MAX_CONNECTIONS * sluice_worker::settle::MAX_REPEATED_PER_SESSION;
     assert!(
         duplicates <= bound,
-        "{duplicates} duplicates: more than 4 sessions x {} (ack batch + in flight)",
+        "{duplicates} duplicates: more than {MAX_CONNECTIONS} sessions x {} (ack batch + in flight)",
         sluice_worker::settle::MAX_REPEATED_PER_SESSION
     );
 }

@@ -6,8 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use sluice_tests::broker::{eventually, TestNamespace};
-use sluice_tests::processes::{config_toml, run_producer, ConfigFile, WorkerProcess};
+use sluice_tests::processes::{config_toml, run_producer, Binary, ConfigFile, WorkerProcess};
 use sluice_tests::smtp_sink::{header_value, SmtpSink};
+use sluice_tests::wait::holds_throughout;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() {
@@ -62,11 +63,14 @@ async fn a_thousand_recipients_are_each_delivered_once_with_their_own_content() 
         "only {} of 1000 messages arrived",
         sink.count()
     );
-    // Give any duplicate a moment to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    holds_throughout(
+        || async { sink.count() == 1000 },
+        Duration::from_secs(2),
+        "1000 messages and no more for 2 s after the last one arrived (every worker still runs)",
+    )
+    .await;
 
     let by_recipient: HashMap<String, Vec<String>> = sink.by_header("X-Rcpt-Args");
-    assert_eq!(sink.count(), 1000, "a message was delivered twice");
     for i in 0..1000 {
         let rcpt = format!("<user{i}@example.org>");
         let messages = by_recipient
@@ -203,11 +207,7 @@ async fn a_job_published_from_python_with_pika_is_delivered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mistyped_config_key_stops_the_worker_naming_the_key() {
     let config = ConfigFile::new("[relays.primary]\nhost = \"127.0.0.1\"\nmax_conections = 4\n");
-    let output = Command::new(sluice_tests::processes::bin("sluice-worker"))
-        .arg("--config")
-        .arg(&config.path)
-        .output()
-        .expect("run worker");
+    let output = Binary::new("sluice-worker").config(&config.path).output();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_conections"), "{stderr}");
@@ -217,12 +217,12 @@ async fn a_mistyped_config_key_stops_the_worker_naming_the_key() {
 async fn environment_variables_alone_configure_the_worker() {
     let ns = TestNamespace::new("env", &["primary"], 5).await;
     let sink = SmtpSink::start().await;
-    let mut worker = Command::new(sluice_tests::processes::bin("sluice-worker"))
+    let mut worker = Binary::new("sluice-worker")
         .env("SLUICE__AMQP__NAMESPACE", &ns.name)
         .env("SLUICE__RELAYS__PRIMARY__HOST", "127.0.0.1")
         .env("SLUICE__RELAYS__PRIMARY__PORT", sink.port.to_string())
         .env("SLUICE__RELAYS__PRIMARY__MAX_CONNECTIONS", "2")
-        .env_remove("SLUICE_CONFIG")
+        .command()
         .spawn()
         .expect("start worker");
     ns.publish_raw(

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use sluice_shared::events::EventOutcome;
+use sluice_tests::app::TestApp;
 use sluice_tests::broker::TestNamespace;
-use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, Phase, ScriptedSmtp};
+use sluice_tests::processes::{ConfigFile, WorkerProcess};
+use sluice_tests::scripted_smtp::{Behaviour, Phase};
 
 /// A job text holding every SMTP-smuggling primitive: `<CR>.<CR>`, `<LF>.<LF>`,
 /// `<LF>.<CR><LF>` and `<CR><LF>.<LF>`, each followed by what a smuggler would send next.
@@ -17,15 +18,12 @@ const SMUGGLING_TEXT: &str = "Hello\r.\rMAIL FROM:<a@evil.example>\n.\nRCPT TO:<
 /// Publish one job whose text and html carry [`SMUGGLING_TEXT`], deliver it through a
 /// relay behaving as `behaviour`, and check the raw bytes the relay received.
 async fn smuggling_never_reaches(tag: &str, behaviour: Behaviour) {
-    let ns = TestNamespace::new(tag, &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(behaviour).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s"],
-    ));
+    let app = TestApp::builder(tag)
+        .relay("primary", behaviour, "")
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     let job = serde_json::json!({
         "id": "smuggle-0", "campaign": "test", "from": "news@example.com",
         "to": "smuggle-0@example.org", "subject": "Hi",
@@ -112,17 +110,18 @@ async fn publish_job_to(ns: &TestNamespace, id: &str, to: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idn_domain_reaches_a_relay_without_smtputf8_as_punycode() {
-    let ns = TestNamespace::new("idn", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all().without_extension("SMTPUTF8")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("idn")
+        .relay(
+            "primary",
+            Behaviour::accept_all().without_extension("SMTPUTF8"),
+            "",
+        )
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
-    publish_job_to(&ns, "idn-0", "ann@bücher.example").await;
+    publish_job_to(ns, "idn-0", "ann@bücher.example").await;
 
     assert!(
         events
@@ -147,26 +146,24 @@ async fn an_idn_domain_reaches_a_relay_without_smtputf8_as_punycode() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_non_ascii_local_part_bounces_at_once_on_a_relay_without_smtputf8_and_the_session_goes_on(
 ) {
-    let ns = TestNamespace::new("utf8-local", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all().without_extension("SMTPUTF8")).await;
     // One session, and a refusal streak shorter than the jobs that cannot be sent: a
     // local decision must neither tear the session down nor count as the relay's refusal.
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("utf8-local")
+        .relay(
             "primary",
-            smtp.port(),
+            Behaviour::accept_all().without_extension("SMTPUTF8"),
             "max_connections = 1\nrefusals_before_down = 3\ndown_cooloff = \"60s\"",
-        )],
-        &["1s", "1s"],
-    ));
+        )
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     for i in 0..5 {
-        publish_job_to(&ns, &format!("zoe-{i}"), &format!("zoë{i}@example.org")).await;
+        publish_job_to(ns, &format!("zoe-{i}"), &format!("zoë{i}@example.org")).await;
     }
-    publish_job_to(&ns, "plain-0", "plain-0@example.org").await;
+    publish_job_to(ns, "plain-0", "plain-0@example.org").await;
 
     assert!(
         events
@@ -204,21 +201,6 @@ fn cleartext_auth_config(ns: &TestNamespace, extra: &str) -> ConfigFile {
     ))
 }
 
-/// Wait (bounded) for the worker to exit.
-async fn exit_status(
-    worker: &mut WorkerProcess,
-    within: Duration,
-) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + within;
-    while std::time::Instant::now() < deadline {
-        if let Some(status) = worker.child.try_wait().expect("worker status") {
-            return Some(status);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn auth_without_tls_to_a_remote_relay_stops_the_worker_at_start_naming_the_relay() {
     let ns = TestNamespace::new("cleartext-auth", &["faraway"], 1).await;
@@ -226,7 +208,7 @@ async fn auth_without_tls_to_a_remote_relay_stops_the_worker_at_start_naming_the
 
     let mut worker = WorkerProcess::start_logged(&config.path, &[]);
 
-    let status = exit_status(&mut worker, Duration::from_secs(20)).await;
+    let status = worker.exit_within(Duration::from_secs(20)).await;
     let logs = worker.logs();
     let status = status.unwrap_or_else(|| panic!("the worker did not stop:\n{logs}"));
     assert!(!status.success(), "{status:?}\n{logs}");
@@ -256,30 +238,27 @@ async fn auth_without_tls_to_a_remote_relay_starts_with_a_warning_when_allowed()
     assert!(logs.contains("WARN"), "{logs}");
     assert!(!logs.contains("s3cret-cleartext"), "{logs}");
     assert_eq!(
-        exit_status(&mut worker, Duration::from_secs(1)).await,
+        worker.exit_within(Duration::from_secs(1)).await,
         None,
-        "the worker stopped:\n{logs}"
+        "the worker stopped within 1 s of its warning:\n{logs}"
     );
     assert!(worker.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_slow_after_the_final_dot_within_data_timeout_delivers_not_defers() {
-    let ns = TestNamespace::new("slow-dot", &["primary"], 1).await;
     // Longer than four command timeouts (what once bounded the whole transaction), far
     // shorter than the default data_timeout (10 minutes).
-    let smtp = ScriptedSmtp::start(Behaviour::stall_at(
-        Phase::EndOfData,
-        Duration::from_secs(3),
-    ))
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "command_timeout = \"500ms\"")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("slow-dot")
+        .relay(
+            "primary",
+            Behaviour::stall_at(Phase::EndOfData, Duration::from_secs(3)),
+            "command_timeout = \"500ms\"",
+        )
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "slow-dot", 1).await;
 
@@ -300,15 +279,17 @@ async fn a_relay_slow_after_the_final_dot_within_data_timeout_delivers_not_defer
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_stalling_at_rcpt_past_the_command_timeout_defers_within_it() {
-    let ns = TestNamespace::new("slow-rcpt", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::stall_at(Phase::Rcpt, Duration::from_secs(30))).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "command_timeout = \"500ms\"")],
-        &["10s"],
-    ));
+    let app = TestApp::builder("slow-rcpt")
+        .relay(
+            "primary",
+            Behaviour::stall_at(Phase::Rcpt, Duration::from_secs(30)),
+            "command_timeout = \"500ms\"",
+        )
+        .retries(&["10s"])
+        .start()
+        .await;
+    let ns = &app.ns;
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "slow-rcpt", 1).await;
 

@@ -128,12 +128,10 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     env.put(&dead, b"d-2", props("d-2", "invalid")).await;
 
     let refused = env.run(&["dead", "list"]);
-    let worker = std::process::Command::new(sluice_tests::processes::bin("sluice-worker"))
-        .arg("--config")
-        .arg(&env.config.path)
+    let worker = sluice_tests::processes::Binary::new("sluice-worker")
+        .config(&env.config.path)
         .env("RUST_LOG", "warn")
-        .output()
-        .expect("run sluice-worker");
+        .output();
     let migrated = env.run(&["migrate-queues", "--yes"]);
     let again = env.run(&["migrate-queues", "--yes"]);
     let listed = env.run(&["dead", "list", "--json"]);

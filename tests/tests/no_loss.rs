@@ -1,21 +1,14 @@
 //! Every job ends known and none is lost: a relay flapping while another takes its jobs,
 //! a relay that refuses the account rather than the recipient, bounces kept for replay.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use sluice_tests::broker::{eventually, TestNamespace};
-use sluice_tests::processes::{config_toml, run_producer, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::app::TestApp;
+use sluice_tests::processes::{run_producer, WorkerProcess};
+use sluice_tests::scripted_smtp::Behaviour;
+use sluice_tests::wait::{eventually, holds_throughout};
 
 /// Recipients a relay accepted, each once.
-fn recipients(smtp: &ScriptedSmtp) -> HashSet<String> {
-    smtp.accepted()
-        .iter()
-        .flat_map(|m| m.rcpt_to.iter().cloned())
-        .collect()
-}
-
 /// What a worker must never log: the broker closing a channel over a bad ack, or a lane
 /// failing on a channel error.
 fn assert_no_channel_errors(worker: &WorkerProcess) {
@@ -32,31 +25,29 @@ fn assert_no_channel_errors(worker: &WorkerProcess) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_load_delivers_every_job_of_both_queues() {
     const EACH: usize = 3000;
-    let ns = TestNamespace::new("flap", &["primary", "backup"], 2).await;
     // 20 ms per message: both queues stay busy while the primary flaps.
     let slow = || Behaviour::accept_all().with_accept_delay(Duration::from_millis(20));
-    let primary = ScriptedSmtp::start(slow()).await;
-    let backup = ScriptedSmtp::start(slow()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "primary",
-                primary.port(),
-                "max_connections = 4\nmax_messages_per_connection = 20\nfailover = \"backup\"\ndown_cooloff = \"1s\"\n",
-            ),
-            ("backup", backup.port(), "max_connections = 4\n"),
-        ],
-        &["1s", "1s", "1s"],
-    ));
-    let mut ids = ns.publish_jobs("primary", "p", EACH).await;
-    ids.extend(ns.publish_jobs("backup", "b", EACH).await);
-    let workers: Vec<WorkerProcess> = (0..2)
-        .map(|_| WorkerProcess::start_logged(&config.path, &[]))
-        .collect();
+    let mut app = TestApp::builder("flap")
+        .relay(
+            "primary",
+            slow(),
+            "max_connections = 4\nmax_messages_per_connection = 20\nfailover = \"backup\"\ndown_cooloff = \"1s\"\n",
+        )
+        .relay("backup", slow(), "max_connections = 4\n")
+        .retries(&["1s", "1s", "1s"])
+        .workers(0)
+        .logged()
+        .start()
+        .await;
+    let (primary, backup) = (app.relay("primary"), app.relay("backup"));
+    let mut ids = app.ns.publish_jobs("primary", "p", EACH).await;
+    ids.extend(app.ns.publish_jobs("backup", "b", EACH).await);
+    app.start_workers(2);
+    let ns = &app.ns;
 
     // The primary goes down and comes back four times while both queues are busy: the
     // backup's lanes take the primary's queue beside their own, then give it back.
+    // The sleeps are the scenario (up 1.5 s, down 2.5 s), not waits for a condition.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         primary.set_behaviour(Behaviour::refuse_connections());
@@ -65,8 +56,8 @@ async fn failover_under_load_delivers_every_job_of_both_queues() {
     }
 
     let delivered = || {
-        let mut all = recipients(&primary);
-        all.extend(recipients(&backup));
+        let mut all = primary.recipients();
+        all.extend(backup.recipients());
         all
     };
     let all_arrived = eventually(Duration::from_secs(120), || async {
@@ -99,7 +90,7 @@ async fn failover_under_load_delivers_every_job_of_both_queues() {
             "something died on {relay}"
         );
     }
-    for worker in &workers {
+    for worker in &app.workers {
         assert_no_channel_errors(worker);
     }
 }
@@ -107,36 +98,45 @@ async fn failover_under_load_delivers_every_job_of_both_queues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_refusing_the_account_bounces_nothing_and_keeps_the_campaign() {
     const JOBS: usize = 200;
-    let ns = TestNamespace::new("suspended", &["primary"], 2).await;
-    let mut events = ns.events().await;
-    let smtp = ScriptedSmtp::start(Behaviour::refuse_mail("554 5.7.1 Account suspended")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "down_cooloff = \"1s\"\n")],
-        &["1s", "1s"],
-    ));
-    let ids = ns.publish_jobs("primary", "s", JOBS).await;
-    let worker = WorkerProcess::start_logged(&config.path, &[]);
+    let mut app = TestApp::builder("suspended")
+        .relay(
+            "primary",
+            Behaviour::refuse_mail("554 5.7.1 Account suspended"),
+            "down_cooloff = \"1s\"\n",
+        )
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .logged()
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    let ids = app.ns.publish_jobs("primary", "s", JOBS).await;
+    app.start_worker();
 
     // The relay refuses every transaction at MAIL FROM for a while: the worker probes it
     // after each cool-off, and every refused job goes back untouched.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(smtp.accepted_count(), 0);
-    events.wait_until(Duration::from_secs(1), |_| false).await;
-    let bounced = events
-        .seen
-        .iter()
-        .filter(|e| e.outcome.as_str() == "bounced")
-        .count();
-    assert_eq!(bounced, 0, "a refused account bounced jobs");
-    assert_eq!(
-        ns.queue_len(&ns.topology.dead_queue("primary")).await,
-        0,
-        "a refused account set jobs aside"
-    );
+    holds_throughout(
+        || async { smtp.accepted_count() == 0 && app.dead_len("primary").await == 0 },
+        Duration::from_secs(4),
+        "nothing accepted and nothing set aside through four 1 s cool-offs",
+    )
+    .await;
+    let bounced = |seen: &[sluice_shared::events::DeliveryEvent]| {
+        seen.iter()
+            .filter(|e| e.outcome.as_str() == "bounced")
+            .count()
+    };
+    events
+        .holds_throughout(
+            |seen| bounced(seen) == 0,
+            Duration::from_secs(1),
+            "no bounce among the events of four cool-offs, read for 1 s",
+        )
+        .await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            ns.queue_len(&ns.topology.jobs_queue("primary")).await == JOBS as u32
+            app.jobs_len("primary").await == JOBS as u32
         })
         .await,
         "the campaign is not kept whole in the jobs queue"
@@ -148,33 +148,30 @@ async fn a_relay_refusing_the_account_bounces_nothing_and_keeps_the_campaign() {
         smtp.wait_for_accepted(JOBS, Duration::from_secs(30)).await,
         JOBS
     );
-    let got = recipients(&smtp);
+    let got = smtp.recipients();
     for id in &ids {
         assert!(got.contains(&format!("{id}@example.org")), "{id} missing");
     }
-    assert_no_channel_errors(&worker);
+    assert_no_channel_errors(&app.workers[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_refusing_the_account_hands_the_campaign_to_its_failover() {
     const JOBS: usize = 200;
-    let ns = TestNamespace::new("suspfail", &["primary", "backup"], 2).await;
-    let primary = ScriptedSmtp::start(Behaviour::refuse_mail("550 5.7.1 Relaying denied")).await;
-    let backup = ScriptedSmtp::start(Behaviour::accept_all()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "primary",
-                primary.port(),
-                "failover = \"backup\"\ndown_cooloff = \"30s\"\n",
-            ),
-            ("backup", backup.port(), ""),
-        ],
-        &["1s", "1s"],
-    ));
-    let ids = ns.publish_jobs("primary", "f", JOBS).await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
+    let mut app = TestApp::builder("suspfail")
+        .relay(
+            "primary",
+            Behaviour::refuse_mail("550 5.7.1 Relaying denied"),
+            "failover = \"backup\"\ndown_cooloff = \"30s\"\n",
+        )
+        .relay("backup", Behaviour::accept_all(), "")
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .start()
+        .await;
+    let (primary, backup) = (app.relay("primary"), app.relay("backup"));
+    let ids = app.ns.publish_jobs("primary", "f", JOBS).await;
+    app.start_worker();
 
     assert_eq!(
         backup
@@ -184,36 +181,32 @@ async fn a_relay_refusing_the_account_hands_the_campaign_to_its_failover() {
         "the failover relay did not take the campaign"
     );
     assert_eq!(primary.accepted_count(), 0);
-    let got = recipients(&backup);
+    let got = backup.recipients();
     for id in &ids {
         assert!(got.contains(&format!("{id}@example.org")), "{id} missing");
     }
-    assert_eq!(ns.queue_len(&ns.topology.dead_queue("primary")).await, 0);
+    assert_eq!(app.dead_len("primary").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down() {
     const JOBS: usize = 40;
     const STREAK: usize = 3;
-    let ns = TestNamespace::new("streak", &["primary"], 2).await;
-    let mut events = ns.events().await;
-    let smtp = ScriptedSmtp::start(Behaviour::every_rcpt(
-        "550 5.4.1 Recipient address rejected: Access denied",
-    ))
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let mut app = TestApp::builder("streak")
+        .relay(
             "primary",
-            smtp.port(),
+            Behaviour::every_rcpt("550 5.4.1 Recipient address rejected: Access denied"),
             &format!(
                 "max_connections = 1\ndown_cooloff = \"30s\"\nrefusals_before_down = {STREAK}\n"
             ),
-        )],
-        &["1s", "1s"],
-    ));
-    ns.publish_jobs("primary", "r", JOBS).await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
+        )
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .start()
+        .await;
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "r", JOBS).await;
+    app.start_worker();
 
     // The first STREAK recipients bounce; then the relay is down and the rest wait.
     assert!(
@@ -221,9 +214,12 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
             .wait_until(Duration::from_secs(20), |seen| seen.len() >= STREAK)
             .await
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
     events
-        .wait_until(Duration::from_millis(500), |_| false)
+        .holds_throughout(
+            |seen| seen.len() == STREAK,
+            Duration::from_millis(2500),
+            "no event past the streak for 2.5 s, with the relay down for 30 s",
+        )
         .await;
     let bounced = events
         .seen
@@ -232,7 +228,7 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
         .count();
     assert_eq!(bounced, STREAK, "events: {:?}", events.seen);
     assert_eq!(
-        ns.queue_len(&ns.topology.jobs_queue("primary")).await,
+        app.jobs_len("primary").await,
         (JOBS - STREAK) as u32,
         "the rest of the campaign is not kept"
     );
@@ -240,20 +236,24 @@ async fn the_same_refusal_for_several_recipients_in_a_row_marks_the_relay_down()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
-    let ns = TestNamespace::new("bouncekeep", &["primary"], 2).await;
     // The relay refuses k-1 once, wrongly: its next answer is yes.
-    let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
-        "k-1@example.org",
-        &["550 5.1.1 no such user", "250 2.1.5 ok"],
-    ))
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "1s"],
-    ));
-    ns.publish_jobs("primary", "k", 3).await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
+    let mut app = TestApp::builder("bouncekeep")
+        .relay(
+            "primary",
+            Behaviour::rcpt_script(
+                "k-1@example.org",
+                &["550 5.1.1 no such user", "250 2.1.5 ok"],
+            ),
+            "",
+        )
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    app.ns.publish_jobs("primary", "k", 3).await;
+    app.start_worker();
+    let (ns, config) = (&app.ns, &app.config);
 
     assert_eq!(smtp.wait_for_accepted(2, Duration::from_secs(20)).await, 2);
     let dead = ns.topology.dead_queue("primary");
@@ -275,7 +275,7 @@ async fn a_bounced_job_is_kept_in_the_dead_queue_for_replay() {
     let replayed = run_producer(&config.path, &["dead", "replay", "--reason", "bounced"]);
     assert!(replayed.status.success(), "{replayed:?}");
     assert_eq!(smtp.wait_for_accepted(3, Duration::from_secs(20)).await, 3);
-    assert!(recipients(&smtp).contains("k-1@example.org"));
+    assert!(smtp.recipients().contains("k-1@example.org"));
     assert!(
         eventually(Duration::from_secs(10), || async {
             ns.queue_len(&dead).await == 0

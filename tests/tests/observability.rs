@@ -11,10 +11,11 @@ use std::time::Duration;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use sluice_shared::events::{DeliveryEvent, EventOutcome};
-use sluice_tests::broker::{eventually, TestNamespace};
+use sluice_tests::app::TestApp;
+use sluice_tests::broker::eventually;
 use sluice_tests::otlp_receiver::{kind, status, OtlpReceiver, ReceivedSpan};
-use sluice_tests::processes::{config_toml, run_producer_with_env, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::processes::run_producer_with_env;
+use sluice_tests::scripted_smtp::Behaviour;
 use sluice_tests::smtp_sink::free_port;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -60,19 +61,29 @@ fn spans_named<'a>(spans: &'a [ReceivedSpan], name: &str, trace_id: &str) -> Vec
 
 async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
     let tag = protocol.replace('/', "-");
-    let ns = TestNamespace::new(&format!("otel-{tag}"), &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
-        "grey@example.org",
-        &["451 4.7.1 greylisted, come back later", "250 2.1.5 ok"],
-    ))
-    .await;
     let receiver = OtlpReceiver::start().await;
     let env = otel_env(&receiver, protocol);
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s"],
-    ));
+    // JSON logs at info: the deferral's line names its trace and span.
+    let mut worker_env = env.clone();
+    worker_env.extend([
+        ("SLUICE_LOG_FORMAT", "json".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ]);
+    let mut app = TestApp::builder(&format!("otel-{tag}"))
+        .relay(
+            "primary",
+            Behaviour::rcpt_script(
+                "grey@example.org",
+                &["451 4.7.1 greylisted, come back later", "250 2.1.5 ok"],
+            ),
+            "",
+        )
+        .worker_env(&worker_env)
+        .logged()
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let recipients = config.write("recipients.csv", "email\ngrey@example.org\n");
     let text = config.write("body.txt", "Hello {{ email }}\n");
     let mut events = ns.events().await;
@@ -139,10 +150,8 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         .expect("message id")
         .to_string();
 
-    // JSON logs at info: the deferral's line names its trace and span.
-    let mut worker_env = borrowed(&env);
-    worker_env.extend([("SLUICE_LOG_FORMAT", "json"), ("RUST_LOG", "info")]);
-    let mut worker = WorkerProcess::start_logged_with_env(&config.path, &[], &worker_env);
+    app.start_worker();
+    let ns = &app.ns;
     assert!(
         events
             .wait_until(WAIT, |seen| seen
@@ -161,7 +170,7 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         })
         .await;
     assert!(
-        worker.terminate().success(),
+        app.workers[0].terminate().success(),
         "the worker did not stop cleanly"
     );
 
@@ -219,7 +228,7 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         assert_eq!(sends[0].attr("server.address"), Some("127.0.0.1"));
         assert_eq!(
             sends[0].attr("server.port"),
-            Some(smtp.port().to_string().as_str())
+            Some(app.relay("primary").port().to_string().as_str())
         );
     }
     let (first, second) = (delivers[0], delivers[1]);
@@ -248,7 +257,7 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
     }
 
     // The deferral's log line is a flat JSON object that leads to its trace and span.
-    let logs = worker.logs();
+    let logs = app.workers[0].logs();
     let deferral: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -277,8 +286,7 @@ async fn greylisted_once_then_delivered_is_one_trace(protocol: &str) {
         "OTEL_EXPORTER_OTLP_HEADERS not sent: {:?}",
         receiver.request_headers()
     );
-    assert_eq!(smtp.rcpt_attempts("grey@example.org"), 2);
-    smtp.shutdown().await;
+    assert_eq!(app.relay("primary").rcpt_attempts("grey@example.org"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -293,17 +301,14 @@ async fn a_greylisted_job_is_one_trace_over_http_protobuf() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_from_another_service_continues_its_trace() {
-    let ns = TestNamespace::new("otel-foreign", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::accept_all()).await;
     let receiver = OtlpReceiver::start().await;
-    let env = otel_env(&receiver, "grpc");
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("otel-foreign")
+        .relay("primary", Behaviour::accept_all(), "")
+        .worker_env(&otel_env(&receiver, "grpc"))
+        .start()
+        .await;
+    let ns = &app.ns;
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start_with_env(&config.path, &[], &borrowed(&env));
 
     // Published as another service would: its own span's context in the headers.
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
@@ -359,7 +364,6 @@ async fn a_job_from_another_service_continues_its_trace() {
     assert_eq!(deliver.attr("sluice.attempt"), Some("1"));
     let send = spans_named(&spans, "smtp.send", &trace_id)[0];
     assert_eq!(send.parent_span_id, deliver.span_id);
-    smtp.shutdown().await;
 }
 
 /// The value of `series` (name and labels, exactly as exposed) in a scrape.
@@ -386,27 +390,20 @@ fn check_dashboard(dashboard: &Path, scrape: &Path) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
-    let ns = TestNamespace::new("otel-metrics", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
-        "nobody@example.org",
-        &["550 5.1.1 no such user"],
-    ))
-    .await;
     let receiver = OtlpReceiver::start().await;
-    let env = otel_env(&receiver, "http/protobuf");
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
-            "primary",
-            smtp.port(),
-            "max_connections = 3\nmax_messages_per_second = 50",
-        )],
-        &["1s"],
-    ));
     let listen = format!("127.0.0.1:{}", free_port());
+    let app = TestApp::builder("otel-metrics")
+        .relay(
+            "primary",
+            Behaviour::rcpt_script("nobody@example.org", &["550 5.1.1 no such user"]),
+            "max_connections = 3\nmax_messages_per_second = 50",
+        )
+        .worker_env(&otel_env(&receiver, "http/protobuf"))
+        .worker_args(&["--listen", &listen])
+        .start()
+        .await;
+    let ns = &app.ns;
     let mut events = ns.events().await;
-    let _worker =
-        WorkerProcess::start_with_env(&config.path, &["--listen", &listen], &borrowed(&env));
 
     for i in 0..5 {
         let id = format!("ok-{i}");
@@ -460,7 +457,7 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
     assert_eq!(value("sluice_relay_up"), Some(1.0), "{scrape}");
 
     // The dashboard queries only metrics this scrape has...
-    let scrape_file = config.write("metrics.txt", &scrape);
+    let scrape_file = app.config.write("metrics.txt", &scrape);
     let dashboard = Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/grafana/sluice-dashboard.json"
@@ -476,7 +473,7 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
     let mut wrong: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
     wrong["panels"][1]["targets"][0]["expr"] = "sum(rate(sluice_jobs_teleported_total[5m]))".into();
-    let wrong_file = config.write("wrong-dashboard.json", wrong.to_string());
+    let wrong_file = app.config.write("wrong-dashboard.json", wrong.to_string());
     let refused = check_dashboard(&wrong_file, &scrape_file);
     assert!(
         !refused.status.success(),
@@ -502,5 +499,4 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
         "OTLP metrics missing: {:?}",
         receiver.metric_names("sluice-worker")
     );
-    smtp.shutdown().await;
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use producer_support::{run_producer_raw, ProducerEnv};
 use sluice_shared::Job;
+use sluice_tests::broker::rabbitmqctl;
 use sluice_tests::tcp_proxy::TcpProxy;
 
 const FROM: &str = "Example News <news@example.com>";
@@ -425,29 +426,22 @@ struct Policy(String);
 
 impl Policy {
     fn set(name: &str, pattern: &str, definition: &str) -> Policy {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args([
-                "set_policy",
-                "--apply-to",
-                "queues",
-                name,
-                pattern,
-                definition,
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("rabbitmqctl set_policy");
-        assert!(status.success(), "rabbitmqctl set_policy {name}");
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            "queues",
+            name,
+            pattern,
+            definition,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
         Policy(name.to_string())
     }
 }
 
 impl Drop for Policy {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .stdout(std::process::Stdio::null())
-            .status();
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
     }
 }
 

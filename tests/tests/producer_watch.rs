@@ -3,6 +3,7 @@
 #[path = "../src/producer_support.rs"]
 mod producer_support;
 
+use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use producer_support::{ProducerEnv, Run};
@@ -250,19 +251,44 @@ async fn an_interrupted_watch_takes_nothing_away_from_the_next_one() {
     env.event(&campaign, "wint-2", "delivered").await;
     env.event(&campaign, "wint-3", "deferred").await;
 
-    let first = env.start(&["watch", "--campaign", &campaign]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut first = env.start(&["watch", "--campaign", &campaign]);
+    // Interrupt it once its progress line shows it has read the delivered event.
+    let stderr = BufReader::new(first.stderr.take().expect("piped stderr"));
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut lines = stderr.lines();
+        let mut seen = String::new();
+        for line in lines.by_ref() {
+            let line = line.expect("watch's stderr");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with("finished 1/3") {
+                break;
+            }
+        }
+        (seen, lines)
+    });
+    let (mut stderr_text, rest) = tokio::time::timeout(Duration::from_secs(20), reading)
+        .await
+        .expect("no 'finished 1/3' progress line from watch within 20 s")
+        .expect("join");
+    assert!(stderr_text.contains("finished 1/3"), "{stderr_text}");
     let status = std::process::Command::new("kill")
         .args(["-INT", &first.id().to_string()])
         .status()
         .expect("kill -INT");
     assert!(status.success());
-    let first = Run::from(
-        tokio::task::spawn_blocking(move || first.wait_with_output())
-            .await
-            .expect("join")
-            .expect("wait"),
-    );
+    let output = tokio::task::spawn_blocking(move || {
+        for line in rest {
+            stderr_text.push_str(&line.expect("watch's stderr"));
+            stderr_text.push('\n');
+        }
+        let mut output = first.wait_with_output().expect("wait");
+        output.stderr = stderr_text.into_bytes();
+        output
+    })
+    .await
+    .expect("join");
+    let first = Run::from(output);
     first.expect_code(130);
     assert!(first.stderr.contains("interrupted"), "{}", first.stderr);
 

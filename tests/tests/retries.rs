@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use sluice_shared::events::{DeliveryEvent, EventOutcome};
 use sluice_shared::headers;
-use sluice_tests::broker::{eventually, TestNamespace};
-use sluice_tests::processes::{config_toml, run_producer, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+use sluice_tests::app::TestApp;
+use sluice_tests::processes::run_producer;
+use sluice_tests::scripted_smtp::Behaviour;
+use sluice_tests::wait::{eventually, holds_throughout};
 
 /// One final event per job, and the count of each outcome.
 fn final_outcomes(events: &[DeliveryEvent]) -> HashMap<String, EventOutcome> {
@@ -22,23 +23,24 @@ fn final_outcomes(events: &[DeliveryEvent]) -> HashMap<String, EventOutcome> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tempfailed_twice_then_delivered_once() {
-    let ns = TestNamespace::new("tempfail", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::rcpt_script(
-        "grey-0@example.org",
-        &[
-            "451 4.7.1 greylisted",
-            "451 4.7.1 greylisted",
-            "250 2.1.5 ok",
-        ],
-    ))
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "1s"],
-    ));
+    let app = TestApp::builder("tempfail")
+        .relay(
+            "primary",
+            Behaviour::rcpt_script(
+                "grey-0@example.org",
+                &[
+                    "451 4.7.1 greylisted",
+                    "451 4.7.1 greylisted",
+                    "250 2.1.5 ok",
+                ],
+            ),
+            "",
+        )
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "grey", 1).await;
 
@@ -63,28 +65,31 @@ async fn tempfailed_twice_then_delivered_once() {
     );
     assert_eq!(events.seen[0].smtp_code, Some(451));
     // Nothing arrives twice, nothing waits anywhere.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(smtp.accepted_count(), 1);
-    for step in 1..=2 {
-        assert_eq!(
-            ns.queue_len(&ns.topology.retry_queue("primary", step))
-                .await,
-            0
-        );
-    }
+    holds_throughout(
+        || async {
+            smtp.accepted_count() == 1
+                && app.retry_len("primary", 1).await == 0
+                && app.retry_len("primary", 2).await == 0
+        },
+        Duration::from_secs(3),
+        "one message and empty retry steps for 3 s, past a 1 s retry step and a redelivery",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_550_bounces_once_and_is_never_retried() {
-    let ns = TestNamespace::new("bounce", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("550 5.1.1 no such user")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "1s"],
-    ));
+    let app = TestApp::builder("bounce")
+        .relay(
+            "primary",
+            Behaviour::every_rcpt("550 5.1.1 no such user"),
+            "",
+        )
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "gone", 1).await;
 
@@ -93,12 +98,13 @@ async fn a_550_bounces_once_and_is_never_retried() {
             .wait_until(Duration::from_secs(20), |seen| !seen.is_empty())
             .await
     );
-    // Wait past the whole ladder: a retry would show up as a second attempt.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     events
-        .wait_until(Duration::from_millis(200), |_| false)
+        .holds_throughout(
+            |seen| seen.len() == 1,
+            Duration::from_secs(3),
+            "a single event for 3 s, past the whole ladder (1 s + 1 s): a retry would be a second attempt",
+        )
         .await;
-    assert_eq!(events.seen.len(), 1, "{:?}", events.seen);
     let event = &events.seen[0];
     assert_eq!(event.outcome, EventOutcome::Bounced);
     assert_eq!(event.smtp_code, Some(550));
@@ -121,15 +127,13 @@ async fn a_550_bounces_once_and_is_never_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_delivers_them() {
-    let ns = TestNamespace::new("ladder", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("451 4.3.0 try later")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "2s"],
-    ));
+    let app = TestApp::builder("ladder")
+        .relay("primary", Behaviour::every_rcpt("451 4.3.0 try later"), "")
+        .retries(&["1s", "2s"])
+        .start()
+        .await;
+    let (ns, smtp, config) = (&app.ns, app.relay("primary"), &app.config);
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     let ids = ns.publish_jobs("primary", "doomed", 20).await;
 
@@ -204,14 +208,16 @@ async fn a_relay_tempfailing_for_the_whole_ladder_kills_every_job_and_replay_del
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_jobs_carry_headers_that_say_why() {
-    let ns = TestNamespace::new("why", &["primary"], 1).await;
-    let smtp = ScriptedSmtp::start(Behaviour::every_rcpt("452 4.2.2 mailbox full")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s"],
-    ));
-    let _worker = WorkerProcess::start(&config.path, &[]);
+    let app = TestApp::builder("why")
+        .relay(
+            "primary",
+            Behaviour::every_rcpt("452 4.2.2 mailbox full"),
+            "",
+        )
+        .retries(&["1s"])
+        .start()
+        .await;
+    let ns = &app.ns;
 
     ns.publish_jobs("primary", "full", 1).await;
     let dead_queue = ns.topology.dead_queue("primary");
@@ -241,16 +247,17 @@ async fn dead_jobs_carry_headers_that_say_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wait_named_by_the_relay_picks_a_long_enough_retry_step() {
-    let ns = TestNamespace::new("hint", &["primary"], 3).await;
-    let smtp =
-        ScriptedSmtp::start(Behaviour::every_rcpt("451 4.7.1 try again in 20 seconds")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "30s", "60s"],
-    ));
+    let app = TestApp::builder("hint")
+        .relay(
+            "primary",
+            Behaviour::every_rcpt("451 4.7.1 try again in 20 seconds"),
+            "",
+        )
+        .retries(&["1s", "30s", "60s"])
+        .start()
+        .await;
+    let ns = &app.ns;
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
 
     ns.publish_jobs("primary", "hinted", 1).await;
     assert!(
@@ -261,37 +268,31 @@ async fn a_wait_named_by_the_relay_picks_a_long_enough_retry_step() {
     // Step 1 (1 s) is too short for "20 seconds": the job waits in step 2 (30 s).
     assert!(
         eventually(Duration::from_secs(5), || async {
-            ns.queue_len(&ns.topology.retry_queue("primary", 2)).await == 1
+            app.retry_len("primary", 2).await == 1
         })
         .await
     );
-    assert_eq!(
-        ns.queue_len(&ns.topology.retry_queue("primary", 1)).await,
-        0
-    );
+    assert_eq!(app.retry_len("primary", 1).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_job_ends_exactly_once_whatever_happens() {
-    let ns = TestNamespace::new("ledger", &["primary"], 2).await;
-    let smtp = ScriptedSmtp::start(
-        Behaviour::accept_all()
-            .with_rcpt_script("mix-1@example.org", &["550 5.1.1 unknown"])
-            .with_rcpt_script("mix-2@example.org", &["451 later", "250 ok"])
-            .with_rcpt_script("mix-3@example.org", &["451 later"])
-            .with_rcpt_script("mix-4@example.org", &["421 4.3.2 closing"]),
-    )
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "")],
-        &["1s", "1s"],
-    ));
+    let app = TestApp::builder("ledger")
+        .relay(
+            "primary",
+            Behaviour::accept_all()
+                .with_rcpt_script("mix-1@example.org", &["550 5.1.1 unknown"])
+                .with_rcpt_script("mix-2@example.org", &["451 later", "250 ok"])
+                .with_rcpt_script("mix-3@example.org", &["451 later"])
+                .with_rcpt_script("mix-4@example.org", &["421 4.3.2 closing"]),
+            "",
+        )
+        .retries(&["1s", "1s"])
+        .workers(2)
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _workers = [
-        WorkerProcess::start(&config.path, &[]),
-        WorkerProcess::start(&config.path, &[]),
-    ];
 
     let mut published = ns.publish_jobs("primary", "mix", 30).await;
     ns.publish_raw("primary", "mix-invalid", b"[1, 2, 3]").await;
@@ -305,9 +306,12 @@ async fn every_job_ends_exactly_once_whatever_happens() {
         "not every job ended: {:?}",
         final_outcomes(&events.seen)
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
     events
-        .wait_until(Duration::from_millis(300), |_| false)
+        .holds_throughout(
+            |seen| final_outcomes(seen).len() == published.len(),
+            Duration::from_secs(3),
+            "no second final event for 3 s, past the whole ladder (1 s + 1 s)",
+        )
         .await;
     let finals = final_outcomes(&events.seen);
     let mut ids: Vec<&String> = finals.keys().collect();
@@ -333,20 +337,18 @@ async fn every_job_ends_exactly_once_whatever_happens() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_recipient_does_not_cost_the_session() {
-    let ns = TestNamespace::new("rset", &["primary"], 1).await;
     // The scripted server offers PIPELINING, so this is the worker's own transaction:
     // after the 550 it must reset (RSET) and carry on in the same session.
-    let smtp = ScriptedSmtp::start(
-        Behaviour::accept_all().with_rcpt_script("keep-1@example.org", &["550 5.1.1 unknown"]),
-    )
-    .await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "max_connections = 1")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("rset")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_rcpt_script("keep-1@example.org", &["550 5.1.1 unknown"]),
+            "max_connections = 1",
+        )
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "keep", 5).await;
 
     assert!(

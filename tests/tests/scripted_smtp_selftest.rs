@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use sluice_tests::scripted_smtp::{Behaviour, Mode, Phase, ScriptedSmtp};
+use sluice_tests::wait::wait_until;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -101,14 +102,6 @@ impl Client {
     }
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
@@ -170,7 +163,7 @@ async fn accepts_and_records_content() {
     assert_eq!(got[0].auth_user, None);
     assert_eq!(got[0].session, 1);
     assert_eq!(smtp.rcpt_attempts("A@example.com"), 1);
-    wait_until("session close", || smtp.sessions_open() == 0).await;
+    wait_until(|| async { smtp.sessions_open() == 0 }, T, "session close").await;
     assert_eq!(smtp.sessions_total(), 1);
     smtp.shutdown().await;
 }
@@ -427,7 +420,12 @@ async fn counts_concurrent_sessions() {
     // One closes by QUIT, one by dropping the socket, one stays.
     a.expect("QUIT", "221").await;
     drop(c);
-    wait_until("two sessions to close", || smtp.sessions_open() == 1).await;
+    wait_until(
+        || async { smtp.sessions_open() == 1 },
+        T,
+        "two sessions to close",
+    )
+    .await;
     // A new one brings it back to 2; the maximum stays 3.
     let d = Client::connect(&smtp).await;
     assert_eq!(smtp.sessions_open(), 2);
@@ -435,7 +433,12 @@ async fn counts_concurrent_sessions() {
     assert_eq!(smtp.sessions_total(), 4);
     b.expect("QUIT", "221").await;
     drop(d);
-    wait_until("all sessions to close", || smtp.sessions_open() == 0).await;
+    wait_until(
+        || async { smtp.sessions_open() == 0 },
+        T,
+        "all sessions to close",
+    )
+    .await;
     assert_eq!(smtp.max_concurrent_sessions(), 3);
     smtp.shutdown().await;
 }
@@ -479,7 +482,7 @@ async fn drop_mid_data_is_not_accepted() {
     c.send(b"Subject: first line\r\n").await;
     let rest = c.read_to_close().await;
     assert!(rest.is_empty(), "no reply expected, got {rest:?}");
-    wait_until("session close", || smtp.sessions_open() == 0).await;
+    wait_until(|| async { smtp.sessions_open() == 0 }, T, "session close").await;
     assert_eq!(smtp.accepted_count(), 0);
     assert!(smtp.accepted_but_unanswered().is_empty());
 
@@ -524,7 +527,7 @@ async fn refused_connections_and_421_greeting() {
     let mut c = Client::connect_raw(&smtp).await;
     assert!(c.read_to_close().await.is_empty());
     assert_eq!(smtp.sessions_total(), 1);
-    wait_until("session close", || smtp.sessions_open() == 0).await;
+    wait_until(|| async { smtp.sessions_open() == 0 }, T, "session close").await;
 
     smtp.set_behaviour(Behaviour::greeting("421 4.3.2 service not available"));
     let mut c = Client::connect_raw(&smtp).await;
@@ -556,9 +559,19 @@ async fn stalls_and_accept_delay() {
         Duration::from_secs(30),
     ));
     let c = Client::connect_raw(&smtp).await;
-    wait_until("stalled session to open", || smtp.sessions_open() == 1).await;
+    wait_until(
+        || async { smtp.sessions_open() == 1 },
+        T,
+        "stalled session to open",
+    )
+    .await;
     drop(c);
-    wait_until("stalled session to close", || smtp.sessions_open() == 0).await;
+    wait_until(
+        || async { smtp.sessions_open() == 0 },
+        T,
+        "stalled session to close",
+    )
+    .await;
 
     // Stall at end of data, then the message is still accepted.
     smtp.set_behaviour(Behaviour::stall_at(Phase::EndOfData, stall));
@@ -577,9 +590,16 @@ async fn stalls_and_accept_delay() {
     c.expect("RCPT TO:<r@example.com>", "250").await;
     c.expect("DATA", "354").await;
     c.send(b"line one\r\n").await;
+    // Nothing marks the server reaching its stall: give it a moment to read the line, so
+    // the close comes during the stall (a close before it ends the session all the same).
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(c);
-    wait_until("mid-data session to close", || smtp.sessions_open() == 0).await;
+    wait_until(
+        || async { smtp.sessions_open() == 0 },
+        T,
+        "mid-data session to close",
+    )
+    .await;
     assert_eq!(smtp.accepted_count(), 1);
 
     // Accept delay.

@@ -11,9 +11,12 @@ use std::time::Duration;
 use base64::Engine;
 use sluice_shared::events::EventOutcome;
 use sluice_tests::aiosmtpd::{Aiosmtpd, Mode};
+use sluice_tests::app::TestApp;
+use sluice_tests::broker::rabbitmqctl;
 use sluice_tests::broker::{eventually, EventTap, TestNamespace};
-use sluice_tests::processes::{bin, config_toml, ConfigFile};
+use sluice_tests::processes::{config_toml, Binary, ConfigFile};
 use sluice_tests::tls::{TestPki, TlsProxy};
+use sluice_tests::wait::{holds_throughout, wait_until};
 
 const USER: &str = "sluice-relay-user";
 const PASSWORD: &str = "Rel4yPassw0rd-7c1e";
@@ -22,16 +25,16 @@ const PASSWORD: &str = "Rel4yPassw0rd-7c1e";
 async fn starttls_and_auth_with_a_private_ca_deliver_over_an_encrypted_authenticated_session() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-starttls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-starttls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", Some(&pki), Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -85,16 +88,16 @@ async fn starttls_and_auth_with_a_private_ca_deliver_over_an_encrypted_authentic
 async fn implicit_tls_with_a_private_ca_delivers() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Tls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-tls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-tls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("tls", Some(&pki), Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -134,19 +137,17 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
     let pki = TestPki::generate();
     let starttls = Aiosmtpd::start(Mode::Starttls, Some(&pki), None).await;
     let implicit = Aiosmtpd::start(Mode::Tls, Some(&pki), None).await;
-    let ns = TestNamespace::new("sec-verify", &["viastarttls", "viatls"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "viastarttls",
-                starttls.port,
-                &tls_lines("starttls", None, None),
-            ),
-            ("viatls", implicit.port, &tls_lines("tls", None, None)),
-        ],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-verify")
+        .relay_at(
+            "viastarttls",
+            starttls.port,
+            &tls_lines("starttls", None, None),
+        )
+        .relay_at("viatls", implicit.port, &tls_lines("tls", None, None))
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -159,11 +160,7 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
 
     for name in ["viastarttls", "viatls"] {
         let needle = format!("relay {name} refused the session");
-        assert!(
-            worker.wait_for(&needle, Duration::from_secs(30)).await,
-            "no '{needle}' in the worker's log:\n{}",
-            worker.text()
-        );
+        worker.wait_for(&needle, Duration::from_secs(30)).await;
     }
     let log = worker.text();
     assert!(log.contains("relay marked down"), "{log}");
@@ -173,9 +170,24 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
             "{line}"
         );
     }
-    // Several cool-offs (1 s) later: probed again and again, never delivered, never dead.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["viastarttls", "viatls"]).await;
+    // Probed again and again through 1 s cool-offs, never delivered, never dead. Later
+    // probes are logged at debug level only; the STARTTLS relay sees each one's EHLO.
+    holds_throughout(
+        || async { starttls.messages().is_empty() && implicit.messages().is_empty() },
+        Duration::from_secs(4),
+        "no message at either relay through four 1 s cool-offs",
+    )
+    .await;
+    let probes = starttls
+        .commands()
+        .iter()
+        .filter(|c| c.contains(" EHLO "))
+        .count();
+    assert!(
+        probes >= 2,
+        "the STARTTLS relay was probed {probes} time(s)"
+    );
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["viastarttls", "viatls"]).await;
     assert!(starttls.messages().is_empty() && implicit.messages().is_empty());
     for commands in [starttls.commands(), implicit.commands()] {
         assert!(
@@ -191,16 +203,16 @@ async fn certificates_are_verified_by_default_and_a_relay_with_an_unknown_ca_is_
 async fn skipping_verification_delivers_and_says_so_at_start() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), None).await;
-    let ns = TestNamespace::new("sec-insecure", &["primary"], 1).await;
     let extra = format!(
         "{}tls_insecure_skip_verify = true\n",
         tls_lines("starttls", None, None)
     );
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", relay.port, &extra)],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-insecure")
+        .relay_at("primary", relay.port, &extra)
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     // At `warn`, the level a quiet production worker runs at.
     let worker = Captured::spawn(
@@ -209,13 +221,9 @@ async fn skipping_verification_delivers_and_says_so_at_start() {
         &[("RUST_LOG", "warn")],
     );
 
-    assert!(
-        worker
-            .wait_for("tls_insecure_skip_verify", Duration::from_secs(20))
-            .await,
-        "no warning at start:\n{}",
-        worker.text()
-    );
+    worker
+        .wait_for("tls_insecure_skip_verify", Duration::from_secs(20))
+        .await;
     assert!(worker.text().contains("NOT verified"), "{}", worker.text());
     ns.publish_jobs("primary", "insecure", 1).await;
 
@@ -238,16 +246,16 @@ async fn skipping_verification_delivers_and_says_so_at_start() {
 async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_it() {
     // A plain server that offers AUTH in clear: a lax client would log in and send.
     let relay = Aiosmtpd::start(Mode::Plain, None, Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-nostarttls", &["primary"], 1).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-nostarttls")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", None, Some(PASSWORD)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -265,8 +273,20 @@ async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_i
         "the worker never tried the relay:\n{}",
         worker.text()
     );
-    // Cool-offs of 1 s: several sessions were tried by now.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Cool-offs of 1 s: several sessions are tried.
+    wait_until(
+        || async {
+            relay
+                .commands()
+                .iter()
+                .filter(|c| c.contains(" EHLO "))
+                .count()
+                >= 3
+        },
+        Duration::from_secs(20),
+        "three sessions tried with the relay",
+    )
+    .await;
     let commands = relay.commands();
     assert!(
         commands
@@ -280,24 +300,24 @@ async fn required_starttls_never_talks_in_clear_to_a_relay_that_does_not_offer_i
         worker.text()
     );
     assert!(relay.messages().is_empty());
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
     let pki = TestPki::generate();
     let relay = Aiosmtpd::start(Mode::Starttls, Some(&pki), Some((USER, PASSWORD))).await;
-    let ns = TestNamespace::new("sec-badpw", &["primary"], 1).await;
     let wrong = "Wr0ngPassw0rd-51d2";
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[(
+    let app = TestApp::builder("sec-badpw")
+        .relay_at(
             "primary",
             relay.port,
             &tls_lines("starttls", Some(&pki), Some(wrong)),
-        )],
-        &["1s"],
-    ));
+        )
+        .workers(0)
+        .start()
+        .await;
+    let (ns, config) = (&app.ns, &app.config);
     let mut events = ns.events().await;
     let worker = Captured::spawn(
         "sluice-worker",
@@ -307,14 +327,12 @@ async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
 
     ns.publish_jobs("primary", "badpw", 1).await;
 
-    assert!(
-        worker
-            .wait_for("rejected our credentials", Duration::from_secs(30))
-            .await,
-        "{}",
-        worker.text()
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    worker
+        .wait_for("rejected our credentials", Duration::from_secs(30))
+        .await;
+    worker
+        .wait_for("relay marked down", Duration::from_secs(30))
+        .await;
     let log = worker.text();
     assert!(
         log.contains("relay marked down") && log.contains("535"),
@@ -326,7 +344,7 @@ async fn a_wrong_password_marks_the_relay_down_and_bounces_nothing() {
         .any(|c| c.contains(" AUTH-RESULT PLAIN fail tls=1")
             || c.contains(" AUTH-RESULT LOGIN fail tls=1")));
     assert!(relay.messages().is_empty());
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
     let output = worker.stop();
     assert_no_secret(
         &output,
@@ -426,11 +444,9 @@ async fn no_secret_reaches_the_output_of_a_trace_level_run() {
         worker.text()
     );
     assert_eq!(events.seen[0].outcome, EventOutcome::Delivered);
-    assert!(
-        worker
-            .wait_for("rejected our credentials", Duration::from_secs(30))
-            .await
-    );
+    worker
+        .wait_for("rejected our credentials", Duration::from_secs(30))
+        .await;
 
     // The producer, with the same broker credentials in its URL.
     let recipients = config.write("recipients.csv", "email\nsomeone@example.org\n");
@@ -528,13 +544,9 @@ async fn an_unreachable_broker_is_reported_without_the_password_in_its_url() {
         &[("RUST_LOG", "trace")],
     );
     for (name, process) in [("worker", &worker), ("producer", &producer)] {
-        assert!(
-            process
-                .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
-                .await,
-            "{name}: {}",
-            process.text()
-        );
+        process
+            .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
+            .await;
         assert!(
             process.text().contains("sluice:***@127.0.0.1:1"),
             "{name}: {}",
@@ -585,13 +597,9 @@ async fn amqps_with_a_private_ca_reaches_the_broker_and_an_unknown_ca_does_not()
     let args = send(&without_ca.path);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let refused = Captured::spawn("sluice-producer", &args, &[("RUST_LOG", "info")]);
-    assert!(
-        refused
-            .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
-            .await,
-        "{}",
-        refused.text()
-    );
+    refused
+        .wait_for("RabbitMQ not reachable", Duration::from_secs(20))
+        .await;
     let refused = refused.stop();
     assert!(refused.contains("UnknownIssuer"), "{refused}");
     assert_eq!(proxy.handshakes(), 0);
@@ -766,13 +774,12 @@ async fn assert_relay_fault_kept_the_jobs(
     relays: &[&str],
 ) {
     events
-        .wait_until(Duration::from_millis(300), |_| false)
+        .holds_throughout(
+            |seen| seen.iter().all(|e| !e.outcome.is_final()),
+            Duration::from_secs(1),
+            "no final outcome among the events of the relay's faults, read for 1 s after them",
+        )
         .await;
-    assert!(
-        events.seen.iter().all(|e| !e.outcome.is_final()),
-        "a relay fault gave a job a final outcome: {:?}",
-        events.seen
-    );
     for relay in relays {
         let jobs = ns.topology.jobs_queue(relay);
         assert!(
@@ -821,11 +828,11 @@ struct Captured {
 
 impl Captured {
     fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(bin(binary))
+        let mut child = Binary::new(binary)
+            .command()
             .args(args)
             .envs(env.iter().copied())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -861,9 +868,14 @@ impl Captured {
         self.output.lock().expect("output lock").clone()
     }
 
-    /// Wait until the output contains `needle`.
-    async fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        eventually(timeout, || async { self.text().contains(needle) }).await
+    /// Wait until the output contains `needle`; panics with the output after `timeout`.
+    async fn wait_for(&self, needle: &str, timeout: Duration) {
+        let found = eventually(timeout, || async { self.text().contains(needle) }).await;
+        assert!(
+            found,
+            "no {needle:?} within {timeout:?} in the output:\n{}",
+            self.text()
+        );
     }
 
     /// SIGTERM, wait for the exit, and return everything printed.
@@ -914,12 +926,10 @@ impl Drop for Captured {
 
 /// Run a binary to completion.
 fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(bin(binary))
+    Binary::new(binary)
         .args(args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run {binary}: {e}"))
 }
 
 fn output_text(output: &std::process::Output) -> String {
@@ -943,8 +953,12 @@ impl RabbitUser {
             name: format!("sluice-sec-{tag}"),
             password: format!("AmqpPassw0rd{tag}"),
         };
-        rabbitmqctl(&["add_user", &user.name, &user.password]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        for args in [
+            &["add_user", &user.name, &user.password][..],
+            &["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"],
+        ] {
+            rabbitmqctl(args).unwrap_or_else(|e| panic!("{e}"));
+        }
         user
     }
 
@@ -955,42 +969,26 @@ impl RabbitUser {
 
 impl Drop for RabbitUser {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = rabbitmqctl(&["delete_user", &self.name]);
     }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (the tests run as root on the broker's machine)");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {}: {}",
-        args.first().unwrap_or(&""),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce() {
-    use sluice_tests::processes::WorkerProcess;
-    use sluice_tests::scripted_smtp::{Behaviour, ScriptedSmtp};
+    use sluice_tests::app::TestApp;
+    use sluice_tests::scripted_smtp::Behaviour;
 
-    let ns = TestNamespace::new("sec-530", &["primary"], 1).await;
     // The relay wants AUTH; our settings carry no credentials, so MAIL gets 530.
-    let smtp = ScriptedSmtp::start(Behaviour::auth_required("relay-user", "relay-pass")).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[("primary", smtp.port(), "down_cooloff = \"1s\"")],
-        &["1s"],
-    ));
+    let app = TestApp::builder("sec-530")
+        .relay(
+            "primary",
+            Behaviour::auth_required("relay-user", "relay-pass"),
+            "down_cooloff = \"1s\"",
+        )
+        .start()
+        .await;
+    let (ns, smtp) = (&app.ns, app.relay("primary"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &[]);
     ns.publish_jobs("primary", "needs-auth", 1).await;
 
     assert!(
@@ -999,7 +997,7 @@ async fn a_relay_demanding_authentication_we_do_not_offer_is_down_not_a_bounce()
         })
         .await
     );
-    assert_relay_fault_kept_the_jobs(&ns, &mut events, &["primary"]).await;
+    assert_relay_fault_kept_the_jobs(ns, &mut events, &["primary"]).await;
     assert_eq!(smtp.accepted_count(), 0);
 }
 

@@ -40,9 +40,6 @@ use crate::step::{deliver_one, Next, Sender};
 /// A lane gives its slot back after its queues have been empty this long.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
-/// Pause between taking a slot and opening its session.
-const SLOT_SETTLE: Duration = Duration::from_millis(100);
-
 /// The most unacknowledged jobs a lane holds (see [`lane_window`]).
 pub const MAX_LANE_WINDOW: u16 = 32;
 
@@ -114,9 +111,6 @@ async fn serve(
     _slot: &Slot,
     queues: Vec<String>,
 ) -> anyhow::Result<()> {
-    // The slot's previous holder may have died a moment ago: give the relay time to see
-    // its sessions close before this one opens.
-    tokio::time::sleep(SLOT_SETTLE).await;
     let mut lane = Lane {
         sender: Sender::new(ctx, relay),
         queues: &queues,
