@@ -335,8 +335,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Decrements the open-session counter when a session's socket is gone,
 /// including when its task is aborted at shutdown. A session that ended with
-/// QUIT stays open until then too, as for a real relay (Postfix's anvil counts
-/// a client until smtpd has closed its connection), not from the `221` on.
+/// QUIT stays open until the server closes it, as for a real relay (Postfix's
+/// anvil counts a client until smtpd is done with it), not from the `221` on;
+/// like smtpd, which tells anvil before its connection is closed, the count
+/// drops just before the server's close, so a client that waits for the
+/// close sees the session gone.
 struct SessionGuard(Arc<Inner>);
 
 impl Drop for SessionGuard {
@@ -543,10 +546,9 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, mut stop: oneshot
                     let guard = SessionGuard(Arc::clone(&inner));
                     let inner = Arc::clone(&inner);
                     sessions.spawn(async move {
-                        // The stream is dropped (closed) inside run_session,
-                        // before the guard marks the session closed.
-                        let _ = run_session(stream, &inner, session).await;
-                        drop(guard);
+                        // The guard lives in the session: dropped just before the
+                        // server closes after QUIT, else after the stream is closed.
+                        let _ = run_session(stream, &inner, session, guard).await;
                     });
                 }
                 // e.g. EMFILE: back off instead of spinning.
@@ -576,6 +578,8 @@ impl From<std::io::Error> for End {
 
 struct Session<'a> {
     io: BufReader<TcpStream>,
+    /// Counted as open until dropped (declared after `io`: dropped after it).
+    open: Option<SessionGuard>,
     inner: &'a Inner,
     number: usize,
     greeted: bool,
@@ -584,7 +588,12 @@ struct Session<'a> {
     rcpt_to: Vec<String>,
 }
 
-async fn run_session(stream: TcpStream, inner: &Inner, number: usize) -> Result<(), End> {
+async fn run_session(
+    stream: TcpStream,
+    inner: &Inner,
+    number: usize,
+    guard: SessionGuard,
+) -> Result<(), End> {
     let behaviour = inner.behaviour();
     if behaviour.mode == Mode::RefuseConnections {
         return Ok(());
@@ -592,6 +601,7 @@ async fn run_session(stream: TcpStream, inner: &Inner, number: usize) -> Result<
     let _ = stream.set_nodelay(true);
     let mut s = Session {
         io: BufReader::new(stream),
+        open: Some(guard),
         inner,
         number,
         greeted: false,
@@ -688,6 +698,7 @@ impl Session<'_> {
                 "NOOP" => self.reply("250 2.0.0 Ok").await?,
                 "QUIT" => {
                     self.reply("221 2.0.0 Bye").await?;
+                    self.open.take();
                     self.io.get_mut().shutdown().await?;
                     return Ok(());
                 }

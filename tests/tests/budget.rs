@@ -203,3 +203,42 @@ async fn a_down_relay_without_failover_keeps_its_jobs_queued_until_it_returns() 
     );
     assert_eq!(app.jobs_len("primary").await, 0);
 }
+
+/// A lane replaces its session every message (`max_messages_per_connection = 1`): the
+/// relay, which counts a session until its socket closes (as Postfix's anvil does), must
+/// never see the new session while the old one is still open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_replaced_in_its_slot_is_closed_at_the_relay_before_the_next_opens() {
+    const REPLACED: usize = 1000;
+    let mut app = TestApp::builder("budget-replace")
+        .relay(
+            "primary",
+            Behaviour::accept_all(),
+            &format!("max_connections = {MAX_CONNECTIONS}\nmax_messages_per_connection = 1\n"),
+        )
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    app.ns.publish_jobs("primary", "r", REPLACED).await;
+    app.start_workers(1);
+    let all_arrived = eventually(Duration::from_secs(120), || async {
+        smtp.recipients().len() >= REPLACED
+    })
+    .await;
+    assert!(
+        all_arrived,
+        "only {} of {REPLACED} delivered",
+        smtp.recipients().len()
+    );
+    assert!(
+        smtp.sessions_total() >= REPLACED,
+        "{} sessions for {REPLACED} messages: sessions were not replaced",
+        smtp.sessions_total()
+    );
+    assert!(
+        smtp.max_concurrent_sessions() <= MAX_CONNECTIONS,
+        "{} sessions at once at the relay with a budget of {MAX_CONNECTIONS}",
+        smtp.max_concurrent_sessions()
+    );
+}

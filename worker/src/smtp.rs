@@ -463,13 +463,26 @@ impl SmtpSession {
     }
 
     /// Say QUIT and close, without waiting longer than the command timeout.
+    ///
+    /// After the relay's 221 it waits (at most [`CLOSE_WAIT`]) for the relay to close its
+    /// end: a relay counts a session until its socket closes (Postfix's anvil does), and the
+    /// slot's next session must not overlap this one there.
     pub async fn close(mut self) {
         if !self.is_usable() {
             return;
         }
-        let _ = tokio::time::timeout(self.command_timeout, self.conn.quit()).await;
+        let quit = tokio::time::timeout(self.command_timeout, self.conn.quit()).await;
+        if matches!(quit, Ok(Ok(_))) {
+            // Nothing more is expected: this read ends when the relay closes the connection.
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.conn.read_response()).await;
+        }
     }
 }
+
+/// How long [`SmtpSession::close`] waits for the relay to close the connection after its
+/// 221 (RFC 5321 4.1.1.10: it must). A relay that keeps it open costs a lane this much per
+/// session it replaces.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Message content as sent after DATA's 354: every line ends with CRLF (a bare CR or LF
 /// becomes CRLF), a dot at the start of a line is doubled (RFC 5321 4.5.2), and the
