@@ -569,4 +569,47 @@ async fn a_relay_on_a_closed_port_counts_as_down_once_and_fails_over() {
         "the backup's lanes took no slot: {after}"
     );
     assert_eq!(backup.accepted_count(), 3);
+
+    // Every worker metric the alert rules name is one this scrape has.
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/sluice-alerts.yaml"
+    ))
+    .expect("read deploy/prometheus/sluice-alerts.yaml");
+    let named = sluice_metric_names(&rules);
+    assert!(named.len() >= 5, "{named:?}");
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|name| {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            !after.contains(&format!("# TYPE {family} "))
+                && !after.contains(&format!("# TYPE {name} "))
+        })
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the alert rules name metrics the worker does not export: {unknown:?}"
+    );
+}
+
+/// The `sluice_*` metric names in `text`.
+fn sluice_metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("sluice_")
+        .filter(|(at, _)| {
+            !text[..*at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|name| name.len() > "sluice_".len()) // not the `sluice_*` of a comment
+        .collect()
 }
