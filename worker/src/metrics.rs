@@ -101,7 +101,7 @@ impl Metrics {
         );
         let relay_down = counter(
             "sluice_relay_down_total",
-            "Times this worker marked the relay down (no session, or a refusal streak)",
+            "Times the relay went from up to down on this worker (no session, or a refusal streak); an outage counts once, however many probes fail",
         );
         let failovers = IntCounterVec::new(
             Opts::new(
