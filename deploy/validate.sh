@@ -31,11 +31,19 @@
 #   docker    hadolint on every Dockerfile, nothing at warning level or above
 #   schemas   deploy/schemas/*.json are valid JSON Schemas
 #   samples   sample recipients only use reserved example domains
+#   alerts    prometheus/*.yaml pass `promtool check rules`, and
+#             prometheus/*.test.yaml pass `promtool test rules`. promtool comes
+#             from Debian's `prometheus` package (deploy/services.sh installs
+#             it) or $PROMTOOL; without it the checks FAIL, they do not skip.
+#   keda      the KEDA ScaledObject's maxReplicaCount equals the sum of the
+#             relays' max_connections in the ConfigMap's sluice.toml (a worker
+#             without a budget slot sends nothing; deploy/SCALING.md)
 #
 # Environment:
 #   K8S_VERSIONS          Kubernetes versions to validate against (default "1.30.0 1.37.0")
 #   SLUICE_VALIDATE_VENV  venv location (default ${XDG_CACHE_HOME:-~/.cache}/sluice-validate-venv)
 #   PYTHON                interpreter used to create the venv (default python3)
+#   PROMTOOL              promtool binary (default: promtool on PATH)
 #
 # Exit status: 0 if every check passed, 1 if any failed, 2 on setup errors.
 set -euo pipefail
@@ -382,6 +390,36 @@ def cmd_samples(csv_path, *configmaps):
             check_recipients(text, f"{path}: data.{key}")
 
 
+def cmd_keda_cap(scaledobject, *configmaps):
+    """maxReplicaCount == the sum of max_connections over the ConfigMap's relays."""
+    doc = try_one_object(scaledobject)
+    if doc is None or doc["kind"] != "ScaledObject":
+        sys.exit(f"{scaledobject}: not a single ScaledObject")
+    cap = (doc.get("spec") or {}).get("maxReplicaCount")
+    budgets, errors = {}, []
+    for path in configmaps:
+        for key, text in configmap_entries(path, "sluice.toml"):
+            try:
+                relays = tomllib.loads(text).get("relays", {})
+            except tomllib.TOMLDecodeError:
+                continue  # reported by the toml check
+            for name, relay in relays.items():
+                if not isinstance(relay.get("max_connections"), int):
+                    errors.append(f"{path}: data.{key}: relays.{name} has no explicit "
+                                  "max_connections (the cap is computed from it)")
+                else:
+                    budgets[name] = relay["max_connections"]
+    if not budgets and not errors:
+        errors.append("no relay with max_connections in any ConfigMap sluice.toml")
+    total = sum(budgets.values())
+    if budgets and cap != total:
+        terms = " + ".join(f"{v} ({k})" for k, v in budgets.items())
+        errors.append(f"{scaledobject}: spec.maxReplicaCount is {cap!r}, but the relays' "
+                      f"budgets give {terms} = {total}")
+    if errors:
+        sys.exit("\n".join(errors))
+
+
 if __name__ == "__main__":
     globals()["cmd_" + sys.argv[1].replace("-", "_")](*sys.argv[2:])
 PY
@@ -491,6 +529,38 @@ check "schemas   schemas/*.json are valid JSON Schemas" \
 
 check "samples   recipients only at reserved example domains" \
     helper samples "$DEPLOY_DIR/sample/recipients.csv" "${k8s_files[@]}"
+
+PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
+shopt -s nullglob
+alert_tests=("$DEPLOY_DIR"/prometheus/*.test.yaml)
+alert_rules=()
+for f in "$DEPLOY_DIR"/prometheus/*.yaml; do
+    [[ "$f" == *.test.yaml ]] || alert_rules+=("$f")
+done
+shopt -u nullglob
+no_promtool="promtool not found: apt-get install prometheus (bash deploy/services.sh does), or set PROMTOOL"
+if [[ ${#alert_rules[@]} -eq 0 ]]; then
+    check "alerts    deploy/prometheus" fail_with "no alert rules found in $DEPLOY_DIR/prometheus"
+fi
+for f in "${alert_rules[@]}"; do
+    if [[ -z "$PROMTOOL" ]]; then
+        check "alerts    $(rel "$f")  (promtool check rules)" fail_with "$no_promtool"
+    else
+        check "alerts    $(rel "$f")  (promtool check rules)" "$PROMTOOL" check rules "$f"
+    fi
+done
+for f in "${alert_tests[@]}"; do
+    if [[ -z "$PROMTOOL" ]]; then
+        check "alerts    $(rel "$f")  (promtool test rules)" fail_with "$no_promtool"
+    else
+        # Rule files in a test are relative to the test file.
+        check "alerts    $(rel "$f")  (promtool test rules)" \
+            bash -c 'cd "$(dirname "$2")" && "$1" test rules "$(basename "$2")"' _ "$PROMTOOL" "$f"
+    fi
+done
+
+check "keda      k8s/keda-scaledobject.yaml  (maxReplicaCount = sum of relays' max_connections)" \
+    helper keda-cap "$DEPLOY_DIR/k8s/keda-scaledobject.yaml" "${k8s_files[@]}"
 
 printf 'deploy checks: %d ok, %d failing\n' "$passed" "$failed"
 [[ "$failed" -eq 0 ]]

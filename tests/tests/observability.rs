@@ -455,6 +455,36 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
         "{scrape}"
     );
     assert_eq!(value("sluice_relay_up"), Some(1.0), "{scrape}");
+    assert_eq!(value("sluice_relay_down_total"), Some(0.0), "{scrape}");
+    // Every session began with a slot taken while its jobs waited.
+    let slot_waits = value("sluice_budget_slot_wait_seconds_count").unwrap_or(0.0);
+    assert!(slot_waits >= 1.0, "no slot wait observed: {scrape}");
+    assert_eq!(
+        sample(
+            &scrape,
+            "sluice_budget_slot_wait_seconds_bucket{relay=\"primary\",le=\"+Inf\"}"
+        ),
+        Some(slot_waits),
+        "{scrape}"
+    );
+    // Which version runs, and the standard process metrics.
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(
+                "sluice_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{scrape}"
+    );
+    let rss = sample(&scrape, "process_resident_memory_bytes").unwrap_or(0.0);
+    assert!(rss > 0.0, "no process_resident_memory_bytes: {scrape}");
+    assert!(
+        sample(&scrape, "process_start_time_seconds").unwrap_or(0.0) > 0.0,
+        "{scrape}"
+    );
 
     // The dashboard queries only metrics this scrape has...
     let scrape_file = app.config.write("metrics.txt", &scrape);
@@ -499,4 +529,143 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
         "OTLP metrics missing: {:?}",
         receiver.metric_names("sluice-worker")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_on_a_closed_port_counts_as_down_once_and_fails_over() {
+    let ns = TestNamespace::new("metrics-down", &["primary", "backup"], 1).await;
+    let closed = free_port(); // bound and released: nothing listens there
+    let backup = ScriptedSmtp::start(Behaviour::accept_all()).await;
+    let config = ConfigFile::new(&config_toml(
+        &ns.name,
+        &[
+            (
+                "primary",
+                closed,
+                "failover = \"backup\"\ndown_cooloff = \"60s\"\nconnect_timeout = \"2s\"",
+            ),
+            ("backup", backup.port(), ""),
+        ],
+        &["1s"],
+    ));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut events = ns.events().await;
+    let _worker = WorkerProcess::start(&config.path, &["--listen", &listen]);
+    // The scrape, once the worker serves one.
+    let scrape = || async {
+        match sluice_tests::http::get(&listen, "/metrics").await {
+            Some((200, scrape)) => Some(scrape),
+            _ => None,
+        }
+    };
+    let up = eventually(WAIT, || async { scrape().await.is_some() }).await;
+    assert!(up, "the worker never served its metrics");
+    let before = scrape().await.expect("scrape /metrics");
+    assert_eq!(
+        sample(&before, "sluice_relay_down_total{relay=\"primary\"}"),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(
+        sample(
+            &before,
+            "sluice_relay_failovers_total{relay=\"primary\",to=\"backup\"}"
+        ),
+        Some(0.0),
+        "{before}"
+    );
+
+    for i in 0..3 {
+        let id = format!("down-{i}");
+        ns.publish_raw(
+            "primary",
+            &id,
+            job_json(&id, &format!("down{i}@example.org")).as_bytes(),
+        )
+        .await;
+    }
+    assert!(
+        events
+            .wait_until(WAIT, |seen| seen
+                .iter()
+                .filter(|e| e.outcome == EventOutcome::Delivered)
+                .count()
+                >= 3)
+            .await,
+        "the jobs did not go out through the backup: {:?}",
+        events.seen
+    );
+
+    let after = scrape().await.expect("scrape /metrics");
+    let value = |series: &str| sample(&after, series);
+    // Down once for its cool-off, however many lanes failed to connect.
+    assert_eq!(
+        value("sluice_relay_down_total{relay=\"primary\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        value("sluice_relay_failovers_total{relay=\"primary\",to=\"backup\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(value("sluice_relay_up{relay=\"primary\"}"), Some(0.0));
+    assert_eq!(
+        value("sluice_relay_down_total{relay=\"backup\"}"),
+        Some(0.0),
+        "{after}"
+    );
+    assert_eq!(
+        value("sluice_jobs_delivered_total{relay=\"backup\"}"),
+        Some(3.0),
+        "{after}"
+    );
+    assert!(
+        value("sluice_budget_slot_wait_seconds_count{relay=\"backup\"}").unwrap_or(0.0) >= 1.0,
+        "the backup's lanes took no slot: {after}"
+    );
+    assert_eq!(backup.accepted_count(), 3);
+
+    // Every worker metric the alert rules name is one this scrape has.
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/sluice-alerts.yaml"
+    ))
+    .expect("read deploy/prometheus/sluice-alerts.yaml");
+    let named = sluice_metric_names(&rules);
+    assert!(named.len() >= 5, "{named:?}");
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|name| {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            !after.contains(&format!("# TYPE {family} "))
+                && !after.contains(&format!("# TYPE {name} "))
+        })
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the alert rules name metrics the worker does not export: {unknown:?}"
+    );
+}
+
+/// The `sluice_*` metric names in `text`.
+fn sluice_metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("sluice_")
+        .filter(|(at, _)| {
+            !text[..*at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|name| name.len() > "sluice_".len()) // not the `sluice_*` of a comment
+        .collect()
 }

@@ -71,6 +71,8 @@ pub fn lane_window(share: Option<RateShare>, per_message: Duration) -> u16 {
 /// reconnects when the connection is gone.
 pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Result<()> {
     let mut probe: Option<Channel> = None;
+    // Since when this lane has seen work waiting without a slot to send it.
+    let mut wanting_since: Option<Instant> = None;
     while !ctx.shutdown.is_triggered() {
         if ctx.broker.is_blocked() {
             let mut blocked = ctx.broker.blocked_changes();
@@ -89,13 +91,18 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
         }
         let queues = ctx.relays.served_by(&relay);
         if queues.is_empty() || !has_work(&ctx, &mut probe, &queues).await? {
+            wanting_since = None;
             pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
             continue;
         }
+        let wanting = *wanting_since.get_or_insert_with(Instant::now);
         let Some(slot) = relay.budget.try_acquire().await? else {
             pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
             continue;
         };
+        wanting_since = None;
+        let waited = wanting.elapsed().as_secs_f64();
+        ctx.metrics.slot_wait_seconds(relay.name(), waited);
         let served = serve(&ctx, &relay, &slot, queues).await;
         relay.budget.release(slot).await;
         served?;

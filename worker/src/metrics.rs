@@ -1,5 +1,5 @@
 //! The worker's Prometheus metrics, served on `/metrics`. Names are a contract with the
-//! Grafana dashboard in `deploy/`.
+//! Grafana dashboard and the alert rules in `deploy/`.
 
 use std::sync::Arc;
 
@@ -16,6 +16,10 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    /// `process_*` (CPU, memory, file descriptors, start time), read from `/proc` at each
+    /// scrape. A registry of its own: [`Metrics::families`] (mirrored over OTLP) stays the
+    /// worker's own families and costs no `/proc` read.
+    process: Registry,
     received: IntCounterVec,
     delivered: IntCounterVec,
     deferred: IntCounterVec,
@@ -27,6 +31,9 @@ struct Inner {
     max_connections: IntGaugeVec,
     max_rate: IntGaugeVec,
     relay_up: IntGaugeVec,
+    relay_down: IntCounterVec,
+    failovers: IntCounterVec,
+    slot_wait_seconds: HistogramVec,
     broker_blocked: IntGauge,
     /// The same histogram over OTLP, once `otel_metrics::install` set it.
     otel_send_seconds: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>>,
@@ -92,6 +99,52 @@ impl Metrics {
             "sluice_relay_up",
             "1 while the relay is usable, 0 while it is marked down",
         );
+        let relay_down = counter(
+            "sluice_relay_down_total",
+            "Times the relay went from up to down on this worker (no session, or a refusal streak); an outage counts once, however many probes fail",
+        );
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "sluice_relay_failovers_total",
+                "Times the relay went down while it has a failover: its jobs go to `to`",
+            ),
+            &["relay", "to"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(failovers.clone()))
+            .expect("register");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "sluice_build_info",
+                "Always 1; the worker's version in the `version` label",
+            ),
+            &["version"],
+        )
+        .expect("metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(build_info)).expect("register");
+        let slot_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_budget_slot_wait_seconds",
+                "Time a lane with work waiting took to get a fleet-wide budget slot",
+            )
+            .buckets(Self::SLOT_WAIT_SECONDS_BUCKETS.to_vec()),
+            &["relay"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(slot_wait_seconds.clone()))
+            .expect("register");
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("register");
         let broker_blocked = IntGauge::new(
             "sluice_broker_blocked",
             "1 while the broker blocks this worker's publishing connection (memory or disk alarm)",
@@ -115,6 +168,7 @@ impl Metrics {
         Self {
             inner: Arc::new(Inner {
                 registry,
+                process,
                 received,
                 delivered,
                 deferred,
@@ -126,6 +180,9 @@ impl Metrics {
                 max_connections,
                 max_rate,
                 relay_up,
+                relay_down,
+                failovers,
+                slot_wait_seconds,
                 broker_blocked,
                 otel_send_seconds: Default::default(),
             }),
@@ -145,7 +202,14 @@ impl Metrics {
             .set(max_connections.into());
         i.max_rate.with_label_values(&[relay]).set(max_rate.into());
         i.relay_up.with_label_values(&[relay]).set(1);
-        for counter in [&i.received, &i.delivered, &i.deferred, &i.bounced, &i.dead] {
+        for counter in [
+            &i.received,
+            &i.delivered,
+            &i.deferred,
+            &i.bounced,
+            &i.dead,
+            &i.relay_down,
+        ] {
             counter.with_label_values(&[relay]).inc_by(0);
         }
         i.sessions_open.with_label_values(&[relay]).set(0);
@@ -192,6 +256,33 @@ impl Metrics {
             .set(up.into());
     }
 
+    /// The relay was marked down (it was up).
+    pub fn relay_down(&self, relay: &str) {
+        self.inner.relay_down.with_label_values(&[relay]).inc();
+    }
+
+    /// `relay` fails over to `to` here: its counter starts at 0, so `increase()` works
+    /// from the first failover on.
+    pub fn failover_configured(&self, relay: &str, to: &str) {
+        self.inner
+            .failovers
+            .with_label_values(&[relay, to])
+            .inc_by(0);
+    }
+
+    /// `relay` went down and its jobs now go to `to`.
+    pub fn failover(&self, relay: &str, to: &str) {
+        self.inner.failovers.with_label_values(&[relay, to]).inc();
+    }
+
+    /// A lane of `relay` got a budget slot `seconds` after it first saw work waiting.
+    pub fn slot_wait_seconds(&self, relay: &str, seconds: f64) {
+        self.inner
+            .slot_wait_seconds
+            .with_label_values(&[relay])
+            .observe(seconds);
+    }
+
     /// Every metric family as gathered now (those with at least one relay).
     pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.inner.registry.gather()
@@ -202,17 +293,110 @@ impl Metrics {
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
 
+    /// The buckets of `sluice_budget_slot_wait_seconds`: lanes poll for a slot about every
+    /// 400 ms, and a saturated fleet waits for sessions to end (minutes on a slow relay).
+    pub const SLOT_WAIT_SECONDS_BUCKETS: [f64; 12] = [
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ];
+
     /// Also record send latencies into `histogram` (an OTLP instrument); set once.
     pub fn mirror_send_seconds(&self, histogram: opentelemetry::metrics::Histogram<f64>) {
         let _ = self.inner.otel_send_seconds.set(histogram);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric, `process_*` included.
     pub fn render(&self) -> String {
+        let mut families = self.inner.registry.gather();
+        families.extend(self.inner.process.gather());
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.inner.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .expect("text encoding");
         String::from_utf8(buffer).expect("prometheus text is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.rsplit(' ').next())
+    }
+
+    #[test]
+    fn the_scrape_names_the_version_and_the_process() {
+        let text = Metrics::new().render();
+        let build = format!(
+            "sluice_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(series(&text, &build), Some("1"), "{text}");
+        #[cfg(target_os = "linux")]
+        {
+            let rss: f64 = series(&text, "process_resident_memory_bytes ")
+                .expect("process_resident_memory_bytes")
+                .parse()
+                .unwrap();
+            assert!(rss > 0.0, "{text}");
+            assert!(series(&text, "process_open_fds ").is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn process_metrics_stay_out_of_the_families_mirrored_over_otlp() {
+        let families = Metrics::new().families();
+        assert!(families.iter().any(|f| f.name() == "sluice_build_info"));
+        assert!(!families.iter().any(|f| f.name().starts_with("process_")));
+    }
+
+    #[test]
+    fn down_failover_and_slot_wait_start_at_zero_and_count() {
+        let metrics = Metrics::new();
+        metrics.relay_configured("primary", 4, 0);
+        metrics.failover_configured("primary", "backup");
+        let before = metrics.render();
+        assert_eq!(
+            series(&before, "sluice_relay_down_total{relay=\"primary\"}"),
+            Some("0")
+        );
+        assert_eq!(
+            series(
+                &before,
+                "sluice_relay_failovers_total{relay=\"primary\",to=\"backup\"}"
+            ),
+            Some("0")
+        );
+        metrics.relay_down("primary");
+        metrics.failover("primary", "backup");
+        metrics.slot_wait_seconds("primary", 0.3);
+        let after = metrics.render();
+        assert_eq!(
+            series(&after, "sluice_relay_down_total{relay=\"primary\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            series(
+                &after,
+                "sluice_relay_failovers_total{relay=\"primary\",to=\"backup\"}"
+            ),
+            Some("1")
+        );
+        assert_eq!(
+            series(
+                &after,
+                "sluice_budget_slot_wait_seconds_bucket{relay=\"primary\",le=\"0.25\"}"
+            ),
+            Some("0")
+        );
+        assert_eq!(
+            series(
+                &after,
+                "sluice_budget_slot_wait_seconds_bucket{relay=\"primary\",le=\"0.5\"}"
+            ),
+            Some("1")
+        );
     }
 }

@@ -33,8 +33,11 @@ impl Relay {
     ) -> Self {
         let settings = client.settings();
         let share = rate_share(settings.max_messages_per_second, settings.max_connections);
+        // Its going down moves its jobs only if its lanes serve them (see `served_by`).
+        let failover = settings.failover.clone().filter(|_| serves_own_queue);
         let health = RelayHealth::new(
             client.name(),
+            failover,
             settings.down_cooloff,
             settings.refusals_before_down,
             metrics,
@@ -57,6 +60,8 @@ impl Relay {
 /// Circuit state of a relay, as this worker has seen it.
 pub struct RelayHealth {
     relay: String,
+    /// Where this relay's jobs go while it is down.
+    failover: Option<String>,
     cooloff: Duration,
     down_until: Mutex<Option<Instant>>,
     streak: Mutex<RefusalStreak>,
@@ -64,9 +69,19 @@ pub struct RelayHealth {
 }
 
 impl RelayHealth {
-    fn new(relay: &str, cooloff: Duration, refusals_before_down: u32, metrics: Metrics) -> Self {
+    fn new(
+        relay: &str,
+        failover: Option<String>,
+        cooloff: Duration,
+        refusals_before_down: u32,
+        metrics: Metrics,
+    ) -> Self {
+        if let Some(to) = &failover {
+            metrics.failover_configured(relay, to);
+        }
         Self {
             relay: relay.to_string(),
+            failover,
             cooloff,
             down_until: Mutex::new(None),
             streak: Mutex::new(RefusalStreak::new(refusals_before_down)),
@@ -96,6 +111,10 @@ impl RelayHealth {
         if was_up {
             tracing::warn!(relay = %self.relay, %error, cooloff = ?self.cooloff, "relay marked down");
             self.metrics.relay_up(&self.relay, false);
+            self.metrics.relay_down(&self.relay);
+            if let Some(to) = &self.failover {
+                self.metrics.failover(&self.relay, to);
+            }
         } else {
             tracing::debug!(relay = %self.relay, %error, "relay still down");
         }
