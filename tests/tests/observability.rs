@@ -533,24 +533,22 @@ async fn metrics_count_what_was_sent_and_the_dashboard_queries_only_those() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_on_a_closed_port_counts_as_down_once_and_fails_over() {
-    let ns = TestNamespace::new("metrics-down", &["primary", "backup"], 1).await;
     let closed = free_port(); // bound and released: nothing listens there
-    let backup = ScriptedSmtp::start(Behaviour::accept_all()).await;
-    let config = ConfigFile::new(&config_toml(
-        &ns.name,
-        &[
-            (
-                "primary",
-                closed,
-                "failover = \"backup\"\ndown_cooloff = \"60s\"\nconnect_timeout = \"2s\"",
-            ),
-            ("backup", backup.port(), ""),
-        ],
-        &["1s"],
-    ));
     let listen = format!("127.0.0.1:{}", free_port());
+    let app = TestApp::builder("metrics-down")
+        .relay_at(
+            "primary",
+            closed,
+            "failover = \"backup\"\ndown_cooloff = \"60s\"\nconnect_timeout = \"2s\"",
+        )
+        .relay("backup", Behaviour::accept_all(), "")
+        .retries(&["1s"])
+        .worker_args(&["--listen", &listen])
+        .workers(1)
+        .start()
+        .await;
+    let (ns, backup) = (&app.ns, app.relay("backup"));
     let mut events = ns.events().await;
-    let _worker = WorkerProcess::start(&config.path, &["--listen", &listen]);
     // The scrape, once the worker serves one.
     let scrape = || async {
         match sluice_tests::http::get(&listen, "/metrics").await {
@@ -558,8 +556,13 @@ async fn a_relay_on_a_closed_port_counts_as_down_once_and_fails_over() {
             _ => None,
         }
     };
-    let up = eventually(WAIT, || async { scrape().await.is_some() }).await;
-    assert!(up, "the worker never served its metrics");
+    // Served once the worker has set up its relays (the /metrics endpoint comes up first).
+    let failover_series = "sluice_relay_failovers_total{relay=\"primary\",to=\"backup\"}";
+    let up = eventually(WAIT, || async {
+        scrape().await.is_some_and(|s| s.contains(failover_series))
+    })
+    .await;
+    assert!(up, "the worker never served its relays' metrics");
     let before = scrape().await.expect("scrape /metrics");
     assert_eq!(
         sample(&before, "sluice_relay_down_total{relay=\"primary\"}"),
