@@ -202,7 +202,47 @@ fn default_refusals_before_down() -> u32 {
     5
 }
 
+/// How a relay's credentials travel, as far as its configuration says: decided before any
+/// connection, so that a password is never sent in clear by accident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleartextAuth {
+    /// No username: nothing to protect.
+    NoCredentials,
+    /// STARTTLS (required) or implicit TLS.
+    Encrypted,
+    /// In clear, but to this machine.
+    Loopback,
+    /// In clear over the network, because `allow_plaintext_auth` says so (a warning at start).
+    Allowed,
+    /// In clear over the network without `allow_plaintext_auth`: a configuration error.
+    Refused,
+}
+
 impl RelaySettings {
+    /// Whether AUTH may go in clear text to this relay. A host is a loopback address when
+    /// it is one (`127.0.0.0/8`, `::1`) or is `localhost`.
+    pub fn cleartext_auth(&self) -> CleartextAuth {
+        if self.username.is_none() {
+            return CleartextAuth::NoCredentials;
+        }
+        if self.tls != TlsMode::None {
+            return CleartextAuth::Encrypted;
+        }
+        let host = self.host.trim();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            CleartextAuth::Loopback
+        } else if self.allow_plaintext_auth {
+            CleartextAuth::Allowed
+        } else {
+            CleartextAuth::Refused
+        }
+    }
+
     /// The SMTP AUTH password from `password` or `password_file`, if any.
     pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
         if let Some(path) = &self.password_file {
@@ -551,9 +591,27 @@ impl Settings {
                     ));
                 }
             }
+            let has_password = relay.password.is_some() || relay.password_file.is_some();
             if relay.password.is_some() && relay.password_file.is_some() {
                 return bad(format!(
                     "relays.{name}: set password or password_file, not both"
+                ));
+            }
+            if relay.username.is_some() && !has_password {
+                return bad(format!(
+                    "relays.{name}.username is set but no password or password_file"
+                ));
+            }
+            if relay.username.is_none() && has_password {
+                return bad(format!("relays.{name}: a password is set but no username"));
+            }
+            if relay.cleartext_auth() == CleartextAuth::Refused {
+                return bad(format!(
+                    "relays.{name}: the credentials would go in clear text to {host}, which is \
+                     not a loopback address (tls = \"none\" with a username): use tls = \
+                     \"starttls\" or \"tls\", or set relays.{name}.allow_plaintext_auth = true \
+                     if the network to it is trusted",
+                    host = relay.host
                 ));
             }
         }
@@ -605,6 +663,51 @@ fn is_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_in_clear_text_goes_only_to_loopback_or_where_allowed() {
+        use CleartextAuth::*;
+        let cases = [
+            ("relay.example.com", TlsMode::None, true, false, Refused),
+            ("192.0.2.10", TlsMode::None, true, false, Refused),
+            ("0.0.0.0", TlsMode::None, true, false, Refused),
+            ("relay.example.com", TlsMode::None, true, true, Allowed),
+            ("127.0.0.1", TlsMode::None, true, false, Loopback),
+            ("127.8.9.10", TlsMode::None, true, false, Loopback),
+            ("::1", TlsMode::None, true, false, Loopback),
+            ("[::1]", TlsMode::None, true, false, Loopback),
+            ("localhost", TlsMode::None, true, false, Loopback),
+            (
+                "relay.example.com",
+                TlsMode::Starttls,
+                true,
+                false,
+                Encrypted,
+            ),
+            ("relay.example.com", TlsMode::Tls, true, false, Encrypted),
+            (
+                "relay.example.com",
+                TlsMode::None,
+                false,
+                false,
+                NoCredentials,
+            ),
+        ];
+        for (host, tls, credentials, allowed, expected) in cases {
+            let settings = RelaySettings {
+                host: host.into(),
+                tls,
+                allow_plaintext_auth: allowed,
+                username: credentials.then(|| "sluice".to_string()),
+                ..RelaySettings::default()
+            };
+            assert_eq!(
+                settings.cleartext_auth(),
+                expected,
+                "{host} {tls:?} credentials={credentials} allowed={allowed}"
+            );
+        }
+    }
 
     #[test]
     fn redacts_passwords_in_urls() {

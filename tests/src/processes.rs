@@ -13,11 +13,20 @@ use std::process::{Child, Command, Output, Stdio};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let mut dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // `SLUICE_TEST_BINARIES=release` runs the tests against the release build (overflow
+    // checks off, as users run it) while the tests themselves stay debug builds.
+    let profile = std::env::var("SLUICE_TEST_BINARIES").ok();
+    let other;
+    if let Some(profile) = profile.as_deref().filter(|p| !p.is_empty()) {
+        other = dir.parent().expect("target dir").join(profile);
+        dir = &other;
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        "{} is missing: run `cargo build --workspace --bins` (with --release for \
+         SLUICE_TEST_BINARIES=release) first (the README's test command does)",
         path.display()
     );
     path

@@ -1,5 +1,6 @@
 //! `deploy/sluice.example.toml`, the config a newcomer copies, stays valid, names every key
-//! the code knows, and states the defaults the code really has.
+//! the code knows, and states the defaults the code really has; `docs/configuration.md`
+//! names every key too.
 
 use sluice_tests::processes::{Binary, ConfigFile};
 use std::path::PathBuf;
@@ -57,6 +58,19 @@ fn the_example_config_loads_documents_every_key_and_states_the_real_defaults() {
             mentioned,
             "deploy/sluice.example.toml does not document {key}"
         );
+    }
+
+    // docs/configuration.md, the page a reader lands on, names every key too.
+    let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+    let docs = std::fs::read_to_string(&docs).expect("read docs/configuration.md");
+    for key in &all {
+        let name = key.rsplit('.').next().unwrap();
+        let mentioned = docs.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line.starts_with(&format!("{name} =")) || line.contains(&format!("`{name}`"))
+        }) || docs.contains(&format!("`{key}`"))
+            || docs.contains(&format!(".{name}`"));
+        assert!(mentioned, "docs/configuration.md does not document {key}");
     }
 
     // The values it sets are the defaults: the same as a config that sets nothing but a

@@ -18,7 +18,7 @@ use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParam
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
-use sluice_shared::config::{RelaySettings, TlsMode};
+use sluice_shared::config::{CleartextAuth, RelaySettings, TlsMode};
 
 use crate::line_endings::crlf_line_endings;
 
@@ -110,31 +110,21 @@ impl RelayClient {
         let password = settings
             .resolved_password()
             .with_context(|| format!("password of relay {name}"))?;
+        // `Settings::validate` already refused a username without a password (and the
+        // reverse) and credentials that would go in clear text.
         let credentials = match (&settings.username, password) {
             (Some(user), Some(password)) => Some(Credentials::new(
                 user.clone(),
                 password.expose().to_string(),
             )),
-            (Some(_), None) => {
-                anyhow::bail!("relays.{name}.username is set but no password or password_file")
-            }
-            (None, Some(_)) => anyhow::bail!("relays.{name}: a password is set but no username"),
-            (None, None) => None,
+            _ => None,
         };
-        match cleartext_auth(settings, credentials.is_some()) {
-            CleartextAuth::Refused => anyhow::bail!(
-                "relays.{name}: the credentials would go in clear text to {host}, which is not \
-                 a loopback address (tls = \"none\" with a username): use tls = \"starttls\" or \
-                 \"tls\", or set relays.{name}.allow_plaintext_auth = true if the network to it \
-                 is trusted",
-                host = settings.host
-            ),
-            CleartextAuth::Allowed => tracing::warn!(
+        if settings.cleartext_auth() == CleartextAuth::Allowed {
+            tracing::warn!(
                 relay = name,
                 host = %settings.host,
                 "allow_plaintext_auth is on: the relay's credentials go in clear text over the network"
-            ),
-            CleartextAuth::NoCredentials | CleartextAuth::Encrypted | CleartextAuth::Loopback => {}
+            );
         }
         let hello = match &settings.helo_name {
             Some(name) => ClientId::Domain(name.clone()),
@@ -562,44 +552,6 @@ async fn write_content(
 /// Bytes of content handed to lettre per write: lettre copies each piece it dot-stuffs.
 const CONTENT_CHUNK: usize = 64 * 1024;
 
-/// How a relay's credentials travel, as far as the configuration says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CleartextAuth {
-    NoCredentials,
-    /// STARTTLS (required) or implicit TLS.
-    Encrypted,
-    /// In clear, but to this machine.
-    Loopback,
-    /// In clear over the network, because `allow_plaintext_auth` says so.
-    Allowed,
-    /// In clear over the network: not without `allow_plaintext_auth`.
-    Refused,
-}
-
-/// Decide, from the configuration alone, whether AUTH may go in clear text. A host is a
-/// loopback address when it is one (`127.0.0.0/8`, `::1`) or is `localhost`.
-fn cleartext_auth(settings: &RelaySettings, credentials: bool) -> CleartextAuth {
-    if !credentials {
-        return CleartextAuth::NoCredentials;
-    }
-    if settings.tls != TlsMode::None {
-        return CleartextAuth::Encrypted;
-    }
-    let host = settings.host.trim();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
-        CleartextAuth::Loopback
-    } else if settings.allow_plaintext_auth {
-        CleartextAuth::Allowed
-    } else {
-        CleartextAuth::Refused
-    }
-}
-
 /// The envelope as this relay can take it. A relay that offers SMTPUTF8 takes any address;
 /// for one that does not, an internationalised domain goes as its punycode (A-label) form,
 /// which names the same domain, while a non-ASCII local part has no ASCII form at all: the
@@ -701,52 +653,8 @@ fn describe(e: &lettre::transport::smtp::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{cleartext_auth, envelope_for_relay, CleartextAuth, DataContent};
-    use sluice_shared::config::{RelaySettings, TlsMode};
+    use super::{envelope_for_relay, DataContent};
 
-    #[test]
-    fn auth_in_clear_text_goes_only_to_loopback_or_where_allowed() {
-        use CleartextAuth::*;
-        let cases = [
-            ("relay.example.com", TlsMode::None, true, false, Refused),
-            ("192.0.2.10", TlsMode::None, true, false, Refused),
-            ("0.0.0.0", TlsMode::None, true, false, Refused),
-            ("relay.example.com", TlsMode::None, true, true, Allowed),
-            ("127.0.0.1", TlsMode::None, true, false, Loopback),
-            ("127.8.9.10", TlsMode::None, true, false, Loopback),
-            ("::1", TlsMode::None, true, false, Loopback),
-            ("[::1]", TlsMode::None, true, false, Loopback),
-            ("localhost", TlsMode::None, true, false, Loopback),
-            (
-                "relay.example.com",
-                TlsMode::Starttls,
-                true,
-                false,
-                Encrypted,
-            ),
-            ("relay.example.com", TlsMode::Tls, true, false, Encrypted),
-            (
-                "relay.example.com",
-                TlsMode::None,
-                false,
-                false,
-                NoCredentials,
-            ),
-        ];
-        for (host, tls, credentials, allowed, expected) in cases {
-            let settings = RelaySettings {
-                host: host.into(),
-                tls,
-                allow_plaintext_auth: allowed,
-                ..RelaySettings::default()
-            };
-            assert_eq!(
-                cleartext_auth(&settings, credentials),
-                expected,
-                "{host} {tls:?} credentials={credentials} allowed={allowed}"
-            );
-        }
-    }
     use lettre::address::Envelope;
 
     #[test]
