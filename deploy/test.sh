@@ -18,4 +18,12 @@ cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1
 # A three-node cluster of private nodes (other ports, other data directories) loses a node
 # mid-campaign: alone too, since three more Erlang VMs fill a 2-core machine.
 cargo test -p sluice-tests --test cluster -- --ignored --test-threads 1
+# Once more against the release binaries, as users run them: overflow checks are off there,
+# so the arithmetic on relay replies, headers, sizes and the budget must be right in both
+# builds. The suites that feed the binaries hostile, faulty and retried input, end to end.
+cargo build --release --workspace --bins --quiet
+SLUICE_TEST_BINARIES=release cargo test -p sluice-tests \
+  --test hostile_relay_input --test security --test faults --test retries --test foundation \
+  --test producer_send --test producer_dead --test no_loss --test memory \
+  -- --test-threads "${SLUICE_TEST_THREADS:-4}"
 bash deploy/validate.sh
