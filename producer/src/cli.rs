@@ -117,6 +117,12 @@ pub struct SendArgs {
     #[arg(long, value_name = "NAME")]
     pub relay: Option<String>,
 
+    /// Class of the jobs: high (always sent first), normal, or low (gets the relay's
+    /// low_share of sends while normal jobs also wait). Published with the routing key
+    /// <relay>.high, <relay> or <relay>.low, and the job's "priority" field set to match.
+    #[arg(long, value_name = "LEVEL", default_value = "normal", value_parser = parse_priority)]
+    pub priority: sluice_shared::Priority,
+
     /// Campaign id (letters, digits, '-', '_'); job ids are <campaign>-<line>.
     /// Default: generated from the time, e.g. c20261128T112233Z3f9a.
     #[arg(long, value_name = "ID", value_parser = parse_campaign)]
@@ -351,4 +357,8 @@ mod tests {
             assert!(parse_header(bad).is_err(), "{bad}");
         }
     }
+}
+
+fn parse_priority(value: &str) -> Result<sluice_shared::Priority, String> {
+    value.parse()
 }

@@ -169,6 +169,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 text: Some(text.clone()),
                 html: None,
                 headers: Default::default(),
+                priority: None,
             };
             bodies.push((id, job.to_bytes()));
         }
