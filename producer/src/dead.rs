@@ -140,6 +140,7 @@ pub fn replay_properties(original: &BasicProperties, id: &str) -> BasicPropertie
         .with_content_type(content_type)
         .with_delivery_mode(PERSISTENT)
         .with_message_id(id.into())
+        .with_timestamp(crate::publish::unix_now())
         .with_headers(kept)
 }
 

@@ -135,6 +135,10 @@ pub(crate) async fn deliver_one(
     let ctx = sender.ctx;
     let source_relay = feed.relay(index).to_string();
     ctx.metrics.received(&source_relay);
+    if let Some(published) = delivery.properties.timestamp() {
+        let class = feed.class(index).as_str();
+        ctx.metrics.head_taken(&source_relay, class, *published);
+    }
     // Held until the job is settled (which may publish its body again): the bodies being
     // worked on stay within the worker's byte budget, whatever the number of lanes.
     let _hold = ctx.bodies.hold(delivery.data.len()).await;
