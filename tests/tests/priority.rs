@@ -2,9 +2,13 @@
 //! `normal` jobs is queued reaches the relay within a second, within the relay's budget;
 //! `low` jobs beside `normal` ones get about `low_share` of the sends.
 
+#[path = "../src/producer_support.rs"]
+mod producer_support;
+
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sluice_shared::{headers, Priority};
 use sluice_tests::app::TestApp;
 use sluice_tests::scripted_smtp::Behaviour;
 use sluice_tests::wait::wait_until;
@@ -205,4 +209,150 @@ async fn a_job_whose_priority_disagrees_with_its_key_is_dead_as_invalid() {
         Some("low")
     );
     assert_eq!(app.relay("primary").accepted_count(), 0);
+}
+
+fn job_with_priority(id: &str, to: &str, priority: &str) -> Vec<u8> {
+    let mut job: serde_json::Value =
+        serde_json::from_str(&sluice_tests::broker::job_json(id, to)).expect("json");
+    job["priority"] = priority.into();
+    job.to_string().into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_high_job_is_retried_as_high() {
+    let app = TestApp::builder("prio-retry")
+        .relay(
+            "primary",
+            Behaviour::rcpt_script("again@example.org", &["451 4.7.1 later", "250 2.1.5 ok"]),
+            "",
+        )
+        .retries(&["3s"])
+        .workers(1)
+        .start()
+        .await;
+    app.ns
+        .publish_raw(
+            "primary.high",
+            "again",
+            &job_with_priority("again", "again@example.org", "high"),
+        )
+        .await;
+    let high_retry = app
+        .ns
+        .topology
+        .class_retry_queue("primary", Priority::High, 1);
+    wait_until(
+        || async { app.ns.queue_len(&high_retry).await == 1 },
+        Duration::from_secs(20),
+        "the deferred job in the high retry ladder",
+    )
+    .await;
+    assert_eq!(
+        app.retry_len("primary", 1).await,
+        0,
+        "not in normal's ladder"
+    );
+    let smtp = app.relay("primary");
+    wait_until(
+        || async { smtp.recipients().contains("again@example.org") },
+        Duration::from_secs(30),
+        "the retried job delivered",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dead_replay_publishes_each_job_in_its_class() {
+    let env = producer_support::ProducerEnv::new("prio-replay").await;
+    let queue = env.dead_queue();
+    let dead = |class: Option<&str>| {
+        let mut table = lapin::types::FieldTable::default();
+        headers::set_str(&mut table, headers::REASON, "bounced");
+        if let Some(class) = class {
+            headers::set_str(&mut table, headers::PRIORITY, class);
+        }
+        lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(table)
+    };
+    // Recorded by the worker on the dead copy; or only in the body; or neither.
+    let high = job_with_priority("was-high", "a@example.org", "high");
+    env.put(
+        &queue,
+        &high,
+        dead(Some("high")).with_message_id("was-high".into()),
+    )
+    .await;
+    let low = job_with_priority("was-low", "b@example.org", "low");
+    env.put(&queue, &low, dead(None).with_message_id("was-low".into()))
+        .await;
+    let plain = sluice_tests::broker::job_json("was-normal", "c@example.org");
+    env.put(
+        &queue,
+        plain.as_bytes(),
+        dead(None).with_message_id("was-normal".into()),
+    )
+    .await;
+
+    let run = env.run(&["dead", "replay"]);
+
+    run.expect_code(0);
+    let t = &env.ns.topology;
+    for (class, id) in [
+        (Priority::High, "was-high"),
+        (Priority::Low, "was-low"),
+        (Priority::Normal, "was-normal"),
+    ] {
+        let ids: Vec<String> = env
+            .take_all(&t.class_queue("primary", class))
+            .await
+            .iter()
+            .map(|m| m.message_id().unwrap_or_default())
+            .collect();
+        assert_eq!(ids, [id], "{class} queue");
+    }
+}
+
+#[tokio::test]
+async fn send_with_priority_publishes_to_the_class_key() {
+    let env = producer_support::ProducerEnv::new("prio-send").await;
+    let recipients = env.file("r.csv", "email\nann@example.org\n");
+    let text = env.file("body.txt", "Hi");
+    let run = env.run(&[
+        "send",
+        "--recipients",
+        &recipients,
+        "--from",
+        "news@example.com",
+        "--subject",
+        "Hello",
+        "--text",
+        &text,
+        "--campaign",
+        "urgent",
+        "--priority",
+        "high",
+    ]);
+    run.expect_code(0);
+    let high = env
+        .take_all(&env.ns.topology.class_queue("primary", Priority::High))
+        .await;
+    assert_eq!(high.len(), 1);
+    let job: serde_json::Value = serde_json::from_slice(&high[0].body).expect("json");
+    assert_eq!(job["priority"], "high");
+    assert_eq!(env.ns.queue_len(&env.jobs_queue()).await, 0);
+    let bad = env.run(&[
+        "send",
+        "--recipients",
+        &recipients,
+        "--from",
+        "news@example.com",
+        "--subject",
+        "Hello",
+        "--text",
+        &text,
+        "--priority",
+        "urgent",
+    ]);
+    bad.expect_code(2);
 }
