@@ -51,6 +51,10 @@ pub enum Command {
     /// never seen).
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
+    /// How many jobs wait in each class queue (high, normal, low) of each relay. The age of
+    /// each class's oldest job is on the workers' /metrics
+    /// (sluice_queue_oldest_job_age_seconds): reading it here would deliver the job.
+    Queues(QueuesArgs),
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -185,6 +189,17 @@ pub struct StatusArgs {
     /// Read the event log from this long ago (e.g. `2h`) instead of from its oldest entry.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub since: Option<Duration>,
+}
+
+/// `queues`: the depth of every class queue.
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    #[command(flatten)]
+    pub relays: RelayChoice,
+
+    /// One JSON object per line: relay, class, queue, ready (null when not declared yet).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dead ...`: the dead-letter queues.

@@ -356,3 +356,85 @@ async fn send_with_priority_publishes_to_the_class_key() {
     ]);
     bad.expect_code(2);
 }
+
+/// The value of the series `name{class="<class>",relay="primary"}` in a scrape.
+fn series(scrape: &str, name: &str, class: &str) -> Option<f64> {
+    let prefix = format!("{name}{{class=\"{class}\",relay=\"primary\"}} ");
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn depth_and_oldest_age_per_class_are_shown() {
+    let listen = format!("127.0.0.1:{}", sluice_tests::smtp_sink::free_port());
+    let app = TestApp::builder("prio-depth")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_accept_delay(Duration::from_millis(300)),
+            "max_connections = 1\n",
+        )
+        .worker_args(&["--listen", &listen])
+        .workers(0)
+        .start()
+        .await;
+    // 60 normal jobs published two minutes ago (by their AMQP timestamp), 5 low ones now.
+    let two_minutes_ago = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        - 120;
+    let old: Vec<(String, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let id = format!("old-{i}");
+            let body = sluice_tests::broker::job_json(&id, &format!("{id}@example.org"));
+            (id, body.into_bytes())
+        })
+        .collect();
+    for (id, body) in &old {
+        let properties = lapin::BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_timestamp(two_minutes_ago);
+        app.ns.publish_with("primary", body, properties).await;
+    }
+    app.ns.publish_jobs("primary.low", "new", 5).await;
+
+    let queues = sluice_tests::processes::Binary::new("sluice-producer")
+        .args(&["queues", "--json"])
+        .config(&app.config.path)
+        .output();
+    assert!(queues.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&queues.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect();
+    let ready = |class: &str| {
+        lines
+            .iter()
+            .find(|l| l["class"] == class)
+            .map(|l| l["ready"].clone())
+    };
+    assert_eq!(ready("normal"), Some(60.into()));
+    assert_eq!(ready("low"), Some(5.into()));
+    assert_eq!(ready("high"), Some(0.into()));
+
+    let mut app = app;
+    app.start_workers(1);
+    let scrape = std::sync::Mutex::new(String::new());
+    let shown = sluice_tests::wait::eventually(Duration::from_secs(30), || async {
+        let Some((200, body)) = sluice_tests::http::get(&listen, "/metrics").await else {
+            return false;
+        };
+        let age = series(&body, "sluice_queue_oldest_job_age_seconds", "normal");
+        let depth = series(&body, "sluice_queue_ready_jobs", "normal");
+        *scrape.lock().unwrap() = body;
+        age.is_some_and(|age| age >= 119.0) && depth.is_some_and(|d| d > 0.0)
+    })
+    .await;
+    let scrape = scrape.into_inner().unwrap();
+    assert!(shown, "no depth or age of normal jobs in:\n{scrape}");
+    assert_eq!(
+        series(&scrape, "sluice_queue_ready_jobs", "high"),
+        Some(0.0)
+    );
+}
