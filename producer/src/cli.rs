@@ -324,6 +324,10 @@ fn parse_campaign(id: &str) -> Result<String, String> {
     Ok(id.to_string())
 }
 
+fn parse_priority(value: &str) -> Result<sluice_shared::Priority, String> {
+    value.parse()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,8 +376,4 @@ mod tests {
             assert!(parse_header(bad).is_err(), "{bad}");
         }
     }
-}
-
-fn parse_priority(value: &str) -> Result<sluice_shared::Priority, String> {
-    value.parse()
 }

@@ -400,7 +400,7 @@ async fn depth_and_oldest_age_per_class_are_shown() {
     app.ns.publish_jobs("primary.low", "new", 5).await;
 
     let queues = sluice_tests::processes::Binary::new("sluice-producer")
-        .args(&["queues", "--json"])
+        .args(["queues", "--json"])
         .config(&app.config.path)
         .output();
     assert!(queues.status.success());
