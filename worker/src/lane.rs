@@ -12,7 +12,9 @@
 //! more than a few MiB of waiting bodies per lane, and a crash redelivers at most a window.
 //! A body bigger than the window's share narrows it (consumers cancelled, what they
 //! received delivered and acked, new channels at the smaller prefetch). Each job then goes
-//! through [`crate::step`].
+//! through [`crate::step`]. The queues are the class queues (`high`, `normal`, `low`) of each
+//! relay the lane serves; the window is split between them, at least one job each (see
+//! [`crate::feed::class_windows`]), and a waiting `high` job is always sent next.
 //!
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or the broker
 //! blocks publishing, or shutdown is asked for, it acks what it settled, cancels its
