@@ -438,3 +438,53 @@ async fn depth_and_oldest_age_per_class_are_shown() {
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_relay_s_high_jobs_fail_over_first() {
+    let app = TestApp::builder("prio-failover")
+        .relay(
+            "primary",
+            Behaviour::refuse_connections(),
+            "failover = \"backup\"\ndown_cooloff = \"1s\"\n",
+        )
+        .relay(
+            "backup",
+            Behaviour::accept_all(),
+            "max_connections = 1\nmax_messages_per_second = 20\n",
+        )
+        .start()
+        .await;
+    let backup = app.relay("backup");
+    app.ns.publish_jobs("primary", "bulk", 200).await;
+    // The backup is sending the primary's normal jobs at 20/s when high ones arrive.
+    assert!(backup.wait_for_accepted(10, Duration::from_secs(30)).await >= 10);
+    let bodies: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let id = format!("urgent-{i}");
+            let body = job_with_priority(&id, &format!("{id}@example.org"), "high");
+            (id, body)
+        })
+        .collect();
+    app.ns.publish_bodies("primary.high", &bodies).await;
+    let sent_before = backup.accepted_count();
+    wait_until(
+        || async {
+            let got = backup.recipients();
+            (0..5).all(|i| got.contains(&format!("urgent-{i}@example.org")))
+        },
+        Duration::from_secs(10),
+        "the high jobs through the backup",
+    )
+    .await;
+    // Sent next, not after the 190 normal jobs still waiting: within a few sends.
+    let position = backup
+        .accepted()
+        .iter()
+        .rposition(|m| m.rcpt_to.iter().any(|to| to.starts_with("urgent-")))
+        .expect("sent");
+    assert!(
+        position < sent_before + 5 + 5,
+        "the last high job went out as send {position}, {sent_before} were sent before they came"
+    );
+    assert_eq!(app.relay("primary").accepted_count(), 0);
+}
