@@ -397,6 +397,7 @@ impl Campaign {
             text: Some(text),
             html,
             headers,
+            priority: None,
         };
         if check == Check::Full {
             job.validate().map_err(|e| match e {

@@ -51,6 +51,10 @@ pub enum Command {
     /// never seen).
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
+    /// How many jobs wait in each class queue (high, normal, low) of each relay. The age of
+    /// each class's oldest job is on the workers' /metrics
+    /// (sluice_queue_oldest_job_age_seconds): reading it here would deliver the job.
+    Queues(QueuesArgs),
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -117,6 +121,12 @@ pub struct SendArgs {
     #[arg(long, value_name = "NAME")]
     pub relay: Option<String>,
 
+    /// Class of the jobs: high (always sent first), normal, or low (gets the relay's
+    /// low_share of sends while normal jobs also wait). Published with the routing key
+    /// <relay>.high, <relay> or <relay>.low, and the job's "priority" field set to match.
+    #[arg(long, value_name = "LEVEL", default_value = "normal", value_parser = parse_priority)]
+    pub priority: sluice_shared::Priority,
+
     /// Campaign id (letters, digits, '-', '_'); job ids are <campaign>-<line>.
     /// Default: generated from the time, e.g. c20261128T112233Z3f9a.
     #[arg(long, value_name = "ID", value_parser = parse_campaign)]
@@ -179,6 +189,17 @@ pub struct StatusArgs {
     /// Read the event log from this long ago (e.g. `2h`) instead of from its oldest entry.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub since: Option<Duration>,
+}
+
+/// `queues`: the depth of every class queue.
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    #[command(flatten)]
+    pub relays: RelayChoice,
+
+    /// One JSON object per line: relay, class, queue, ready (null when not declared yet).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dead ...`: the dead-letter queues.
@@ -301,6 +322,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn parse_campaign(id: &str) -> Result<String, String> {
     crate::campaign::check_campaign_id(id)?;
     Ok(id.to_string())
+}
+
+fn parse_priority(value: &str) -> Result<sluice_shared::Priority, String> {
+    value.parse()
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use sluice_shared::amqp::topology::{QueueSpec, QueueState};
 use sluice_shared::headers;
-use sluice_shared::{Settings, Topology};
+use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::{DeadFilter, DeadListArgs, DeadPurgeArgs, DeadReplayArgs};
 use crate::exit::{Status, UsageError};
@@ -140,6 +140,7 @@ pub fn replay_properties(original: &BasicProperties, id: &str) -> BasicPropertie
         .with_content_type(content_type)
         .with_delivery_mode(PERSISTENT)
         .with_message_id(id.into())
+        .with_timestamp(crate::publish::unix_now())
         .with_headers(kept)
 }
 
@@ -293,6 +294,22 @@ fn write_table(out: &mut impl Write, jobs: &[DeadJob], terminal: bool) -> std::i
     Ok(())
 }
 
+/// The class a dead job is replayed in: the one its copy recorded (`x-sluice-priority`),
+/// else its body's `priority`, else `normal`.
+fn replay_class(properties: &BasicProperties, body: &[u8]) -> Priority {
+    let recorded = headers::get_str(properties.headers().as_ref(), headers::PRIORITY)
+        .and_then(|class| class.parse().ok());
+    recorded
+        .or_else(|| {
+            #[derive(serde::Deserialize)]
+            struct Class {
+                priority: Option<Priority>,
+            }
+            serde_json::from_slice::<Class>(body).ok()?.priority
+        })
+        .unwrap_or_default()
+}
+
 /// `dead replay`: the selected jobs go to the jobs exchange (a job id at most once per
 /// run), the others are rotated back in place.
 pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result<Status> {
@@ -339,13 +356,14 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
                 continue;
             }
             found.insert(described.id.clone());
+            let class = replay_class(&delivery.properties, &delivery.data);
             publisher
                 .publish(Outgoing {
                     tag: delivery.delivery_tag,
                     properties: replay_properties(&delivery.properties, &described.id),
                     id: described.id,
                     exchange: exchange.clone(),
-                    routing_key: relay.as_str().into(),
+                    routing_key: class.routing_key(relay).into(),
                     body: delivery.data,
                 })
                 .await

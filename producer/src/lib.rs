@@ -12,6 +12,7 @@
 //! - [`tally`]: a campaign's counts from those entries.
 //! - [`watch`]: `watch` (and `send --wait`): follow a campaign until every job has ended.
 //! - [`status`]: `status`: a campaign's counts, rate and time left, at once.
+//! - [`queues`]: `queues`: the jobs waiting in each class queue of each relay.
 //! - [`dead`]: `dead list | replay | purge`.
 //! - [`migrate`]: `migrate-queues`: recreate the queues an older sluice declared differently.
 //! - [`transfer`]: moving messages between queues, each copy confirmed before its original
@@ -30,6 +31,7 @@ pub mod migrate;
 pub mod progress;
 pub mod prompt;
 pub mod publish;
+pub mod queues;
 pub mod relays;
 pub mod rows;
 pub mod send;
@@ -50,6 +52,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<Status>
         Command::Send(args) => send::run(&settings, args).await,
         Command::Watch(args) => watch::run(&settings, args).await,
         Command::Status(args) => status::run(&settings, args).await,
+        Command::Queues(args) => queues::run(&settings, args).await,
         Command::Dead(DeadCommand::List(args)) => dead::list(&settings, args).await,
         Command::Dead(DeadCommand::Replay(args)) => dead::replay(&settings, args).await,
         Command::Dead(DeadCommand::Purge(args)) => dead::purge(&settings, args).await,

@@ -423,7 +423,16 @@ pub fn job_properties(id: &str, campaign: &str) -> BasicProperties {
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)
         .with_message_id(id.into())
+        .with_timestamp(unix_now())
         .with_headers(headers)
+}
+
+/// Now, in the seconds of the AMQP `timestamp` property: the worker's age of the oldest job
+/// per class (`sluice_queue_oldest_job_age_seconds`) is read from it.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The name of the connection `send` publishes on (its node is the `server.address` of the

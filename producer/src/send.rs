@@ -119,7 +119,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
     let published = publish_rows(
         &mut publisher,
         &topology,
-        &relay,
+        (&relay, args.priority),
         &args.recipients,
         open_rows(&args.recipients, &spec, &templates)?,
         &validation,
@@ -194,6 +194,7 @@ fn check_addresses(from: &str, return_path: Option<&str>) -> Result<(), UsageErr
         text: Some(String::new()),
         html: None,
         headers: Default::default(),
+        priority: None,
     };
     probe
         .from_mailbox()
@@ -285,7 +286,7 @@ fn validate(
 async fn publish_rows(
     publisher: &mut Publisher,
     topology: &Topology,
-    relay: &str,
+    (relay, priority): (&str, sluice_shared::Priority),
     path: &Path,
     mut rows: CampaignReader<BufReader<File>>,
     validation: &Validation,
@@ -296,7 +297,7 @@ async fn publish_rows(
     // Sorted: the first pass reports in file order.
     let mut skip = validation.invalid_lines.iter().peekable();
     let exchange: lapin::types::ShortString = topology.jobs_exchange().into();
-    let routing_key: lapin::types::ShortString = relay.into();
+    let routing_key: lapin::types::ShortString = priority.routing_key(relay).into();
     let mut progress = Progress::new("published", Some(validation.valid));
     while rows
         .next_record(&mut record)
@@ -311,7 +312,7 @@ async fn publish_rows(
         if skip.next_if(|&&line| line == record.line()).is_some() {
             continue;
         }
-        let job = match campaign.job(&record, Check::RenderOnly) {
+        let mut job = match campaign.job(&record, Check::RenderOnly) {
             Ok(job) => job,
             Err(problem) => anyhow::bail!(
                 "{} changed while it was being published ({problem}); {} jobs were published",
@@ -319,6 +320,8 @@ async fn publish_rows(
                 publisher.confirmed()
             ),
         };
+        // The body names its class only when it is not the default one.
+        job.priority = (priority != sluice_shared::Priority::Normal).then_some(priority);
         let mut body = publisher.buffer();
         serde_json::to_writer(&mut body, &job).expect("a job always serializes");
         let (properties, span) = PublishSpan::start(

@@ -131,6 +131,10 @@ pub struct RelaySettings {
     /// scan the whole message before it answers (and a job given up too early is sent twice).
     #[serde(default = "default_data_timeout", with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// The share of sends `low` jobs get while `normal` ones also wait (0 to 1; `high`
+    /// jobs always go first). Above 0, bulk mail is never starved completely.
+    #[serde(default = "default_low_share")]
+    pub low_share: f64,
     /// Relay that takes this relay's jobs while it is marked down.
     #[serde(default)]
     pub failover: Option<String>,
@@ -182,6 +186,9 @@ fn default_relay_port() -> u16 {
 }
 fn default_max_connections() -> u32 {
     4
+}
+fn default_low_share() -> f64 {
+    0.2
 }
 fn default_max_messages_per_connection() -> u32 {
     100
@@ -579,6 +586,11 @@ impl Settings {
             if relay.max_messages_per_connection == 0 {
                 return bad(format!(
                     "relays.{name}.max_messages_per_connection must be at least 1"
+                ));
+            }
+            if !(0.0..=1.0).contains(&relay.low_share) {
+                return bad(format!(
+                    "relays.{name}.low_share must be between 0 and 1 (the share of sends low jobs get)"
                 ));
             }
             if relay.host.trim().is_empty() {

@@ -21,6 +21,9 @@ pub const RELAY: &str = "x-sluice-relay";
 /// The job's campaign, set by the producer on every job (and so on its copies), so that
 /// even a job whose body cannot be read has its event under its real campaign.
 pub const CAMPAIGN: &str = "x-sluice-campaign";
+/// The job's class (`high`, `normal`, `low`), set on its retry and dead copies so that a
+/// replay publishes it with its class's routing key.
+pub const PRIORITY: &str = "x-sluice-priority";
 
 /// Read a header as text, whatever string type the publisher used.
 pub fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {

@@ -10,6 +10,8 @@ use std::str::FromStr;
 use lettre::message::Mailbox;
 use serde::{Deserialize, Serialize};
 
+use crate::priority::Priority;
+
 /// One email to one recipient, as it travels through RabbitMQ.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +39,10 @@ pub struct Job {
     /// Extra headers such as `List-Unsubscribe`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// The job's class; when given it must agree with the routing key the job was
+    /// published with (`<relay>`, `<relay>.high`, `<relay>.low`), else the job is invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// Why a job cannot be sent; it is set aside (dead, reason `invalid`), never retried.
@@ -156,6 +162,20 @@ impl Job {
         }
     }
 
+    /// Whether the job may travel in `class`'s queue: its `priority`, when given, must be
+    /// that class.
+    pub fn check_class(&self, class: Priority) -> Result<(), InvalidJob> {
+        match self.priority {
+            Some(priority) if priority != class => Err(InvalidJob::Field {
+                field: "priority",
+                problem: format!(
+                    "is {priority} but the job was published with the {class} routing key"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The campaign name used in event routing keys.
     pub fn campaign_or_default(&self) -> &str {
         self.campaign
@@ -247,6 +267,7 @@ mod tests {
             ("headers", serde_json::json!({"Bad Name": "x"})),
             ("id", serde_json::json!("has space")),
             ("unknown", serde_json::json!(1)),
+            ("priority", serde_json::json!("urgent")),
         ];
         for (key, value) in cases {
             let mut job = good();
@@ -259,6 +280,12 @@ mod tests {
         let mut no_to = good();
         no_to.as_object_mut().unwrap().remove("to");
         assert!(matches!(parse(&no_to), Err(InvalidJob::Malformed(_))));
+        let mut high = good();
+        high["priority"] = serde_json::json!("high");
+        let high = parse(&high).unwrap();
+        assert!(high.check_class(Priority::High).is_ok());
+        assert!(high.check_class(Priority::Normal).is_err());
+        assert!(parse(&good()).unwrap().check_class(Priority::Low).is_ok());
         assert_eq!(Job::from_bytes(b"\xff\xfe", 100), Err(InvalidJob::NotUtf8));
         assert!(matches!(
             Job::from_bytes(&[b' '; 101], 100),

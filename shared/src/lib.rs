@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: the settings tree, loaded from TOML plus `SLUICE__...` environment variables.
 //! - [`job`]: the job JSON format and its validation (`job.schema.json` beside this crate).
+//! - [`priority`]: the classes `high`, `normal`, `low`, their routing keys and weighing.
 //! - [`headers`]: AMQP header names sluice reads and writes.
 //! - [`events`]: delivery events published to `<namespace>.events`.
 //! - [`amqp`]: connecting to RabbitMQ; [`amqp::topology`] declares every exchange and queue.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod events;
 pub mod headers;
 pub mod job;
+pub mod priority;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;
@@ -23,3 +25,4 @@ pub mod trace_context;
 pub use amqp::topology::Topology;
 pub use config::Settings;
 pub use job::Job;
+pub use priority::Priority;

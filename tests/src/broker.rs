@@ -356,10 +356,12 @@ impl Drop for TestNamespace {
     fn drop(&mut self) {
         let mut queues = vec![self.topology.events_log()];
         for relay in &self.relays {
-            queues.push(self.topology.jobs_queue(relay));
             queues.push(self.topology.dead_queue(relay));
-            for step in 1..=self.retry_steps.max(5) {
-                queues.push(self.topology.retry_queue(relay, step));
+            for class in sluice_shared::Priority::ALL {
+                queues.push(self.topology.class_queue(relay, class));
+                for step in 1..=self.retry_steps.max(5) {
+                    queues.push(self.topology.class_retry_queue(relay, class, step));
+                }
             }
         }
         let exchanges = vec![

@@ -203,7 +203,8 @@ pub fn rate_share(max_per_second: u32, slots: u32) -> Option<RateShare> {
     }
 }
 
-/// Paces the sends of one slot to its [`RateShare`], with a sliding window.
+/// Paces the sends of one slot to its [`RateShare`]: a sliding window, and sends at least
+/// `window / messages` apart.
 pub struct Pacer {
     share: Option<RateShare>,
     sent: VecDeque<Instant>,
@@ -233,6 +234,11 @@ impl Pacer {
         if self.sent.len() >= share.messages as usize {
             let oldest = self.sent.pop_front().expect("window is full");
             tokio::time::sleep_until(oldest + share.window + CLOCK_MARGIN).await;
+        }
+        // Evenly spaced, never in bursts: a job that arrives (a `high` one) waits at most
+        // one interval for its turn, not the rest of a window a burst used up.
+        if let Some(&last) = self.sent.back() {
+            tokio::time::sleep_until(last + share.window / share.messages.max(1)).await;
         }
         self.sent.push_back(Instant::now());
     }
@@ -278,6 +284,10 @@ mod tests {
                 .take_while(|u| **u - *t < Duration::from_secs(1))
                 .count();
             assert!(in_window <= 50, "{in_window} messages in one window");
+        }
+        // Evenly spaced: never two sends closer than window / messages.
+        for pair in times.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_millis(20), "{pair:?}");
         }
     }
 }

@@ -12,7 +12,9 @@
 //! more than a few MiB of waiting bodies per lane, and a crash redelivers at most a window.
 //! A body bigger than the window's share narrows it (consumers cancelled, what they
 //! received delivered and acked, new channels at the smaller prefetch). Each job then goes
-//! through [`crate::step`].
+//! through [`crate::step`]. The queues are the class queues (`high`, `normal`, `low`) of each
+//! relay the lane serves; the window is split between them, at least one job each (see
+//! [`crate::feed::class_windows`]), and a waiting `high` job is always sent next.
 //!
 //! When its queues stay empty for [`IDLE_RELEASE`], or the relay fails, or the broker
 //! blocks publishing, or shutdown is asked for, it acks what it settled, cancels its
@@ -26,6 +28,7 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 use rand::Rng;
 use sluice_shared::shutdown::Shutdown;
+use sluice_shared::Priority;
 use tokio::time::Instant;
 
 use crate::broker::{within, BrokerError};
@@ -203,7 +206,8 @@ impl Lane<'_> {
     /// when a bigger body arrives.
     async fn consume(&mut self, publisher: &Publisher) -> anyhow::Result<()> {
         let relay = self.sender.relay;
-        let mut feed = Feed::open(self.sender.ctx, publisher, self.queues, 1).await?;
+        let low_share = relay.client.settings().low_share;
+        let mut feed = Feed::open(self.sender.ctx, publisher, self.queues, 1, low_share).await?;
         let mut end = self.deliver_from(&mut feed, Some(PROBE_JOBS)).await;
         if matches!(end, LaneEnd::Probed) {
             let per_message = self.sender.sending / PROBE_JOBS as u32;
@@ -271,7 +275,8 @@ impl Lane<'_> {
         if let Err(e) = feed.flush().await {
             return LaneEnd::Stop(Err(e.into()));
         }
-        match Feed::open(self.sender.ctx, publisher, self.queues, window).await {
+        let low_share = self.sender.relay.client.settings().low_share;
+        match Feed::open(self.sender.ctx, publisher, self.queues, window, low_share).await {
             Ok(resized) => {
                 std::mem::replace(feed, resized).close().await;
                 self.window = window;
@@ -351,13 +356,16 @@ impl Lane<'_> {
     }
 }
 
-/// True when any of the relays' jobs queues holds ready messages.
+/// True when any class queue of the relays holds ready messages.
 async fn has_work(
     ctx: &LaneContext,
     probe: &mut Option<Channel>,
     relays: &[String],
 ) -> anyhow::Result<bool> {
-    for relay in relays {
+    let queues = relays
+        .iter()
+        .flat_map(|relay| Priority::ALL.map(|class| ctx.topology.class_queue(relay, class)));
+    for queue in queues {
         if probe.as_ref().is_none_or(|c| !c.status().connected()) {
             *probe = Some(
                 within(
@@ -371,7 +379,7 @@ async fn has_work(
         let declared = within(
             "looking at a jobs queue",
             channel.queue_declare(
-                ctx.topology.jobs_queue(relay).into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()

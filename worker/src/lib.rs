@@ -28,6 +28,7 @@ pub mod classify;
 pub mod cli;
 pub mod context;
 pub mod deliver;
+pub mod depth;
 pub mod feed;
 pub mod health;
 pub mod lane;
@@ -165,6 +166,19 @@ pub async fn run(
                 spawn_lane(&mut lanes, &mut lane_relays, relay);
             }
         }
+        // Depths of the class queues of the relays this worker's lanes serve, for /metrics.
+        let sampler = {
+            let (broker, topology, metrics, shutdown) = (
+                broker.clone(),
+                topology.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            let relays: Vec<String> = lanes_for.iter().cloned().collect();
+            tokio::spawn(async move {
+                depth::sample_depths(&broker, &topology, &relays, &metrics, &shutdown).await
+            })
+        };
         ready.set(true);
         tracing::info!(relays = ?lanes_for, lanes = lanes.len(), "consuming");
 
@@ -194,6 +208,7 @@ pub async fn run(
                 spawn_lane(&mut lanes, &mut lane_relays, &relay);
             }
         };
+        sampler.abort();
         ready.set(false);
         match broken {
             None => {

@@ -35,6 +35,8 @@ struct Inner {
     failovers: IntCounterVec,
     slot_wait_seconds: HistogramVec,
     broker_blocked: IntGauge,
+    queue_ready: IntGaugeVec,
+    oldest_age: prometheus::GaugeVec,
     /// The same histogram over OTLP, once `otel_metrics::install` set it.
     otel_send_seconds: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
@@ -153,6 +155,28 @@ impl Metrics {
         registry
             .register(Box::new(broker_blocked.clone()))
             .expect("register");
+        let queue_ready = IntGaugeVec::new(
+            Opts::new(
+                "sluice_queue_ready_jobs",
+                "Jobs ready in a relay's class queue (high, normal, low), sampled every few seconds",
+            ),
+            &["relay", "class"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(queue_ready.clone()))
+            .expect("register");
+        let oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_queue_oldest_job_age_seconds",
+                "Age of the oldest job of a relay's class queue: now minus the AMQP timestamp of the job this worker last took from its head (0 once the queue is sampled empty; jobs without a timestamp are not counted)",
+            ),
+            &["relay", "class"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(oldest_age.clone()))
+            .expect("register");
         let send_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "sluice_smtp_send_seconds",
@@ -184,6 +208,8 @@ impl Metrics {
                 failovers,
                 slot_wait_seconds,
                 broker_blocked,
+                queue_ready,
+                oldest_age,
                 otel_send_seconds: Default::default(),
             }),
         }
@@ -254,6 +280,29 @@ impl Metrics {
             .relay_up
             .with_label_values(&[relay])
             .set(up.into());
+    }
+
+    /// `ready` jobs wait in `relay`'s `class` queue; an empty queue has no oldest job.
+    pub fn queue_ready(&self, relay: &str, class: &str, ready: u32) {
+        let i = &self.inner;
+        i.queue_ready
+            .with_label_values(&[relay, class])
+            .set(ready.into());
+        if ready == 0 {
+            i.oldest_age.with_label_values(&[relay, class]).set(0.0);
+        }
+    }
+
+    /// A job published at `published` (Unix seconds) was just taken from the head of
+    /// `relay`'s `class` queue: it was the oldest there.
+    pub fn head_taken(&self, relay: &str, class: &str, published: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.inner
+            .oldest_age
+            .with_label_values(&[relay, class])
+            .set((now - published as f64).max(0.0));
     }
 
     /// The relay was marked down (it was up).

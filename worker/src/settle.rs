@@ -35,7 +35,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel};
 use sluice_shared::events::{self, now_rfc3339, DeliveryEvent, EventOutcome};
 use sluice_shared::headers;
-use sluice_shared::{trace_context, Topology};
+use sluice_shared::{trace_context, Priority, Topology};
 use tokio::sync::watch;
 
 use crate::broker::{within, Broker, BrokerError, BROKER_DEADLINE};
@@ -384,6 +384,8 @@ pub struct Settler {
     publisher: Publisher,
     /// The relay whose queue the channel consumes (its retry ladder and dead queue).
     relay: String,
+    /// The class of that queue: retries go to its ladder, copies record it.
+    class: Priority,
     topology: Topology,
     delays: Arc<[Duration]>,
     metrics: Metrics,
@@ -398,11 +400,12 @@ pub struct Settler {
 }
 
 impl Settler {
-    /// A settler for the deliveries of `relay`'s queue on one channel, acking in batches of
-    /// up to `batch` (at most [`ACK_BATCH`]; 1 acks every delivery at once).
+    /// A settler for the deliveries of `relay`'s `class` queue on one channel, acking in
+    /// batches of up to `batch` (at most [`ACK_BATCH`]; 1 acks every delivery at once).
     pub fn new(
         publisher: Publisher,
         relay: &str,
+        class: Priority,
         topology: Topology,
         delays: Arc<[Duration]>,
         metrics: Metrics,
@@ -411,6 +414,7 @@ impl Settler {
         Self {
             publisher,
             relay: relay.to_string(),
+            class,
             topology,
             delays,
             metrics,
@@ -454,7 +458,9 @@ impl Settler {
             Action::Retry { step, delay } => {
                 headers::set_int(&mut carried, headers::ATTEMPT, attempt.next);
                 headers::set_int(&mut carried, STEP, *step as i64);
-                let queue = self.topology.retry_queue(&self.relay, *step);
+                let queue = self
+                    .topology
+                    .class_retry_queue(&self.relay, self.class, *step);
                 let expiration = delay.as_millis().to_string();
                 self.publisher
                     .copy(delivery, &queue, carried, Some(expiration))
@@ -551,6 +557,7 @@ impl Settler {
         headers::set_str(&mut carried, headers::FIRST_ATTEMPT, &first_attempt);
         headers::set_str(&mut carried, headers::LAST_ATTEMPT, now);
         headers::set_str(&mut carried, headers::RELAY, &self.relay);
+        headers::set_str(&mut carried, headers::PRIORITY, self.class.as_str());
         headers::set_str(&mut carried, headers::SMTP_REPLY, outcome.reply());
         if let Some(code) = outcome.smtp_code() {
             headers::set_int(&mut carried, headers::SMTP_CODE, code.into());

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use lapin::message::Delivery;
 use prometheus::IntGauge;
-use sluice_shared::Job;
+use sluice_shared::{Job, Priority};
 
 use crate::broker::BrokerError;
 use crate::budget::Pacer;
@@ -135,11 +135,20 @@ pub(crate) async fn deliver_one(
     let ctx = sender.ctx;
     let source_relay = feed.relay(index).to_string();
     ctx.metrics.received(&source_relay);
+    if let Some(published) = delivery.properties.timestamp() {
+        let class = feed.class(index).as_str();
+        ctx.metrics.head_taken(&source_relay, class, *published);
+    }
     // Held until the job is settled (which may publish its body again): the bodies being
     // worked on stay within the worker's byte budget, whatever the number of lanes.
     let _hold = ctx.bodies.hold(delivery.data.len()).await;
-    let parsed = parse(&delivery, ctx.max_message_bytes);
-    let span = start_span(sender, &source_relay, &delivery, &parsed);
+    let parsed = parse(&delivery, ctx.max_message_bytes, feed.class(index));
+    let span = start_span(
+        sender,
+        (&source_relay, feed.class(index)),
+        &delivery,
+        &parsed,
+    );
 
     let ids = span.ids();
     let (trace_id, span_id) = (
@@ -211,9 +220,12 @@ pub(crate) async fn deliver_one(
     Ok(Next::Continue)
 }
 
-/// Read the delivery as a job and build its message.
-fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
-    let mut job = Job::from_bytes(&delivery.data, max_message_bytes).map_err(|e| e.to_string());
+/// Read the delivery, taken from a queue of `class`, as a job and build its message. A job
+/// whose `priority` disagrees with its class's routing key is invalid.
+fn parse(delivery: &Delivery, max_message_bytes: usize, class: Priority) -> Parsed {
+    let mut job = Job::from_bytes(&delivery.data, max_message_bytes)
+        .and_then(|job| job.check_class(class).map(|()| job))
+        .map_err(|e| e.to_string());
     // The message takes the job's text and html (no copy); the job keeps the rest.
     let message = job
         .as_mut()
@@ -233,14 +245,14 @@ fn parse(delivery: &Delivery, max_message_bytes: usize) -> Parsed {
 
 fn start_span(
     sender: &Sender<'_>,
-    source_relay: &str,
+    (source_relay, class): (&str, Priority),
     delivery: &Delivery,
     parsed: &Parsed,
 ) -> DeliverSpan {
     let incoming = delivery.properties.headers().as_ref();
     // Builds nothing (the closure is not even called) when tracing is off.
     DeliverSpan::start(incoming, || DeliverAttributes {
-        queue: sender.ctx.topology.jobs_queue(source_relay).into(),
+        queue: sender.ctx.topology.class_queue(source_relay, class).into(),
         message_id: &parsed.id,
         routing_key: delivery.routing_key.as_str(),
         relay: sender.relay.name(),

@@ -10,7 +10,9 @@
 //!
 //! ```text
 //! <ns>.jobs (direct) --relay--> <ns>.jobs.<relay> (quorum) --dead-letter--> <ns>.dead (direct) --relay--> <ns>.dead.<relay> (quorum)
+//! <ns>.jobs (direct) --relay.high--> <ns>.jobs.<relay>.high (quorum), --relay.low--> <ns>.jobs.<relay>.low (quorum), dead-lettered alike
 //! worker --deferred--> <ns>.retry.<relay>.<step> (quorum) --expires--> <ns>.jobs (routing key <relay>)
+//! worker --deferred--> <ns>.retry.<relay>.high.<step> (quorum) --expires--> <ns>.jobs (routing key <relay>.high); .low alike
 //! worker --outcome batch--> <ns>.events (topic, key <outcome>.<campaign>) --#--> <ns>.events.log (stream)
 //! producer --campaign summary--> <ns>.events.log (straight into the stream, not via <ns>.events)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
@@ -21,6 +23,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{EventsSettings, Settings};
+use crate::priority::Priority;
 
 /// The end of the event log's name.
 const EVENTS_LOG_SUFFIX: &str = ".events.log";
@@ -61,9 +64,15 @@ impl Topology {
         format!("{}.jobs", self.namespace)
     }
 
-    /// The queue a relay's jobs wait in.
+    /// The queue a relay's `normal` jobs wait in.
     pub fn jobs_queue(&self, relay: &str) -> String {
         format!("{}.jobs.{relay}", self.namespace)
+    }
+
+    /// The queue a relay's jobs of `class` wait in: `<ns>.jobs.<relay>` for `normal`,
+    /// `<ns>.jobs.<relay>.high` and `.low` beside it.
+    pub fn class_queue(&self, relay: &str, class: Priority) -> String {
+        format!("{}.jobs.{relay}{}", self.namespace, class.suffix())
     }
 
     /// Direct exchange that catches what the broker dead-letters from a jobs queue.
@@ -76,9 +85,15 @@ impl Topology {
         format!("{}.dead.{relay}", self.namespace)
     }
 
-    /// Retry step `step` (1-based) of a relay's ladder.
+    /// Retry step `step` (1-based) of a relay's ladder for `normal` jobs.
     pub fn retry_queue(&self, relay: &str, step: usize) -> String {
         format!("{}.retry.{relay}.{step}", self.namespace)
+    }
+
+    /// Retry step `step` of a relay's ladder for jobs of `class`: its messages expire back
+    /// to `<ns>.jobs` with the class's routing key, so a retried job keeps its class.
+    pub fn class_retry_queue(&self, relay: &str, class: Priority, step: usize) -> String {
+        format!("{}.retry.{relay}{}.{step}", self.namespace, class.suffix())
     }
 
     /// Topic exchange of delivery events (`<outcome>.<campaign>`).
@@ -140,21 +155,32 @@ impl Topology {
         for relay in relays {
             // Jobs: anything the broker itself gives up on (a delivery limit, as RabbitMQ 4
             // sets by default) is dead-lettered, at least once, never dropped.
-            specs.push(QueueSpec {
-                name: self.jobs_queue(relay),
-                arguments: at_least_once_dead_lettering(&self.dead_exchange(), None),
-                binding: Some((self.jobs_exchange(), relay.to_string())),
-            });
+            // One queue per class (quorum queues have no priorities), each with every
+            // guarantee of the others; dead-lettered with the relay's key to its one dead
+            // queue.
+            for class in Priority::ALL {
+                specs.push(QueueSpec {
+                    name: self.class_queue(relay, class),
+                    arguments: at_least_once_dead_lettering(
+                        &self.dead_exchange(),
+                        (class != Priority::Normal).then_some(*relay),
+                    ),
+                    binding: Some((self.jobs_exchange(), class.routing_key(relay))),
+                });
+            }
             // Retry steps: messages carry their own expiration (the step's delay), so
             // changing `retry.delays` never makes a redeclaration fail; when they expire the
-            // broker moves them back to the jobs exchange with the relay's routing key, and
-            // keeps them until the jobs queue confirmed them (at-least-once).
-            for step in 1..=retry_steps {
-                specs.push(QueueSpec {
-                    name: self.retry_queue(relay, step),
-                    arguments: at_least_once_dead_lettering(&self.jobs_exchange(), Some(relay)),
-                    binding: None,
-                });
+            // broker moves them back to the jobs exchange with their class's routing key,
+            // and keeps them until the jobs queue confirmed them (at-least-once).
+            for class in Priority::ALL {
+                let key = class.routing_key(relay);
+                for step in 1..=retry_steps {
+                    specs.push(QueueSpec {
+                        name: self.class_retry_queue(relay, class, step),
+                        arguments: at_least_once_dead_lettering(&self.jobs_exchange(), Some(&key)),
+                        binding: None,
+                    });
+                }
             }
             // Dead: replicated like the rest. `dead list` reads it by rotation (take, copy
             // to the tail, confirm, ack), never by returning messages, so neither its order
@@ -437,6 +463,22 @@ mod tests {
         assert_eq!(t.jobs_queue("primary"), "acme.jobs.primary");
         assert_eq!(t.dead_queue("primary"), "acme.dead.primary");
         assert_eq!(t.retry_queue("primary", 2), "acme.retry.primary.2");
+        assert_eq!(
+            t.class_queue("primary", Priority::Normal),
+            t.jobs_queue("primary")
+        );
+        assert_eq!(
+            t.class_queue("primary", Priority::High),
+            "acme.jobs.primary.high"
+        );
+        assert_eq!(
+            t.class_retry_queue("primary", Priority::Low, 2),
+            "acme.retry.primary.low.2"
+        );
+        assert_eq!(
+            t.class_retry_queue("primary", Priority::Normal, 2),
+            t.retry_queue("primary", 2)
+        );
         assert_eq!(t.events_exchange(), "acme.events");
         assert_eq!(t.events_log(), "acme.events.log");
         assert_eq!(

@@ -169,6 +169,7 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 text: Some(text.clone()),
                 html: None,
                 headers: Default::default(),
+                priority: None,
             };
             bodies.push((id, job.to_bytes()));
         }
@@ -373,10 +374,12 @@ async fn cleanup(args: &Args) -> anyhow::Result<()> {
     let retry_steps: usize = args.num("retry-steps", Some(5))?;
     let mut queues = vec![topology.events_log()];
     for relay in args.all("relay") {
-        queues.push(topology.jobs_queue(relay));
         queues.push(topology.dead_queue(relay));
-        for step in 1..=retry_steps {
-            queues.push(topology.retry_queue(relay, step));
+        for class in sluice_shared::Priority::ALL {
+            queues.push(topology.class_queue(relay, class));
+            for step in 1..=retry_steps {
+                queues.push(topology.class_retry_queue(relay, class, step));
+            }
         }
     }
     let connection = Connection::connect(url, ConnectionProperties::default())
