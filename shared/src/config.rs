@@ -165,6 +165,47 @@ pub struct RelaySettings {
     /// Name sent in EHLO; defaults to this machine's host name.
     #[serde(default)]
     pub helo_name: Option<String>,
+    /// Reply rules of this relay (`[[relays.NAME.rules]]`), tried in order before the
+    /// built-in ones: how the fleet answers a relay that pushes back.
+    #[serde(default)]
+    pub rules: Vec<ReplyRule>,
+    /// Whether the built-in reply rules (throttling, too many connections, server busy, as
+    /// SES, Microsoft 365, Gmail and Postfix word them) apply to this relay.
+    #[serde(default = "default_rules_builtin")]
+    pub rules_builtin: bool,
+}
+
+/// One reply rule: a negative reply whose "code enhanced-code text" matches `pattern`
+/// makes the fleet act on the whole relay, not just on the job.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyRule {
+    /// A regular expression over "code enhanced-code text", e.g. `5.7.1 .*daily quota`
+    /// (unanchored, case-insensitive).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// What the fleet does when the rule matches.
+    pub action: RuleAction,
+    /// How long a `suspend` lasts (default: the relay's `down_cooloff`), or how long a
+    /// `throttle` holds its cut before the rate recovers (default: no hold).
+    #[serde(rename = "for", default, with = "humantime_serde::option")]
+    pub hold: Option<Duration>,
+}
+
+/// What a [`ReplyRule`] makes the fleet do.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// Cut the fleet's rate for the relay (AIMD); the job goes back untouched.
+    Throttle,
+    /// One fleet-wide session fewer for the relay; the job goes back untouched.
+    LimitConnections,
+    /// The relay is down fleet-wide for `for` (failover applies); the job goes back untouched.
+    Suspend,
+    /// An ordinary deferral of the job (its retry ladder), whatever the built-ins say.
+    Defer,
+    /// A permanent refusal of the job.
+    Bounce,
 }
 
 impl Default for RelaySettings {
@@ -200,6 +241,9 @@ fn default_down_cooloff() -> Duration {
 }
 fn default_refusals_before_down() -> u32 {
     5
+}
+fn default_rules_builtin() -> bool {
+    true
 }
 
 /// How a relay's credentials travel, as far as its configuration says: decided before any

@@ -96,7 +96,8 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
             continue;
         }
         let wanting = *wanting_since.get_or_insert_with(Instant::now);
-        let Some(slot) = relay.budget.try_acquire().await? else {
+        let usable = relay.limits.sessions();
+        let Some(slot) = relay.budget.try_acquire(usable).await? else {
             pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
             continue;
         };
@@ -115,11 +116,11 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
 async fn serve(
     ctx: &LaneContext,
     relay: &Relay,
-    _slot: &Slot,
+    slot: &Slot,
     queues: Vec<String>,
 ) -> anyhow::Result<()> {
     let mut lane = Lane {
-        sender: Sender::new(ctx, relay),
+        sender: Sender::new(ctx, relay, slot.index()),
         queues: &queues,
         last_delivery: Instant::now(),
         last_recheck: Instant::now(),
