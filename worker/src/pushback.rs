@@ -197,10 +197,11 @@ pub const CUT_SPACING: Duration = Duration::from_millis(500);
 pub const FLOOR: f64 = 1.0;
 
 /// The additive increase: messages per second gained each second after a cut (and its
-/// hold), up to the configured rate. An 80th of `max_messages_per_second` (at least 1): a
-/// 400/s relay gains 5/s each second, so a limit raised from 100 to 300 is found in 30 s.
+/// hold), up to the configured rate. A 50th of `max_messages_per_second` (at least 1): a
+/// 400/s relay gains 8/s each second, so a limit raised from 100 to 300 is found in about
+/// 25 s, and against a relay allowing 100/s a cycle (from 85 back to 100) lasts 2 s.
 pub fn step_per_second(max_per_second: u32) -> f64 {
-    (f64::from(max_per_second) / 80.0).max(1.0)
+    (f64::from(max_per_second) / 50.0).max(1.0)
 }
 
 /// The rate after a cut from `rate`.

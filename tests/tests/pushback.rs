@@ -1,0 +1,180 @@
+//! The fleet listens to the relay: a relay that refuses our rate slows the whole fleet
+//! down (AIMD) and gets traffic back when it allows more; a relay that refuses sessions
+//! gets fewer; a job refused so goes back untouched, never spending an attempt.
+
+use std::time::{Duration, Instant};
+
+use sluice_shared::events::EventOutcome;
+use sluice_tests::app::TestApp;
+use sluice_tests::scripted_smtp::Behaviour;
+use sluice_tests::wait::eventually;
+
+const SES_THROTTLE: &str = "454 Throttling failure: Maximum sending rate exceeded";
+const TOO_MANY_SESSIONS: &str = "421 4.7.0 Too many concurrent SMTP connections";
+
+/// How many of `times` fall in each whole second from `start`, for `seconds` seconds.
+fn per_second(times: &[Instant], start: Instant, seconds: usize) -> Vec<usize> {
+    let mut counts = vec![0; seconds];
+    for t in times {
+        if let Some(since) = t.checked_duration_since(start) {
+            let i = since.as_secs() as usize;
+            if i < seconds {
+                counts[i] += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn in_range(times: &[Instant], from: Instant, to: Instant) -> usize {
+    times.iter().filter(|t| **t >= from && **t < to).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_that_allows_100_per_second_gets_between_70_and_100_and_more_when_it_allows_more() {
+    const JOBS: usize = 10_000;
+    let mut app = TestApp::builder("pushrate")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_rate_limit(100, SES_THROTTLE),
+            "max_connections = 4\nmax_messages_per_second = 400\n",
+        )
+        .retries(&["1s", "2s"])
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "r", JOBS).await;
+    app.start_workers(3);
+
+    assert_eq!(
+        smtp.wait_for_accepted(1, Duration::from_secs(30)).await,
+        1,
+        "nothing delivered"
+    );
+    let start = smtp
+        .accepted_times()
+        .into_iter()
+        .min()
+        .expect("one accepted");
+
+    // Settled within 10 s: every second from then on between 70 and 100 accepted.
+    tokio::time::sleep_until((start + Duration::from_secs(20)).into()).await;
+    let accepted = per_second(&smtp.accepted_times(), start, 20);
+    let refused = per_second(&smtp.rate_refusals(), start, 20);
+    eprintln!("accepted per second: {accepted:?}");
+    eprintln!("refused per second:  {refused:?}");
+    for (second, count) in accepted.iter().enumerate().skip(10) {
+        assert!(
+            (70..=100).contains(count),
+            "second {second}: {count} accepted, not between 70 and 100; per second: {accepted:?}"
+        );
+    }
+    let settled_accepted: usize = accepted[10..].iter().sum();
+    let settled_refused: usize = refused[10..].iter().sum();
+    let share = settled_refused as f64 / (settled_accepted + settled_refused) as f64;
+    assert!(
+        share < 0.05,
+        "{settled_refused} throttling replies for {settled_accepted} accepted after settling ({:.1}%)",
+        share * 100.0
+    );
+
+    // The relay allows 300/s now: within 30 s the fleet sends more than 250/s.
+    smtp.set_behaviour(Behaviour::accept_all().with_rate_limit(300, SES_THROTTLE));
+    let raised = Instant::now();
+    let climbed = eventually(Duration::from_secs(30), || async {
+        let now = Instant::now();
+        in_range(&smtp.accepted_times(), now - Duration::from_secs(1), now) > 250
+    })
+    .await;
+    let after = per_second(&smtp.accepted_times(), raised, 35);
+    eprintln!("accepted per second after the raise: {after:?}");
+    assert!(
+        climbed,
+        "never above 250/s within 30 s of the raise: {after:?}"
+    );
+    eprintln!("above 250/s {:?} after the raise", raised.elapsed());
+
+    // Every job delivered, none bounced or dead, none spent an attempt on throttling.
+    let all = eventually(Duration::from_secs(90), || async {
+        smtp.recipients().len() >= JOBS
+    })
+    .await;
+    assert!(all, "only {} of {JOBS} delivered", smtp.recipients().len());
+    let finals = events
+        .wait_until(Duration::from_secs(60), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= JOBS
+        })
+        .await;
+    assert!(finals, "not every job has a final event");
+    for event in &events.seen {
+        assert_eq!(
+            (event.outcome, event.attempt),
+            (EventOutcome::Delivered, 1),
+            "{} was not delivered at its first attempt: {event:?}",
+            event.id
+        );
+    }
+    assert_eq!(app.dead_len("primary").await, 0);
+    assert_eq!(app.retry_len("primary", 1).await, 0);
+    eprintln!(
+        "{} throttling replies in all, {} accepted",
+        smtp.rate_refusals().len(),
+        smtp.accepted_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six() {
+    const JOBS: usize = 1500;
+    let mut app = TestApp::builder("pushsess")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_session_limit(2, TOO_MANY_SESSIONS),
+            "max_connections = 6\nmax_messages_per_second = 60\n",
+        )
+        .retries(&["1s", "2s"])
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "s", JOBS).await;
+    app.start_workers(3);
+
+    let all = eventually(Duration::from_secs(90), || async {
+        smtp.recipients().len() >= JOBS
+    })
+    .await;
+    assert!(all, "only {} of {JOBS} delivered", smtp.recipients().len());
+    let start = smtp.accepted_times().into_iter().min().expect("accepted");
+    let end = smtp.accepted_times().into_iter().max().expect("accepted");
+    let refusals = smtp.session_refusals();
+    let late = in_range(&refusals, start + Duration::from_secs(10), end);
+    let run = (end - start).as_secs_f64();
+    eprintln!(
+        "{} session refusals, {late} after the first 10 s of a {run:.0} s run; at most {} sessions served at once",
+        refusals.len(),
+        smtp.max_served_sessions()
+    );
+    // Settled at two: after the first seconds only the probe for one more session, once
+    // every 10 s at most, is refused.
+    let probes = ((run - 10.0) / 10.0).ceil().max(0.0) as usize + 1;
+    assert!(
+        late <= probes,
+        "{late} sessions refused after the first 10 s, more than one per 10 s ({probes})"
+    );
+    assert!(smtp.max_served_sessions() <= 2);
+    let finals = events
+        .wait_until(Duration::from_secs(60), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= JOBS
+        })
+        .await;
+    assert!(finals, "not every job has a final event");
+    assert!(events
+        .seen
+        .iter()
+        .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1));
+    assert_eq!(app.dead_len("primary").await, 0);
+}
