@@ -178,3 +178,106 @@ async fn a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six() {
         .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1));
     assert_eq!(app.dead_len("primary").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_suspend_rule_suspends_the_relay_fleet_wide_and_its_failover_takes_over() {
+    const JOBS: usize = 200;
+    let mut app = TestApp::builder("pushsusp")
+        .relay(
+            "primary",
+            Behaviour::refuse_mail("550 5.7.1 Daily quota exceeded for this account"),
+            // Without the rule: a relay fault, down for 1 s on one worker, probed again
+            // after each second by every worker.
+            "failover = \"backup\"\ndown_cooloff = \"1s\"\nmax_connections = 2\n\
+             [[relays.primary.rules]]\nmatch = '5\\.7\\.1 .*daily quota'\naction = \"suspend\"\nfor = \"1h\"\n",
+        )
+        .relay("backup", Behaviour::accept_all(), "max_connections = 2\n")
+        .workers(0)
+        .start()
+        .await;
+    let primary = app.relay("primary");
+    let backup = app.relay("backup");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "q", JOBS).await;
+    app.start_workers(2);
+
+    let all = eventually(Duration::from_secs(60), || async {
+        backup.recipients().len() >= JOBS
+    })
+    .await;
+    assert!(
+        all,
+        "only {} of {JOBS} through the failover",
+        backup.recipients().len()
+    );
+    let sessions = primary.sessions_total();
+    // More jobs, and several of the 1 s cool-offs the rule replaced: nobody asks the
+    // primary again.
+    app.ns.publish_jobs("primary", "q2", JOBS).await;
+    let more = eventually(Duration::from_secs(60), || async {
+        backup.recipients().len() >= 2 * JOBS
+    })
+    .await;
+    assert!(
+        more,
+        "only {} through the failover",
+        backup.recipients().len()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        primary.sessions_total(),
+        sessions,
+        "the suspended primary was asked again"
+    );
+    eprintln!("{sessions} sessions with the primary in all, from 2 workers");
+    assert!(primary.accepted().is_empty());
+    let finals = events
+        .wait_until(Duration::from_secs(30), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= 2 * JOBS
+        })
+        .await;
+    assert!(finals, "not every job has a final event");
+    assert!(events
+        .seen
+        .iter()
+        .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1 && e.relay == "backup"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_ended_with_too_many_errors_sends_the_job_back_untouched() {
+    let app = TestApp::builder("pusherr")
+        .relay(
+            "primary",
+            Behaviour::rcpt_script(
+                "e-0@example.org",
+                &[
+                    "421 4.7.0 scripted-smtp.test Error: too many errors",
+                    "250 2.1.5 Ok",
+                ],
+            ),
+            "max_connections = 1\n",
+        )
+        .retries(&["1h"])
+        .workers(1)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "e", 5).await;
+    let finals = events
+        .wait_until(Duration::from_secs(30), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= 5
+        })
+        .await;
+    assert!(finals, "not every job has a final event: {:?}", events.seen);
+    // Not a deferral: no retry step (an hour away) and the first attempt delivered it.
+    for event in &events.seen {
+        assert_eq!(
+            (event.outcome, event.attempt),
+            (EventOutcome::Delivered, 1),
+            "{event:?}"
+        );
+    }
+    assert_eq!(smtp.rcpt_attempts("e-0@example.org"), 2);
+    assert_eq!(app.retry_len("primary", 1).await, 0);
+}

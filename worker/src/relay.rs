@@ -143,9 +143,14 @@ impl RelayHealth {
         }
     }
 
-    /// A session opened: the relay is up.
+    /// A session opened: the relay is up, once its cool-off is over. A session that a lane
+    /// opened just as another marked the relay down (or during a suspension, whose relay
+    /// takes sessions but refuses mail) does not end the cool-off early.
     pub fn mark_up(&self) {
         let mut down = self.down_until.lock().expect("health lock");
+        if down.is_some_and(|until| until > Instant::now()) {
+            return;
+        }
         if down.take().is_some() {
             drop(down);
             tracing::info!(relay = %self.relay, "relay answers again");

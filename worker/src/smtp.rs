@@ -366,6 +366,11 @@ impl SmtpSession {
         let command = self.command_timeout;
         let mut replies = vec![within(command, self.conn.command(group)).await?];
         for _ in 0..=envelope.to().len() {
+            if replies.last().is_some_and(closes_session) {
+                // A 421 ends the session (Postfix's "too many errors"): no further reply
+                // comes, and the 421 is the answer to act on.
+                break;
+            }
             replies.push(within(command, self.conn.read_response()).await?);
         }
         // Every reply is read before acting on any, so the session stays in step.
@@ -662,6 +667,11 @@ fn send_error(stage: Stage, e: lettre::transport::smtp::Error) -> SendError {
         None if e.is_timeout() => SendError::Timeout(Duration::ZERO),
         None => SendError::Connection(describe(&e)),
     }
+}
+
+/// True for a 421 reply: the relay closes the session after it.
+fn closes_session(reply: &Result<Response, lettre::transport::smtp::Error>) -> bool {
+    matches!(reply, Err(e) if e.status().is_some_and(|code| code.to_string() == "421"))
 }
 
 /// The code and text of a negative reply, if `e` is one.
