@@ -124,10 +124,11 @@ pub struct ReplyRules {
     builtin: Option<Vec<(Regex, &'static Builtin)>>,
 }
 
-fn compile(pattern: &str) -> Result<Regex, regex_automata::meta::BuildError> {
+fn compile(pattern: &str) -> Result<Regex, Box<regex_automata::meta::BuildError>> {
     Regex::builder()
         .syntax(syntax::Config::new().case_insensitive(true))
         .build(pattern)
+        .map_err(Box::new)
 }
 
 impl ReplyRules {
