@@ -49,9 +49,8 @@ async fn a_relay_that_allows_100_per_second_gets_between_70_and_100_and_more_whe
     app.ns.publish_jobs("primary", "r", JOBS).await;
     app.start_workers(3);
 
-    assert_eq!(
-        smtp.wait_for_accepted(1, Duration::from_secs(30)).await,
-        1,
+    assert!(
+        smtp.wait_for_accepted(1, Duration::from_secs(30)).await >= 1,
         "nothing delivered"
     );
     let start = smtp

@@ -198,11 +198,12 @@ pub const CUT_SPACING: Duration = Duration::from_millis(500);
 pub const FLOOR: f64 = 1.0;
 
 /// The additive increase: messages per second gained each second after a cut (and its
-/// hold), up to the configured rate. A 50th of `max_messages_per_second` (at least 1): a
-/// 400/s relay gains 8/s each second, so a limit raised from 100 to 300 is found in about
-/// 25 s, and against a relay allowing 100/s a cycle (from 85 back to 100) lasts 2 s.
-pub fn step_per_second(max_per_second: u32) -> f64 {
-    (f64::from(max_per_second) / 50.0).max(1.0)
+/// hold), up to the configured rate: a twelfth of the rate the cut left (at least 1/s). So
+/// from 0.85 R back to R takes about 2 s whatever R (a relay allowing 100/s or 25/s sees
+/// the same few refusals per cycle), and a limit raised from 100/s to 300/s is found in
+/// about 25 s.
+pub fn step_per_second(cut_to: f64) -> f64 {
+    (cut_to / 12.0).max(1.0)
 }
 
 /// The rate after a cut from `rate`.
@@ -213,7 +214,7 @@ pub fn cut(rate: f64) -> f64 {
 /// The rate `elapsed` after a cut to `cut_to` held for `hold`: the additive increase.
 pub fn recovered(cut_to: f64, elapsed: Duration, hold: Duration, max_per_second: u32) -> f64 {
     let growing = elapsed.saturating_sub(hold).as_secs_f64();
-    (cut_to + step_per_second(max_per_second) * growing).min(f64::from(max_per_second))
+    (cut_to + step_per_second(cut_to) * growing).min(f64::from(max_per_second))
 }
 
 /// The fleet tries one more session at most this often after a too-many-connections reply.
@@ -377,7 +378,7 @@ mod tests {
         }
         assert_eq!(cut(1.0), FLOOR);
         assert!(
-            (recovered(100.0, Duration::from_secs(30), Duration::ZERO, 400) - 250.0).abs() < 1e-9
+            (recovered(120.0, Duration::from_secs(15), Duration::ZERO, 400) - 270.0).abs() < 1e-9
         );
         assert_eq!(
             recovered(100.0, Duration::from_secs(5), Duration::from_secs(10), 400),
