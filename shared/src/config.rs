@@ -649,6 +649,14 @@ impl Settings {
             if relay.username.is_none() && has_password {
                 return bad(format!("relays.{name}: a password is set but no username"));
             }
+            for (i, rule) in relay.rules.iter().enumerate() {
+                if let Err(e) = regex_automata::meta::Regex::new(&rule.pattern) {
+                    return bad(format!(
+                        "relays.{name}.rules[{i}]: match = {:?} is not a regular expression: {e}",
+                        rule.pattern
+                    ));
+                }
+            }
             if relay.cleartext_auth() == CleartextAuth::Refused {
                 return bad(format!(
                     "relays.{name}: the credentials would go in clear text to {host}, which is \
@@ -707,6 +715,46 @@ fn is_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_rules_are_read_and_a_bad_pattern_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("sluice-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("rules.toml");
+        let rules = "[relays.primary]\nrules_builtin = false\n\
+            [[relays.primary.rules]]\nmatch = '5\\.7\\.1 .*daily quota'\naction = \"suspend\"\nfor = \"1h\"\n\
+            [[relays.primary.rules]]\nmatch = 'slow down'\naction = \"throttle\"\n";
+        std::fs::write(&path, rules).expect("write");
+        let settings = Settings::load(Some(&path)).expect("valid rules");
+        let relay = &settings.relays["primary"];
+        assert!(!relay.rules_builtin);
+        assert_eq!(
+            relay.rules,
+            vec![
+                ReplyRule {
+                    pattern: r"5\.7\.1 .*daily quota".into(),
+                    action: RuleAction::Suspend,
+                    hold: Some(Duration::from_secs(3600)),
+                },
+                ReplyRule {
+                    pattern: "slow down".into(),
+                    action: RuleAction::Throttle,
+                    hold: None,
+                },
+            ]
+        );
+        std::fs::write(
+            &path,
+            "[relays.primary]\n[[relays.primary.rules]]\nmatch = '('\naction = \"bounce\"\n",
+        )
+        .expect("write");
+        let error = Settings::load(Some(&path)).expect_err("a bad pattern");
+        assert!(
+            error.to_string().contains("relays.primary.rules[0]"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn auth_in_clear_text_goes_only_to_loopback_or_where_allowed() {
