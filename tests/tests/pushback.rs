@@ -461,3 +461,58 @@ fn seconds_between(a: &str, b: &str) -> usize {
     };
     secs(b).saturating_sub(secs(a))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_during_a_throttle_starts_throttled() {
+    const JOBS: usize = 3000;
+    let mut app = TestApp::builder("pushreplay")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_rate_limit(100, SES_THROTTLE),
+            "max_connections = 4\nmax_messages_per_second = 400\n",
+        )
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    app.ns.publish_jobs("primary", "t", JOBS).await;
+    app.start_workers(1);
+    assert!(smtp.wait_for_accepted(1, Duration::from_secs(30)).await >= 1);
+    let start = smtp.accepted_times().into_iter().min().expect("accepted");
+    tokio::time::sleep_until((start + Duration::from_secs(12)).into()).await;
+    let cold = smtp
+        .rate_refusals()
+        .iter()
+        .filter(|t| **t < start + Duration::from_secs(5))
+        .count();
+
+    // The throttled worker dies; a new one replays the control stream.
+    app.workers[0].kill();
+    let before = smtp.accepted_count();
+    app.start_worker();
+    assert!(
+        smtp.wait_for_accepted(before + 1, Duration::from_secs(30))
+            .await
+            > before,
+        "the new worker delivers nothing"
+    );
+    let restart = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let warm = in_range(
+        &smtp.rate_refusals(),
+        restart,
+        restart + Duration::from_secs(5),
+    );
+    let accepted = in_range(
+        &smtp.accepted_times(),
+        restart,
+        restart + Duration::from_secs(5),
+    );
+    eprintln!(
+        "first 5 s: {cold} throttling replies from a fresh fleet; {warm} (for {accepted} accepted) from a worker started during the throttle"
+    );
+    assert!(
+        warm * 10 <= cold && warm < 25,
+        "a worker started during the throttle met {warm} throttling replies in its first 5 s (a fresh fleet: {cold})"
+    );
+}
