@@ -169,6 +169,47 @@ pub struct RelaySettings {
     /// Name sent in EHLO; defaults to this machine's host name.
     #[serde(default)]
     pub helo_name: Option<String>,
+    /// Reply rules of this relay (`[[relays.NAME.rules]]`), tried in order before the
+    /// built-in ones: how the fleet answers a relay that pushes back.
+    #[serde(default)]
+    pub rules: Vec<ReplyRule>,
+    /// Whether the built-in reply rules (throttling, too many connections, server busy, as
+    /// SES, Microsoft 365, Gmail and Postfix word them) apply to this relay.
+    #[serde(default = "default_rules_builtin")]
+    pub rules_builtin: bool,
+}
+
+/// One reply rule: a negative reply whose "code enhanced-code text" matches `pattern`
+/// makes the fleet act on the whole relay, not just on the job.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyRule {
+    /// A regular expression over "code enhanced-code text", e.g. `5.7.1 .*daily quota`
+    /// (unanchored, case-insensitive).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// What the fleet does when the rule matches.
+    pub action: RuleAction,
+    /// How long a `suspend` lasts (default: the relay's `down_cooloff`), or how long a
+    /// `throttle` holds its cut before the rate recovers (default: no hold).
+    #[serde(rename = "for", default, with = "humantime_serde::option")]
+    pub hold: Option<Duration>,
+}
+
+/// What a [`ReplyRule`] makes the fleet do.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// Cut the fleet's rate for the relay (AIMD); the job goes back untouched.
+    Throttle,
+    /// One fleet-wide session fewer for the relay; the job goes back untouched.
+    LimitConnections,
+    /// The relay is down fleet-wide for `for` (failover applies); the job goes back untouched.
+    Suspend,
+    /// An ordinary deferral of the job (its retry ladder), whatever the built-ins say.
+    Defer,
+    /// A permanent refusal of the job.
+    Bounce,
 }
 
 impl Default for RelaySettings {
@@ -207,6 +248,9 @@ fn default_down_cooloff() -> Duration {
 }
 fn default_refusals_before_down() -> u32 {
     5
+}
+fn default_rules_builtin() -> bool {
+    true
 }
 
 /// How a relay's credentials travel, as far as its configuration says: decided before any
@@ -617,6 +661,14 @@ impl Settings {
             if relay.username.is_none() && has_password {
                 return bad(format!("relays.{name}: a password is set but no username"));
             }
+            for (i, rule) in relay.rules.iter().enumerate() {
+                if let Err(e) = regex_automata::meta::Regex::new(&rule.pattern) {
+                    return bad(format!(
+                        "relays.{name}.rules[{i}]: match = {:?} is not a regular expression: {e}",
+                        rule.pattern
+                    ));
+                }
+            }
             if relay.cleartext_auth() == CleartextAuth::Refused {
                 return bad(format!(
                     "relays.{name}: the credentials would go in clear text to {host}, which is \
@@ -675,6 +727,46 @@ fn is_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_rules_are_read_and_a_bad_pattern_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("sluice-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("rules.toml");
+        let rules = "[relays.primary]\nrules_builtin = false\n\
+            [[relays.primary.rules]]\nmatch = '5\\.7\\.1 .*daily quota'\naction = \"suspend\"\nfor = \"1h\"\n\
+            [[relays.primary.rules]]\nmatch = 'slow down'\naction = \"throttle\"\n";
+        std::fs::write(&path, rules).expect("write");
+        let settings = Settings::load(Some(&path)).expect("valid rules");
+        let relay = &settings.relays["primary"];
+        assert!(!relay.rules_builtin);
+        assert_eq!(
+            relay.rules,
+            vec![
+                ReplyRule {
+                    pattern: r"5\.7\.1 .*daily quota".into(),
+                    action: RuleAction::Suspend,
+                    hold: Some(Duration::from_secs(3600)),
+                },
+                ReplyRule {
+                    pattern: "slow down".into(),
+                    action: RuleAction::Throttle,
+                    hold: None,
+                },
+            ]
+        );
+        std::fs::write(
+            &path,
+            "[relays.primary]\n[[relays.primary.rules]]\nmatch = '('\naction = \"bounce\"\n",
+        )
+        .expect("write");
+        let error = Settings::load(Some(&path)).expect_err("a bad pattern");
+        assert!(
+            error.to_string().contains("relays.primary.rules[0]"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn auth_in_clear_text_goes_only_to_loopback_or_where_allowed() {

@@ -354,7 +354,7 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let mut queues = vec![self.topology.events_log()];
+        let mut queues = vec![self.topology.events_log(), self.topology.control()];
         for relay in &self.relays {
             queues.push(self.topology.dead_queue(relay));
             for class in sluice_shared::Priority::ALL {

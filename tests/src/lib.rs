@@ -19,6 +19,7 @@ pub mod broker;
 pub mod event_schema;
 pub mod http;
 pub mod otlp_receiver;
+pub mod postfix;
 pub mod processes;
 pub mod rabbit_node;
 pub mod scripted_smtp;

@@ -131,6 +131,14 @@ pub struct Behaviour {
     /// EHLO keywords not to advertise (e.g. `PIPELINING`, `SMTPUTF8`),
     /// compared case-insensitively: a more old-fashioned relay.
     pub withheld_extensions: Vec<String>,
+    /// `Some((n, reply))`: a relay that takes at most `n` messages in any second and
+    /// answers every MAIL FROM beyond that with `reply` (e.g. SES's `454 Throttling
+    /// failure: Maximum sending rate exceeded`). A MAIL admitted counts for its second.
+    pub rate_limit: Option<(usize, String)>,
+    /// `Some((n, reply))`: a relay that serves at most `n` sessions at once and greets
+    /// every further one with `reply` (e.g. `421 4.7.0 Too many concurrent SMTP
+    /// connections`), then closes it.
+    pub session_limit: Option<(usize, String)>,
 }
 
 impl Behaviour {
@@ -236,6 +244,20 @@ impl Behaviour {
     }
 
     /// Require authentication with these credentials.
+    /// At most `n` messages in any second; MAIL beyond that gets `reply`.
+    pub fn with_rate_limit(mut self, n: usize, reply: &str) -> Self {
+        assert_reply_line(reply);
+        self.rate_limit = Some((n, reply.to_owned()));
+        self
+    }
+
+    /// At most `n` sessions at once; a further one is greeted with `reply` and closed.
+    pub fn with_session_limit(mut self, n: usize, reply: &str) -> Self {
+        assert_reply_line(reply);
+        self.session_limit = Some((n, reply.to_owned()));
+        self
+    }
+
     pub fn with_auth(mut self, username: &str, password: &str) -> Self {
         self.auth = Some((username.to_owned(), password.to_owned()));
         self
@@ -307,6 +329,12 @@ struct Records {
     data_attempts: HashMap<String, usize>,
     auth_successes: usize,
     auth_failures: usize,
+    /// MAIL commands admitted under [`Behaviour::rate_limit`], by time.
+    admitted: std::collections::VecDeque<Instant>,
+    /// When MAIL was refused by the rate limit.
+    rate_refusals: Vec<Instant>,
+    /// When a session was refused by the session limit.
+    session_refusals: Vec<Instant>,
 }
 
 struct Inner {
@@ -316,6 +344,9 @@ struct Inner {
     open: AtomicUsize,
     max_open: AtomicUsize,
     total: AtomicUsize,
+    /// Sessions greeted with 220 and still open (those a session limit refused excluded).
+    served: AtomicUsize,
+    max_served: AtomicUsize,
 }
 
 impl Inner {
@@ -340,6 +371,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// like smtpd, which tells anvil before its connection is closed, the count
 /// drops just before the server's close, so a client that waits for the
 /// close sees the session gone.
+/// Counts a served session until it ends.
+struct ServedGuard<'a>(&'a Inner);
+
+impl Drop for ServedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.served.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct SessionGuard(Arc<Inner>);
 
 impl Drop for SessionGuard {
@@ -371,6 +411,8 @@ impl ScriptedSmtp {
             open: AtomicUsize::new(0),
             max_open: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            max_served: AtomicUsize::new(0),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&inner), stop_rx));
@@ -488,6 +530,31 @@ impl ScriptedSmtp {
     }
 
     /// Successful AUTH exchanges (235 sent), to check the client logged in.
+    /// The most sessions served (greeted with 220) at once.
+    pub fn max_served_sessions(&self) -> usize {
+        self.inner.max_served.load(Ordering::SeqCst)
+    }
+
+    /// Sessions served now.
+    pub fn sessions_served(&self) -> usize {
+        self.inner.served.load(Ordering::SeqCst)
+    }
+
+    /// When MAIL was refused by [`Behaviour::rate_limit`].
+    pub fn rate_refusals(&self) -> Vec<Instant> {
+        self.inner.records().rate_refusals.clone()
+    }
+
+    /// When a session was refused by [`Behaviour::session_limit`].
+    pub fn session_refusals(&self) -> Vec<Instant> {
+        self.inner.records().session_refusals.clone()
+    }
+
+    /// When each accepted message was accepted.
+    pub fn accepted_times(&self) -> Vec<Instant> {
+        self.inner.records().accepted.iter().map(|m| m.at).collect()
+    }
+
     pub fn auth_successes(&self) -> usize {
         self.inner.records().auth_successes
     }
@@ -615,6 +682,25 @@ async fn run_session(
         s.io.get_mut().shutdown().await?;
         return Ok(());
     }
+    let _served = match &behaviour.session_limit {
+        Some((limit, refusal)) => {
+            let served = inner.served.fetch_add(1, Ordering::SeqCst);
+            if served >= *limit {
+                inner.served.fetch_sub(1, Ordering::SeqCst);
+                inner.records().session_refusals.push(Instant::now());
+                s.reply(refusal).await?;
+                s.io.get_mut().shutdown().await?;
+                return Ok(());
+            }
+            inner.max_served.fetch_max(served + 1, Ordering::SeqCst);
+            ServedGuard(inner)
+        }
+        None => {
+            let served = inner.served.fetch_add(1, Ordering::SeqCst) + 1;
+            inner.max_served.fetch_max(served, Ordering::SeqCst);
+            ServedGuard(inner)
+        }
+    };
     s.reply(&format!("220 {SERVER_NAME} ESMTP sluice scripted server"))
         .await?;
     s.command_loop().await
@@ -833,6 +919,29 @@ impl Session<'_> {
         };
         if let Some(refusal) = &behaviour.mail_reply {
             return self.reply(refusal).await;
+        }
+        if let Some((limit, refusal)) = &behaviour.rate_limit {
+            let now = Instant::now();
+            let admitted = {
+                let mut records = self.inner.records();
+                while records
+                    .admitted
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    records.admitted.pop_front();
+                }
+                if records.admitted.len() < *limit {
+                    records.admitted.push_back(now);
+                    true
+                } else {
+                    records.rate_refusals.push(now);
+                    false
+                }
+            };
+            if !admitted {
+                return self.scripted(refusal).await;
+            }
         }
         self.mail_from = Some(from);
         self.reply("250 2.1.0 Ok").await

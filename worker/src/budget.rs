@@ -24,6 +24,12 @@
 //! before), so in every sliding one-second window the relay sees at most
 //! `max_messages_per_second` messages. The price is rounding: 10/s over 3 slots gives
 //! 3 per slot, 9/s in all.
+//!
+//! # Pushback
+//! When the relay says the budget is too much (see [`crate::pushback`]), the fleet uses
+//! only slots `0..usable` ([`Budget::try_acquire`]) and the shares follow the effective rate
+//! over the effective sessions ([`Pacer::set_share`]); a lane holding a slot beyond the
+//! usable ones gives it back after its current job.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -58,6 +64,13 @@ pub struct Slot {
     index: u32,
 }
 
+impl Slot {
+    /// The slot's number: slots at or above the effective session limit are given back.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
 impl Budget {
     /// The budget of `relay`, claimed over `connection`.
     pub fn new(
@@ -78,15 +91,16 @@ impl Budget {
         }
     }
 
-    /// Try every slot this worker does not hold, in random order; the first free one is
-    /// ours. `Ok(None)` when every slot is taken by the fleet.
-    pub async fn try_acquire(&self) -> Result<Option<Slot>, BrokerError> {
+    /// Try every slot below `usable` (the effective session limit) this worker does not
+    /// hold, in random order; the first free one is ours. `Ok(None)` when every usable slot
+    /// is taken by the fleet.
+    pub async fn try_acquire(&self, usable: u32) -> Result<Option<Slot>, BrokerError> {
         let Ok(_probing) = self.acquiring.try_lock() else {
             return Ok(None); // another lane of this worker is already asking
         };
         let mut candidates: Vec<u32> = {
             let held = self.held.lock().expect("budget lock");
-            (0..self.max_connections)
+            (0..self.max_connections.min(usable))
                 .filter(|k| !held.contains(k))
                 .collect()
         };
@@ -226,12 +240,19 @@ impl Pacer {
         Self { share, sent }
     }
 
+    /// Follow a new share (the relay's effective rate or sessions changed): a smaller one
+    /// applies from the next message on, to the messages already in the window.
+    pub fn set_share(&mut self, share: Option<RateShare>) {
+        self.share = share;
+    }
+
     /// Wait until one more message fits in the window, then count it as sent.
     pub async fn wait_turn(&mut self) {
         let Some(share) = self.share else {
             return;
         };
-        if self.sent.len() >= share.messages as usize {
+        // `while`: after a cut the window may hold more than the new share.
+        while self.sent.len() >= share.messages as usize {
             let oldest = self.sent.pop_front().expect("window is full");
             tokio::time::sleep_until(oldest + share.window + CLOCK_MARGIN).await;
         }

@@ -116,7 +116,7 @@ pub async fn run(settings: &Settings, relays: &[String]) -> anyhow::Result<bool>
             relay.max_connections,
             metrics.clone(),
         );
-        let slot = match budget.try_acquire().await {
+        let slot = match budget.try_acquire(relay.max_connections).await {
             Ok(Some(slot)) => slot,
             Ok(None) => {
                 report(

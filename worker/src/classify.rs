@@ -218,6 +218,7 @@ mod tests {
             Outcome::Invalid { .. } => "invalid",
             Outcome::RelayFault { .. } => "relay fault",
             Outcome::NotAttempted { .. } => "not attempted",
+            Outcome::PushedBack { .. } => "pushed back",
         }
     }
 

@@ -7,6 +7,7 @@ use sluice_shared::shutdown::Shutdown;
 use sluice_shared::Topology;
 
 use crate::broker::Broker;
+use crate::control::Control;
 use crate::memory::BodyBudget;
 use crate::metrics::Metrics;
 use crate::relay::Relays;
@@ -23,4 +24,6 @@ pub struct LaneContext {
     pub bodies: Arc<BodyBudget>,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
+    /// Tells the fleet what a relay's pushback changed.
+    pub control: Control,
 }

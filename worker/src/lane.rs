@@ -99,7 +99,8 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
             continue;
         }
         let wanting = *wanting_since.get_or_insert_with(Instant::now);
-        let Some(slot) = relay.budget.try_acquire().await? else {
+        let usable = relay.limits.sessions();
+        let Some(slot) = relay.budget.try_acquire(usable).await? else {
             pause(&ctx.shutdown, jitter(Duration::from_millis(400))).await;
             continue;
         };
@@ -108,21 +109,25 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
         ctx.metrics.slot_wait_seconds(relay.name(), waited);
         let served = serve(&ctx, &relay, &slot, queues).await;
         relay.budget.release(slot).await;
-        served?;
+        if !served? {
+            // No session (the relay refused one, or is down): a lane that asked again at
+            // once would only add to the refusals.
+            pause(&ctx.shutdown, jitter(Duration::from_secs(1))).await;
+        }
     }
     Ok(())
 }
 
 /// Hold `slot`: open a session and deliver jobs from `queues` until idle, failure or stop.
-/// The session is closed before this returns, on every path.
+/// The session is closed before this returns, on every path. False when no session opened.
 async fn serve(
     ctx: &LaneContext,
     relay: &Relay,
-    _slot: &Slot,
+    slot: &Slot,
     queues: Vec<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut lane = Lane {
-        sender: Sender::new(ctx, relay),
+        sender: Sender::new(ctx, relay, slot.index()),
         queues: &queues,
         last_delivery: Instant::now(),
         last_recheck: Instant::now(),
@@ -133,7 +138,7 @@ async fn serve(
         narrowing: false,
     };
     if !lane.sender.open_session().await {
-        return Ok(());
+        return Ok(false);
     }
     let publisher = match Publisher::open(&ctx.broker).await {
         Ok(publisher) => publisher,
@@ -165,7 +170,7 @@ async fn serve(
         }
         publisher.close().await
     });
-    result
+    result.map(|()| true)
 }
 
 /// Why [`Lane::deliver_from`] returned.

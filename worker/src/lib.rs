@@ -11,6 +11,9 @@
 //! - [`step`]: one job — parse, ensure a session, attempt, settle.
 //! - [`deliver`]: job → MIME message → relay → [`settle::Outcome`].
 //! - [`classify`]: a relay's reply → outcome; relay-wide refusals.
+//! - [`pushback`]: replies that mean "slower", "fewer sessions", "not now"; the AIMD arithmetic.
+//! - [`limits`]: a relay's effective rate and session limit, the same on every worker.
+//! - [`control`]: the control stream that carries those limits to the whole fleet.
 //! - [`settle`]: outcome → ack / copy / requeue / event, in one place.
 //! - [`budget`]: the fleet-wide relay budget (slots as exclusive queues, rate shares).
 //! - [`relay`]: per-relay runtime state, circuit breaking, failover.
@@ -27,15 +30,18 @@ pub mod check;
 pub mod classify;
 pub mod cli;
 pub mod context;
+pub mod control;
 pub mod deliver;
 pub mod depth;
 pub mod feed;
 pub mod health;
 pub mod lane;
+pub mod limits;
 pub mod line_endings;
 pub mod memory;
 pub mod metrics;
 pub mod otel_metrics;
+pub mod pushback;
 pub mod relay;
 pub mod settle;
 pub mod smtp;
@@ -54,6 +60,7 @@ use tokio::task::JoinSet;
 use crate::broker::{within, Broker};
 use crate::budget::Budget;
 use crate::context::LaneContext;
+use crate::control::Control;
 use crate::health::Readiness;
 use crate::lane::run_lane;
 use crate::metrics::Metrics;
@@ -72,9 +79,12 @@ pub async fn run(
     // Build every relay client once up front, so a bad TLS file or password file stops
     // the worker at start, not at its first job.
     let mut clients = std::collections::BTreeMap::new();
+    let mut rules = std::collections::BTreeMap::new();
     for name in &lanes_for {
         let client = RelayClient::new(name, &settings.relays[name])?;
         clients.insert(name.clone(), Arc::new(client));
+        let compiled = pushback::ReplyRules::new(name, &settings.relays[name])?;
+        rules.insert(name.clone(), Arc::new(compiled));
     }
     let metrics = Metrics::new();
     for name in &lanes_for {
@@ -139,11 +149,24 @@ pub async fn run(
             relays.push(Arc::new(Relay::new(
                 client,
                 budget,
+                rules[name].clone(),
                 metrics.clone(),
                 own.contains(name),
             )));
         }
         let relays = Arc::new(Relays { all: relays });
+        let control = match Control::start(&broker, &topology, relays.clone()).await {
+            Ok(control) => control,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "following the control stream failed; reconnecting"
+                );
+                broker.close("reconnecting").await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let ctx = Arc::new(LaneContext {
             broker: broker.clone(),
             topology: topology.clone(),
@@ -153,6 +176,7 @@ pub async fn run(
             bodies: bodies.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
+            control,
         });
         let mut lanes: Lanes = JoinSet::new();
         // Which relay each lane serves, to replace a failed lane with one of its kind.

@@ -37,6 +37,10 @@ struct Inner {
     broker_blocked: IntGauge,
     queue_ready: IntGaugeVec,
     oldest_age: prometheus::GaugeVec,
+    /// What the relay's pushback left of its budget (see `crate::limits`).
+    effective_rate: prometheus::GaugeVec,
+    effective_connections: IntGaugeVec,
+    throttled: IntCounterVec,
     /// The same histogram over OTLP, once `otel_metrics::install` set it.
     otel_send_seconds: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>>,
 }
@@ -177,6 +181,32 @@ impl Metrics {
         registry
             .register(Box::new(oldest_age.clone()))
             .expect("register");
+        let effective_rate = prometheus::GaugeVec::new(
+            Opts::new(
+                "sluice_relay_effective_rate",
+                "The fleet's messages per second for the relay after its pushback (0 = no limit)",
+            ),
+            &["relay"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(effective_rate.clone()))
+            .expect("register");
+        let effective_connections = gauge(
+            "sluice_relay_effective_connections",
+            "The fleet's session limit for the relay after its pushback",
+        );
+        let throttled = IntCounterVec::new(
+            Opts::new(
+                "sluice_relay_throttled_total",
+                "Replies of the relay that pushed back (reason: rate, connections, suspended, session_fault, defer, bounce); a job refused so goes back untouched",
+            ),
+            &["relay", "reason"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(throttled.clone()))
+            .expect("register");
         let send_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "sluice_smtp_send_seconds",
@@ -210,6 +240,9 @@ impl Metrics {
                 broker_blocked,
                 queue_ready,
                 oldest_age,
+                effective_rate,
+                effective_connections,
+                throttled,
                 otel_send_seconds: Default::default(),
             }),
         }
@@ -240,6 +273,23 @@ impl Metrics {
         }
         i.sessions_open.with_label_values(&[relay]).set(0);
         i.slots_held.with_label_values(&[relay]).set(0);
+    }
+
+    /// The relay's effective rate and session limit now.
+    pub fn effective_limits(&self, relay: &str, rate: f64, sessions: u32) {
+        let i = &self.inner;
+        i.effective_rate.with_label_values(&[relay]).set(rate);
+        i.effective_connections
+            .with_label_values(&[relay])
+            .set(sessions.into());
+    }
+
+    /// The relay pushed back (`reason`: see [`crate::pushback::Pushback::reason`]).
+    pub fn throttled(&self, relay: &str, reason: &str) {
+        self.inner
+            .throttled
+            .with_label_values(&[relay, reason])
+            .inc();
     }
 
     pub fn received(&self, relay: &str) {

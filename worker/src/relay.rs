@@ -1,5 +1,6 @@
-//! One relay as the worker runs it: its SMTP client, its share of the fleet budget, and
-//! its circuit state (up, or marked down for a cool-off after a relay fault).
+//! One relay as the worker runs it: its SMTP client, its share of the fleet budget, its
+//! effective limits and reply rules (when it pushes back), and its circuit state (up, or
+//! marked down for a cool-off after a relay fault or a suspension).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +9,9 @@ use tokio::time::Instant;
 
 use crate::budget::{rate_share, Budget, RateShare};
 use crate::classify::RefusalStreak;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::pushback::ReplyRules;
 use crate::settle::Outcome;
 use crate::smtp::RelayClient;
 
@@ -18,6 +21,10 @@ pub struct Relay {
     pub budget: Budget,
     pub rate_share: Option<RateShare>,
     pub health: RelayHealth,
+    /// The fleet's rate and session limit after the relay's pushback.
+    pub limits: Limits,
+    /// Which replies are pushback, and what the fleet does about each.
+    pub rules: Arc<ReplyRules>,
     /// False when this relay runs only as another's failover target (`--relay` left it
     /// out): its lanes then serve only the queues of down relays that fail over to it.
     pub serves_own_queue: bool,
@@ -28,6 +35,7 @@ impl Relay {
     pub fn new(
         client: Arc<RelayClient>,
         budget: Budget,
+        rules: Arc<ReplyRules>,
         metrics: Metrics,
         serves_own_queue: bool,
     ) -> Self {
@@ -35,6 +43,12 @@ impl Relay {
         let share = rate_share(settings.max_messages_per_second, settings.max_connections);
         // Its going down moves its jobs only if its lanes serve them (see `served_by`).
         let failover = settings.failover.clone().filter(|_| serves_own_queue);
+        let limits = Limits::new(
+            client.name(),
+            settings.max_messages_per_second,
+            settings.max_connections,
+            metrics.clone(),
+        );
         let health = RelayHealth::new(
             client.name(),
             failover,
@@ -47,6 +61,8 @@ impl Relay {
             budget,
             rate_share: share,
             health,
+            limits,
+            rules,
             serves_own_queue,
         }
     }
@@ -104,12 +120,19 @@ impl RelayHealth {
     /// The relay failed us (no session, or it refuses the account or the sender): it is
     /// down for the cool-off.
     pub fn mark_down(&self, error: &dyn std::fmt::Display) {
+        self.mark_down_for(error, self.cooloff);
+    }
+
+    /// The relay is down for `cooloff` (a suspension, or what another worker saw). A
+    /// shorter one never shortens the cool-off in force.
+    pub fn mark_down_for(&self, error: &dyn std::fmt::Display, cooloff: Duration) {
         let mut down = self.down_until.lock().expect("health lock");
         let was_up = down.is_none();
-        *down = Some(Instant::now() + self.cooloff);
+        let until = Instant::now() + cooloff;
+        *down = Some(down.map_or(until, |d| d.max(until)));
         drop(down);
         if was_up {
-            tracing::warn!(relay = %self.relay, %error, cooloff = ?self.cooloff, "relay marked down");
+            tracing::warn!(relay = %self.relay, %error, ?cooloff, "relay marked down");
             self.metrics.relay_up(&self.relay, false);
             self.metrics.relay_down(&self.relay);
             if let Some(to) = &self.failover {
@@ -120,9 +143,14 @@ impl RelayHealth {
         }
     }
 
-    /// A session opened: the relay is up.
+    /// A session opened: the relay is up, once its cool-off is over. A session that a lane
+    /// opened just as another marked the relay down (or during a suspension, whose relay
+    /// takes sessions but refuses mail) does not end the cool-off early.
     pub fn mark_up(&self) {
         let mut down = self.down_until.lock().expect("health lock");
+        if down.is_some_and(|until| until > Instant::now()) {
+            return;
+        }
         if down.take().is_some() {
             drop(down);
             tracing::info!(relay = %self.relay, "relay answers again");

@@ -7,7 +7,7 @@
 //! | deferred | copy to retry step *k* (or dead, `retries exhausted`), confirmed, then ack | `deferred` (`dead`) |
 //! | bounced | copy to the dead queue (`bounced`), confirmed, then ack | `bounced` |
 //! | invalid | copy to the dead queue (`invalid`), confirmed, then ack | `dead` |
-//! | relay fault, not attempted | nack with requeue: back to its queue untouched | none |
+//! | relay fault, not attempted, pushed back | nack with requeue: back to its queue untouched | none |
 //!
 //! Rule: a delivery is acknowledged only after the job exists somewhere else for sure —
 //! accepted by the relay, or its copy confirmed by the broker. There is no moment in which
@@ -69,6 +69,10 @@ pub enum Outcome {
     /// No attempt was made (no SMTP session, or the broker blocks publishing): the job
     /// goes back untouched.
     NotAttempted { why: String },
+    /// The relay pushed back (too fast, too many sessions, suspended, the session ended
+    /// with too many errors; see [`crate::pushback`]): the job goes back untouched, no
+    /// attempt of its retry ladder spent, no event (`sluice_relay_throttled_total` counts it).
+    PushedBack { code: Option<u16>, reply: String },
 }
 
 impl Outcome {
@@ -76,7 +80,9 @@ impl Outcome {
     pub fn smtp_code(&self) -> Option<u16> {
         match self {
             Self::Delivered { code, .. } | Self::Bounced { code, .. } => Some(*code),
-            Self::Deferred { code, .. } | Self::RelayFault { code, .. } => *code,
+            Self::Deferred { code, .. }
+            | Self::RelayFault { code, .. }
+            | Self::PushedBack { code, .. } => *code,
             Self::Invalid { .. } | Self::NotAttempted { .. } => None,
         }
     }
@@ -90,6 +96,7 @@ impl Outcome {
             Self::Bounced { .. } => Some("bounced"),
             Self::Invalid { .. } => Some("invalid"),
             Self::RelayFault { .. } => Some("relay_fault"),
+            Self::PushedBack { .. } => Some("pushed_back"),
             Self::NotAttempted { .. } => Some("not_attempted"),
         }
     }
@@ -100,7 +107,8 @@ impl Outcome {
             Self::Delivered { reply, .. }
             | Self::Bounced { reply, .. }
             | Self::Deferred { reply, .. }
-            | Self::RelayFault { reply, .. } => reply,
+            | Self::RelayFault { reply, .. }
+            | Self::PushedBack { reply, .. } => reply,
             Self::Invalid { reason } => reason,
             Self::NotAttempted { why } => why,
         }
@@ -133,7 +141,9 @@ pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Actio
         Outcome::Delivered { .. } => Action::Finish,
         Outcome::Bounced { .. } => Action::SetAside { reason: BOUNCED },
         Outcome::Invalid { .. } => Action::SetAside { reason: "invalid" },
-        Outcome::RelayFault { .. } | Outcome::NotAttempted { .. } => Action::Requeue,
+        Outcome::RelayFault { .. } | Outcome::NotAttempted { .. } | Outcome::PushedBack { .. } => {
+            Action::Requeue
+        }
         Outcome::Deferred { retry_after, .. } => {
             let mut step = last_step.saturating_add(1);
             if step > delays.len() {

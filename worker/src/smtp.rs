@@ -29,9 +29,28 @@ pub enum OpenError {
     #[error("relay {relay} did not answer within {timeout:?}")]
     Timeout { relay: String, timeout: Duration },
     #[error("relay {relay} refused the session: {reason}")]
-    Refused { relay: String, reason: String },
+    Refused {
+        relay: String,
+        reason: String,
+        /// The relay's negative reply (code, text), when it gave one: what the reply rules
+        /// read (see [`crate::pushback`]).
+        reply: Option<(u16, String)>,
+    },
     #[error("relay {relay} rejected our credentials: {reason}")]
     AuthRejected { relay: String, reason: String },
+}
+
+impl OpenError {
+    /// The relay's negative reply at the greeting or EHLO, if that is why.
+    pub fn reply(&self) -> Option<(u16, &str)> {
+        match self {
+            Self::Refused {
+                reply: Some((code, text)),
+                ..
+            } => Some((*code, text.as_str())),
+            _ => None,
+        }
+    }
 }
 
 /// Where in a transaction the relay answered: a refusal at MAIL FROM is about us (the
@@ -205,7 +224,13 @@ impl RelayClient {
                 .await
             {
                 Err(_) => return Err(self.timeout(command_timeout)),
-                Ok(Err(e)) => return Err(self.refused(format!("EHLO failed: {}", describe(&e)))),
+                Ok(Err(e)) => {
+                    let mut error = self.refused(format!("EHLO failed: {}", describe(&e)));
+                    if let OpenError::Refused { reply, .. } = &mut error {
+                        *reply = negative_reply(&e);
+                    }
+                    return Err(error);
+                }
                 Ok(Ok(offered)) => offered,
             };
         if let Some(credentials) = &self.credentials {
@@ -236,7 +261,11 @@ impl RelayClient {
         if e.is_timeout() {
             self.timeout(timeout)
         } else {
-            self.refused(describe(e))
+            OpenError::Refused {
+                relay: self.name.to_string(),
+                reason: describe(e),
+                reply: negative_reply(e),
+            }
         }
     }
 
@@ -251,6 +280,7 @@ impl RelayClient {
         OpenError::Refused {
             relay: self.name.to_string(),
             reason,
+            reply: None,
         }
     }
 }
@@ -336,6 +366,11 @@ impl SmtpSession {
         let command = self.command_timeout;
         let mut replies = vec![within(command, self.conn.command(group)).await?];
         for _ in 0..=envelope.to().len() {
+            if replies.last().is_some_and(closes_session) {
+                // A 421 ends the session (Postfix's "too many errors"): no further reply
+                // comes, and the 421 is the answer to act on.
+                break;
+            }
             replies.push(within(command, self.conn.read_response()).await?);
         }
         // Every reply is read before acting on any, so the session stays in step.
@@ -440,6 +475,13 @@ impl SmtpSession {
         if !matches!(reset, Ok(Ok(_))) {
             self.broken = true;
         }
+    }
+
+    /// Send one command at a time from now on: after a throttling reply a pipelined batch
+    /// would be answered with errors (Postfix counts them, slows down and ends the session
+    /// at its hard error limit). A new session pipelines again.
+    pub fn stop_pipelining(&mut self) {
+        self.pipelining = false;
     }
 
     /// Messages sent in this session (for `max_messages_per_connection`).
@@ -625,6 +667,17 @@ fn send_error(stage: Stage, e: lettre::transport::smtp::Error) -> SendError {
         None if e.is_timeout() => SendError::Timeout(Duration::ZERO),
         None => SendError::Connection(describe(&e)),
     }
+}
+
+/// True for a 421 reply: the relay closes the session after it.
+fn closes_session(reply: &Result<Response, lettre::transport::smtp::Error>) -> bool {
+    matches!(reply, Err(e) if e.status().is_some_and(|code| code.to_string() == "421"))
+}
+
+/// The code and text of a negative reply, if `e` is one.
+fn negative_reply(e: &lettre::transport::smtp::Error) -> Option<(u16, String)> {
+    let code = e.status()?.to_string().parse().ok()?;
+    Some((code, reply_text(e)))
 }
 
 /// The reply text of a negative SMTP reply (lettre keeps it as the error's source).

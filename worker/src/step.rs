@@ -13,6 +13,8 @@ use crate::budget::Pacer;
 use crate::context::LaneContext;
 use crate::deliver::{self, PreparedMessage};
 use crate::feed::Feed;
+use crate::limits::{now_ms, Change};
+use crate::pushback::{Moment, Pushback};
 use crate::relay::Relay;
 use crate::settle::{Action, AttemptInfo, Outcome, SettleError};
 use crate::smtp::SmtpSession;
@@ -24,18 +26,25 @@ pub struct Sender<'a> {
     pub relay: &'a Relay,
     session: Option<LaneSession>,
     pacer: Pacer,
+    /// The budget slot held: one at or above the relay's effective session limit is given
+    /// back after the current job.
+    slot: u32,
+    /// Close the session before the next job (the relay throttled it).
+    retire_session: bool,
     /// Time spent in SMTP transactions (what the lane's window is sized by).
     pub sending: Duration,
 }
 
 impl<'a> Sender<'a> {
-    /// A sender for a slot of `relay` taken just now (no session yet).
-    pub fn new(ctx: &'a LaneContext, relay: &'a Relay) -> Self {
+    /// A sender for slot `slot` of `relay`, taken just now (no session yet).
+    pub fn new(ctx: &'a LaneContext, relay: &'a Relay, slot: u32) -> Self {
         Self {
             ctx,
             relay,
             session: None,
-            pacer: Pacer::new(relay.rate_share),
+            pacer: Pacer::new(relay.limits.share()),
+            slot,
+            retire_session: false,
             sending: Duration::ZERO,
         }
     }
@@ -50,7 +59,17 @@ impl<'a> Sender<'a> {
                 true
             }
             Err(error) => {
-                self.relay.health.mark_down(&error);
+                let pushback = error.reply().and_then(|(code, text)| {
+                    self.relay.rules.classify(Moment::Opening, code, text)
+                });
+                match pushback {
+                    Some(
+                        pushback @ (Pushback::Throttle { .. }
+                        | Pushback::TooManyConnections
+                        | Pushback::Suspend { .. }),
+                    ) => heed(self.ctx, self.relay, pushback, &error),
+                    _ => self.relay.health.mark_down(&error),
+                }
                 false
             }
         }
@@ -164,6 +183,7 @@ pub(crate) async fn deliver_one(
         }
         Ok(message) => attempt(sender, &span, message).await?,
     };
+    let outcome = listen(sender, outcome);
     if let Outcome::RelayFault { code, reply } = &outcome {
         sender.relay.health.mark_down(&format!(
             "it refuses us, not the recipient: {} {reply}",
@@ -214,6 +234,14 @@ pub(crate) async fn deliver_one(
         Err(SettleError::Broker(BrokerError::Blocked { .. })) => return Ok(Next::GiveUpSlot),
         settled => settled.with_context(|| format!("settling job {}", parsed.id))?,
     };
+    if sender.slot >= sender.relay.limits.sessions() {
+        // The relay wants fewer sessions from the fleet than this slot's number.
+        return Ok(Next::GiveUpSlot);
+    }
+    if matches!(outcome, Outcome::PushedBack { .. }) {
+        // The pace or the session changed already; the slot goes on serving.
+        return Ok(Next::Continue);
+    }
     if action == Action::Requeue || sender.relay.health.record_refusal(&outcome, to) {
         return Ok(Next::GiveUpSlot);
     }
@@ -286,6 +314,7 @@ async fn attempt(
             why: "no SMTP session to the relay; requeued untouched".into(),
         });
     }
+    sender.pacer.set_share(sender.relay.limits.share());
     sender.pacer.wait_turn().await;
     if !ctx.broker.fence_open() {
         return Err(FenceClosed.into());
@@ -316,9 +345,104 @@ async fn attempt(
     Ok(outcome)
 }
 
+/// Read an attempt's negative reply with the relay's reply rules: pushback turns the job's
+/// outcome into [`Outcome::PushedBack`] (the job goes back untouched) and changes the
+/// fleet's limits; a rule's `defer` or `bounce` decides the job's outcome; anything else
+/// stands.
+fn listen(sender: &mut Sender<'_>, outcome: Outcome) -> Outcome {
+    let (code, reply) = match &outcome {
+        Outcome::Deferred {
+            code: Some(code),
+            reply,
+            ..
+        }
+        | Outcome::Bounced { code, reply, .. }
+        | Outcome::RelayFault {
+            code: Some(code),
+            reply,
+        } => (*code, reply.clone()),
+        _ => return outcome,
+    };
+    let relay = sender.relay;
+    let Some(pushback) = relay.rules.classify(Moment::Transaction, code, &reply) else {
+        return outcome;
+    };
+    match pushback {
+        Pushback::Defer => Outcome::Deferred {
+            code: Some(code),
+            retry_after: crate::classify::retry_hint(&reply),
+            reply,
+        },
+        Pushback::Bounce => Outcome::Bounced {
+            code,
+            reply,
+            at_rcpt: false,
+        },
+        Pushback::SessionFault => {
+            sender
+                .ctx
+                .metrics
+                .throttled(relay.name(), pushback.reason());
+            // The relay ends the session: nothing more is said on it.
+            sender.session = None;
+            Outcome::PushedBack {
+                code: Some(code),
+                reply,
+            }
+        }
+        Pushback::Throttle { .. } | Pushback::TooManyConnections | Pushback::Suspend { .. } => {
+            let line = format!("{code} {reply}");
+            heed(sender.ctx, relay, pushback, &line);
+            if let Some(session) = sender.session.as_mut() {
+                // Postfix answers the rest of a pipelined batch after a throttle with
+                // errors (503), counts them per session, answers a session past ten errors
+                // a second late each time and ends it at twenty: this session is done
+                // (the next job opens a fresh one, which pipelines again), and pipelines no
+                // more meanwhile.
+                session.smtp().stop_pipelining();
+                sender.retire_session = true;
+            }
+            Outcome::PushedBack {
+                code: Some(code),
+                reply,
+            }
+        }
+    }
+}
+
+/// Change the fleet's limits for `relay` as `pushback` says, here and (through the control
+/// stream) on every worker.
+fn heed(ctx: &LaneContext, relay: &Relay, pushback: Pushback, why: &dyn std::fmt::Display) {
+    ctx.metrics.throttled(relay.name(), pushback.reason());
+    let change = match pushback {
+        Pushback::Throttle { hold } => relay.limits.cut_rate(hold),
+        Pushback::TooManyConnections => relay.limits.cut_sessions(),
+        Pushback::Suspend { hold } => {
+            let hold = hold.unwrap_or(relay.client.settings().down_cooloff);
+            relay.health.mark_down_for(why, hold);
+            let now = now_ms();
+            Some(Change::Down {
+                relay: relay.name().to_string(),
+                until_ms: now.saturating_add(hold.as_millis() as u64),
+                at_ms: now,
+                reason: why.to_string(),
+            })
+        }
+        _ => None,
+    };
+    if let Some(change) = change {
+        ctx.control.tell(change);
+    }
+}
+
 /// Make sure the lane has a usable session with room for one more message.
 async fn ensure_session(sender: &mut Sender<'_>, span: &DeliverSpan) -> bool {
     let settings = sender.relay.client.settings();
+    if std::mem::take(&mut sender.retire_session) {
+        if let Some(old) = sender.session.take() {
+            old.close().await;
+        }
+    }
     let reusable = sender.session.as_mut().is_some_and(|s| {
         let smtp = s.smtp();
         smtp.is_usable() && smtp.sent() < settings.max_messages_per_connection

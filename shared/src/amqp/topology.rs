@@ -16,6 +16,7 @@
 //! worker --outcome batch--> <ns>.events (topic, key <outcome>.<campaign>) --#--> <ns>.events.log (stream)
 //! producer --campaign summary--> <ns>.events.log (straight into the stream, not via <ns>.events)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
+//! worker --relay pushed back--> <ns>.control (stream) --every worker reads it from the start--> worker
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -29,6 +30,11 @@ use crate::priority::Priority;
 const EVENTS_LOG_SUFFIX: &str = ".events.log";
 /// Segment size of the event log (RabbitMQ's default is 500 MB).
 const LOG_SEGMENT_BYTES: i32 = 64 * 1024 * 1024;
+
+/// How long the control stream keeps a change (longer than any rule's hold is useful for).
+const CONTROL_MAX_AGE: &str = "1D";
+/// Segment size of the control stream.
+const CONTROL_SEGMENT_BYTES: i32 = 1024 * 1024;
 
 /// The names of everything in one namespace, and the code that declares them.
 #[derive(Debug, Clone)]
@@ -136,6 +142,30 @@ impl Topology {
         self.declare_queue(channel, &self.events_log_spec()).await
     }
 
+    /// The control stream: what a worker learned from a relay that pushes back (its rate
+    /// cut, its session limit, its suspension), which every worker follows. A stream, so a
+    /// worker started later replays it and starts throttled.
+    pub fn control(&self) -> String {
+        format!("{}.control", self.namespace)
+    }
+
+    /// The control stream's arguments: a day of changes at most, in small segments (a
+    /// change is a few hundred bytes; retention drops whole segments).
+    pub fn control_spec(&self) -> QueueSpec {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), string("stream"));
+        arguments.insert("x-max-age".into(), string(CONTROL_MAX_AGE));
+        arguments.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongInt(CONTROL_SEGMENT_BYTES),
+        );
+        QueueSpec {
+            name: self.control(),
+            arguments,
+            binding: None,
+        }
+    }
+
     /// Exclusive queue whose existence means "budget slot `slot` of this relay is taken".
     pub fn budget_slot_queue(&self, relay: &str, slot: u32) -> String {
         format!("{}.budget.{relay}.{slot}", self.namespace)
@@ -207,6 +237,7 @@ impl Topology {
     ) -> Result<(), TopologyError> {
         self.declare_exchanges(channel).await?;
         self.declare_events_log(channel).await?;
+        self.declare_queue(channel, &self.control_spec()).await?;
         for spec in self.job_queues(relays, retry_steps) {
             self.declare_queue(channel, &spec).await?;
         }
