@@ -9,10 +9,21 @@ bash deploy/services.sh
 # The integration tests spawn the real binaries: build them first.
 cargo build --workspace --bins --quiet
 # Everything that can share the machine, in parallel (each test has its own namespace).
-cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" --skip the_budget_holds
-# The fleet-budget tests measure throughput against the relay's budget with up to eight
-# workers each: one at a time, so that a 2-core machine is not what they measure.
-cargo test -p sluice-tests --test budget -- --test-threads 1 the_budget_holds
+# The tests that measure rates and latencies against a relay's budget (the fleet budget with
+# up to eight workers, priority classes, the fleet slowing down when the relay pushes back)
+# run afterwards, one at a time, so that a 2-core machine is not what they measure.
+measured=(the_budget_holds
+  a_high_job_overtakes_a_queued_campaign_within_a_second
+  low_jobs_get_their_share_while_normal_ones_wait
+  a_down_relay_s_high_jobs_fail_over_first
+  a_relay_that_allows_100_per_second_gets_between_70_and_100_and_more_when_it_allows_more
+  a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six
+  a_real_postfix_limiting_two_connections_gets_two_and_every_job
+  a_real_postfix_limiting_the_message_rate_gets_every_job_at_its_first_attempt
+  a_worker_started_during_a_throttle_starts_throttled)
+cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" "${measured[@]/#/--skip=}"
+cargo test -p sluice-tests --test budget --test priority --test pushback -- --test-threads 1 \
+  "${measured[@]}"
 # These stop and restart the shared broker, so they run alone, after everything else.
 cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1
 # A three-node cluster of private nodes (other ports, other data directories) loses a node
