@@ -305,7 +305,9 @@ async fn a_real_postfix_limiting_two_connections_gets_two_and_every_job() {
         .start()
         .await;
     app.ns.publish_jobs("primary", "c", JOBS).await;
-    app.start_workers(3);
+    // Six workers, so that after a refused probe another worker is likely to want the
+    // freed slot before it has read the cut from the control stream.
+    app.start_workers(6);
     let all = eventually(Duration::from_secs(120), || async {
         postfix.arrived().len() >= JOBS
     })

@@ -108,12 +108,15 @@ pub async fn run_lane(ctx: Arc<LaneContext>, relay: Arc<Relay>) -> anyhow::Resul
         let waited = wanting.elapsed().as_secs_f64();
         ctx.metrics.slot_wait_seconds(relay.name(), waited);
         let served = serve(&ctx, &relay, &slot, queues).await;
-        relay.budget.release(slot).await;
-        if !served? {
+        if matches!(served, Ok(false)) {
             // No session (the relay refused one, or is down): a lane that asked again at
-            // once would only add to the refusals.
+            // once would only add to the refusals. The slot is kept through the pause: a
+            // worker that has not yet read this one's cut of the session limit from the
+            // control stream would otherwise take the slot and be refused in turn.
             pause(&ctx.shutdown, jitter(Duration::from_secs(1))).await;
         }
+        relay.budget.release(slot).await;
+        served?;
     }
     Ok(())
 }
