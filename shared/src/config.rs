@@ -200,7 +200,7 @@ pub struct ReplyRule {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RuleAction {
-    /// Cut the fleet's rate for the relay (AIMD); the job goes back untouched.
+    /// Cut the fleet's rate for the relay (and let it climb back); the job goes back untouched.
     Throttle,
     /// One fleet-wide session fewer for the relay; the job goes back untouched.
     LimitConnections,

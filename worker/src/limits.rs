@@ -1,5 +1,5 @@
 //! The effective limits of one relay, as the fleet learned them from its replies: the rate
-//! (cut by AIMD, below `max_messages_per_second`) and the session limit (below
+//! (cut and climbing again, below `max_messages_per_second`) and the session limit (below
 //! `max_connections`). Every worker holds the same state: a worker that cuts a limit tells
 //! the others with a [`Change`] on the control stream (see [`crate::control`]), and each
 //! applies the changes it reads. Recovery is a function of the time since the cut, so the
@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget::{rate_share, RateShare};
 use crate::metrics::Metrics;
-use crate::pushback::{cut, recovered, sessions_recovered, CUT_SPACING, SESSION_CUT_SPACING};
+use crate::pushback::{
+    cut, recovered, sessions_recovered, CUT_AGAIN_WITHIN, CUT_SPACING, SESSION_CUT_SPACING,
+};
 
 /// A change of a relay's fleet-wide limits, as it travels on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,7 +164,10 @@ impl Limits {
         {
             return None;
         }
-        let to = cut(current);
+        let again = state
+            .rate
+            .is_some_and(|c| since(c.at_ms, now) < CUT_AGAIN_WITHIN);
+        let to = cut(current, again);
         state.rate = Some(RateCut {
             to,
             at_ms: now,
