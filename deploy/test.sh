@@ -20,6 +20,7 @@ measured=(the_budget_holds
   a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six
   a_real_postfix_limiting_two_connections_gets_two_and_every_job
   a_real_postfix_limiting_the_message_rate_gets_every_job_at_its_first_attempt
+  a_real_postfix_limiting_the_message_rate_refuses_under_5_percent_once_settled
   a_worker_started_during_a_throttle_starts_throttled)
 cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" "${measured[@]/#/--skip=}"
 cargo test -p sluice-tests --test budget --test priority --test pushback -- --test-threads 1 \
