@@ -11,7 +11,8 @@
 //! - [`step`]: one job — parse, ensure a session, attempt, settle.
 //! - [`deliver`]: job → MIME message → relay → [`settle::Outcome`].
 //! - [`classify`]: a relay's reply → outcome; relay-wide refusals.
-//! - [`pushback`]: replies that mean "slower", "fewer sessions", "not now"; the arithmetic of the rate (a cut, then a cubic climb).
+//! - [`pushback`]: replies that mean "slower", "fewer sessions", "not now"; the rate's
+//!   arithmetic (a cut, then a cubic climb).
 //! - [`limits`]: a relay's effective rate and session limit, the same on every worker.
 //! - [`control`]: the control stream that carries those limits to the whole fleet.
 //! - [`settle`]: outcome → ack / copy / requeue / event, in one place.

@@ -1,6 +1,7 @@
 //! When the relay pushes back: which replies mean "slower", "fewer sessions", "not now" or
 //! "this session is finished", and the arithmetic of the rate (a cut, then a cubic climb).
-//! Pure functions, tested with tables; [`crate::limits`] holds the state and [`crate::control`] shares it.
+//! Pure functions, tested with tables; [`crate::limits`] holds the state and
+//! [`crate::control`] shares it.
 //!
 //! A relay's own rules (`[[relays.NAME.rules]]`) are tried first, then the built-ins
 //! ([`BUILTINS`]) unless `rules_builtin = false`. A rule reads "code enhanced-code text"
@@ -222,8 +223,11 @@ pub fn cut(rate: f64, again: bool) -> f64 {
 /// at [`PLATEAU`] of the rate the relay refused (`cut_to / CUT`), reached after
 /// [`TO_PLATEAU`] and held within 2% for four seconds, then climbs faster and faster, so
 /// a relay that now allows more is found quickly. From 0.85 R: 0.95 R after 4 s, 1.05 R
-/// after 8 s, 1.75 R after 12 s. (A straight additive increase back at R in 2 s presses the
-/// relay every cycle; one slow enough to spare it takes minutes to find a raised limit.)
+/// after 8 s, 1.75 R after 12 s. Only the cut's result travels on the control stream, so the
+/// refused rate is taken as `cut_to / CUT`; after a [`DEEP_CUT`] the plateau is lower (about
+/// 0.78 of the refused rate), which is where a descent wants to pause anyway. (A straight
+/// additive increase back at R in 2 s presses the relay every cycle; one slow enough to
+/// spare it takes minutes to find a raised limit.)
 pub fn recovered(cut_to: f64, elapsed: Duration, hold: Duration, max_per_second: u32) -> f64 {
     let plateau = cut_to / CUT * PLATEAU;
     let k = TO_PLATEAU.as_secs_f64();
