@@ -38,6 +38,10 @@ pub struct CampaignSpec {
     pub html: Option<String>,
     /// Extra headers: name and value template.
     pub headers: Vec<(String, String)>,
+    /// Every job's `not_before` (RFC 3339), if any.
+    pub not_before: Option<String>,
+    /// Every job's `not_after` (RFC 3339), if any.
+    pub not_after: Option<String>,
 }
 
 /// One row that cannot become a job, with the line of the file it starts on.
@@ -398,6 +402,8 @@ impl Campaign {
             html,
             headers,
             priority: None,
+            not_before: spec.not_before.clone(),
+            not_after: spec.not_after.clone(),
         };
         if check == Check::Full {
             job.validate().map_err(|e| match e {
@@ -566,6 +572,8 @@ mod tests {
             text: "Dear {{ name }},\n".into(),
             html: Some("<p>Dear {{ name }}</p>".into()),
             headers: vec![("X-Tag".into(), "{{ tag }}".into())],
+            not_before: None,
+            not_after: None,
         }
     }
 

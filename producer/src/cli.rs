@@ -132,6 +132,16 @@ pub struct SendArgs {
     #[arg(long, value_name = "ID", value_parser = parse_campaign)]
     pub campaign: Option<String>,
 
+    /// Do not send before this moment (RFC 3339, e.g. 2026-12-24T18:00:00Z): the jobs wait
+    /// in the relay's retry queues until then, without spending an attempt.
+    #[arg(long, value_name = "TIME", value_parser = parse_moment)]
+    pub not_before: Option<String>,
+
+    /// Do not send after this moment (RFC 3339): jobs still unsent then end in the relay's
+    /// dead queue with reason `expired` (one `dead` event each).
+    #[arg(long, value_name = "TIME", value_parser = parse_moment)]
+    pub not_after: Option<String>,
+
     /// Envelope sender (bounce address) when it is not the From address.
     #[arg(long, value_name = "ADDR")]
     pub return_path: Option<String>,
@@ -322,6 +332,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn parse_campaign(id: &str) -> Result<String, String> {
     crate::campaign::check_campaign_id(id)?;
     Ok(id.to_string())
+}
+
+fn parse_moment(value: &str) -> Result<String, String> {
+    sluice_shared::job::parse_moment(value)?;
+    Ok(value.to_string())
 }
 
 fn parse_priority(value: &str) -> Result<sluice_shared::Priority, String> {

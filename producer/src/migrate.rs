@@ -95,6 +95,9 @@ pub async fn run(settings: &Settings, args: MigrateArgs) -> anyhow::Result<Statu
             migrated += 1;
         }
     }
+    if recreate_control_stream(&connection, &topology).await? {
+        migrated += 1;
+    }
     let _ = connection.close(200, "done".into()).await;
     println!("migrated {migrated} queues");
     Ok(Status::Success)
@@ -133,6 +136,35 @@ async fn migrate_queue(
         moved_any = true;
     }
     Ok(moved_any)
+}
+
+/// An older sluice kept the control stream for a day and wrote only relay pushback into it
+/// (rate cuts, session limits), which the workers learn again from the relays: a stream of
+/// another retention is deleted and declared anew, without copying. True when it was.
+async fn recreate_control_stream(
+    connection: &Connection,
+    topology: &Topology,
+) -> anyhow::Result<bool> {
+    let spec = topology.control_spec();
+    match topology.check_queue(connection, &spec).await {
+        Ok(_) => Ok(false),
+        Err(TopologyError::Mismatch { difference, .. }) => {
+            eprintln!(
+                "{}: {difference}; recreated empty (it held only relay pushback, which the \
+                 workers learn again)",
+                spec.name
+            );
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_delete(spec.name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .with_context(|| format!("cannot delete {}", spec.name))?;
+            let _ = channel.close(200, "deleted".into()).await;
+            declare(connection, topology, &spec).await?;
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Move every message of `from` to the tail of `to`, in order, each copy confirmed before

@@ -72,6 +72,8 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
             .map(|p| read_template(p, "--html"))
             .transpose()?,
         headers: args.headers.clone(),
+        not_before: args.not_before.clone(),
+        not_after: args.not_after.clone(),
     });
     let templates = Arc::new(
         Templates::new(&spec).map_err(|e| InvalidInput(format!("{e}; nothing was published")))?,
@@ -195,6 +197,8 @@ fn check_addresses(from: &str, return_path: Option<&str>) -> Result<(), UsageErr
         html: None,
         headers: Default::default(),
         priority: None,
+        not_before: None,
+        not_after: None,
     };
     probe
         .from_mailbox()

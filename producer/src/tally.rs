@@ -23,7 +23,7 @@ pub struct Counts {
     pub deferred: u64,
     pub bounced: u64,
     pub dead: u64,
-    /// Jobs cancelled before they were sent (none until campaigns can be cancelled).
+    /// Jobs cancelled before they were sent (`sluice-producer cancel`).
     pub cancelled: u64,
     /// Jobs without a final outcome yet: published minus finished; `None` when the number
     /// published is unknown.
@@ -47,9 +47,13 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "delivered {}, bounced {}, dead {}, deferred attempts {}",
-            self.delivered, self.bounced, self.dead, self.deferred_attempts
-        )
+            "delivered {}, bounced {}, dead {}, ",
+            self.delivered, self.bounced, self.dead
+        )?;
+        if self.cancelled > 0 {
+            write!(f, "cancelled {}, ", self.cancelled)?;
+        }
+        write!(f, "deferred attempts {}", self.deferred_attempts)
     }
 }
 
@@ -116,6 +120,7 @@ pub struct Tally {
     delivered: u64,
     bounced: u64,
     dead: u64,
+    cancelled: u64,
     deferred_attempts: u64,
     /// Jobs whose last event was a deferral.
     waiting: HashSet<String>,
@@ -135,6 +140,7 @@ impl Tally {
             delivered: 0,
             bounced: 0,
             dead: 0,
+            cancelled: 0,
             deferred_attempts: 0,
             waiting: HashSet::new(),
             finals: Finals::new(campaign),
@@ -169,6 +175,7 @@ impl Tally {
             EventOutcome::Delivered => self.delivered += 1,
             EventOutcome::Bounced => self.bounced += 1,
             EventOutcome::Dead => self.dead += 1,
+            EventOutcome::Cancelled => self.cancelled += 1,
             EventOutcome::Deferred => unreachable!("handled above"),
         }
         let at =
@@ -190,7 +197,7 @@ impl Tally {
 
     /// Jobs with a final outcome.
     pub fn finished_jobs(&self) -> u64 {
-        self.delivered + self.bounced + self.dead
+        self.delivered + self.bounced + self.dead + self.cancelled
     }
 
     /// Final outcomes stamped since `recent_since`.
@@ -215,7 +222,7 @@ impl Tally {
             deferred: self.waiting.len() as u64,
             bounced: self.bounced,
             dead: self.dead,
-            cancelled: 0,
+            cancelled: self.cancelled,
             pending: published.map(|published| published.saturating_sub(self.finished_jobs())),
             deferred_attempts: self.deferred_attempts,
         }
@@ -224,11 +231,12 @@ impl Tally {
     /// The counts on one line, for a progress bar.
     pub fn detail(&self) -> String {
         format!(
-            "delivered {}, deferred {}, bounced {}, dead {}",
+            "delivered {}, deferred {}, bounced {}, dead {}, cancelled {}",
             self.delivered,
             self.waiting.len(),
             self.bounced,
-            self.dead
+            self.dead,
+            self.cancelled
         )
     }
 }

@@ -249,6 +249,8 @@ mod tests {
             text: "Hello {{ name }}".into(),
             html: None,
             headers: vec![],
+            not_before: None,
+            not_after: None,
         };
         let templates = Arc::new(Templates::new(&spec).unwrap());
         CampaignReader::new(

@@ -34,8 +34,11 @@ pub enum EventOutcome {
     Deferred,
     /// The relay refused the recipient permanently (final).
     Bounced,
-    /// Invalid, or deferred on every retry step (final); the job is in the dead queue.
+    /// Invalid, expired, or deferred on every retry step (final); the job is in the dead
+    /// queue.
     Dead,
+    /// Its campaign was cancelled before the job was sent (final); the job is gone.
+    Cancelled,
 }
 
 impl EventOutcome {
@@ -46,6 +49,7 @@ impl EventOutcome {
             Self::Deferred => "deferred",
             Self::Bounced => "bounced",
             Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -56,6 +60,7 @@ impl EventOutcome {
             "deferred" => Self::Deferred,
             "bounced" => Self::Bounced,
             "dead" => Self::Dead,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -182,6 +187,7 @@ mod tests {
             EventOutcome::Deferred,
             EventOutcome::Bounced,
             EventOutcome::Dead,
+            EventOutcome::Cancelled,
         ] {
             let key = routing_key(outcome, "spring-sale");
             assert_eq!(parse_routing_key(&key), Some((outcome, "spring-sale")));

@@ -24,6 +24,9 @@ pub const CAMPAIGN: &str = "x-sluice-campaign";
 /// The job's class (`high`, `normal`, `low`), set on its retry and dead copies so that a
 /// replay publishes it with its class's routing key.
 pub const PRIORITY: &str = "x-sluice-priority";
+/// When `resume` sent a held job back (Unix milliseconds): a worker that has not yet read
+/// the resume does not hold it again.
+pub const RESUMED_AT: &str = "x-sluice-resumed-at";
 
 /// Read a header as text, whatever string type the publisher used.
 pub fn get_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {

@@ -43,6 +43,14 @@ pub struct Job {
     /// published with (`<relay>`, `<relay>.high`, `<relay>.low`), else the job is invalid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Not sent before this moment (RFC 3339): until then the job waits in its relay's
+    /// retry queues without spending an attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Not sent after this moment (RFC 3339): a job still unsent then ends in its relay's
+    /// dead queue, reason `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
 }
 
 /// Why a job cannot be sent; it is set aside (dead, reason `invalid`), never retried.
@@ -141,7 +149,27 @@ impl Job {
         for (name, value) in &self.headers {
             check_header(name, value)?;
         }
+        for (name, value) in [
+            ("not_before", &self.not_before),
+            ("not_after", &self.not_after),
+        ] {
+            if let Some(value) = value {
+                parse_moment(value).map_err(|problem| field(name, &problem))?;
+            }
+        }
         Ok(())
+    }
+
+    /// When the job may be sent at the earliest (`not_before`), in Unix milliseconds.
+    pub fn not_before_ms(&self) -> Option<u64> {
+        self.not_before
+            .as_deref()
+            .and_then(|v| parse_moment(v).ok())
+    }
+
+    /// When the job must be sent at the latest (`not_after`), in Unix milliseconds.
+    pub fn not_after_ms(&self) -> Option<u64> {
+        self.not_after.as_deref().and_then(|v| parse_moment(v).ok())
     }
 
     /// The From mailbox.
@@ -182,6 +210,15 @@ impl Job {
             .as_deref()
             .unwrap_or(crate::events::DEFAULT_CAMPAIGN)
     }
+}
+
+/// An RFC 3339 moment as Unix milliseconds (before 1970 counts as 0).
+pub fn parse_moment(value: &str) -> Result<u64, String> {
+    let at = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("{value:?} is not an RFC 3339 time such as 2026-12-24T18:00:00Z ({e})")
+        })?;
+    Ok(u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
 }
 
 fn parse_mailbox(field: &'static str, value: &str) -> Result<Mailbox, InvalidJob> {

@@ -6,6 +6,7 @@
 //! - [`job`]: the job JSON format and its validation (`job.schema.json` beside this crate).
 //! - [`priority`]: the classes `high`, `normal`, `low`, their routing keys and weighing.
 //! - [`headers`]: AMQP header names sluice reads and writes.
+//! - [`control`]: the control stream's messages and the steering state they add up to.
 //! - [`events`]: delivery events published to `<namespace>.events`.
 //! - [`amqp`]: connecting to RabbitMQ; [`amqp::topology`] declares every exchange and queue.
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP.
@@ -14,6 +15,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod control;
 pub mod events;
 pub mod headers;
 pub mod job;

@@ -6,56 +6,15 @@
 //! workers agree without talking again.
 
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use sluice_shared::control::{now_ms, Change};
 
 use crate::budget::{rate_share, RateShare};
 use crate::metrics::Metrics;
 use crate::pushback::{
     cut, recovered, sessions_recovered, CUT_AGAIN_WITHIN, CUT_SPACING, SESSION_CUT_SPACING,
 };
-
-/// A change of a relay's fleet-wide limits, as it travels on the control stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Change {
-    /// The rate was cut to `to` per second at `at_ms` (Unix milliseconds); it recovers
-    /// after `hold_ms`.
-    Rate {
-        relay: String,
-        to: f64,
-        at_ms: u64,
-        hold_ms: u64,
-    },
-    /// The session limit was cut to `to` at `at_ms`.
-    Sessions { relay: String, to: u32, at_ms: u64 },
-    /// The relay is down until `until_ms` (a suspension, or a busy server).
-    Down {
-        relay: String,
-        until_ms: u64,
-        at_ms: u64,
-        reason: String,
-    },
-}
-
-impl Change {
-    /// The relay the change is about.
-    pub fn relay(&self) -> &str {
-        match self {
-            Self::Rate { relay, .. } | Self::Sessions { relay, .. } | Self::Down { relay, .. } => {
-                relay
-            }
-        }
-    }
-}
-
-/// Now, in Unix milliseconds (the clock changes are stamped with).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 fn since(at_ms: u64, now: u64) -> Duration {
     Duration::from_millis(now.saturating_sub(at_ms))
@@ -229,7 +188,7 @@ impl Limits {
                 }
                 newer
             }
-            Change::Down { .. } => false,
+            _ => false,
         };
         drop(state);
         if applied {

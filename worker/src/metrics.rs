@@ -25,6 +25,8 @@ struct Inner {
     deferred: IntCounterVec,
     bounced: IntCounterVec,
     dead: IntCounterVec,
+    cancelled: IntCounterVec,
+    held: IntCounterVec,
     send_seconds: HistogramVec,
     sessions_open: IntGaugeVec,
     slots_held: IntGaugeVec,
@@ -83,7 +85,15 @@ impl Metrics {
         );
         let dead = counter(
             "sluice_jobs_dead_total",
-            "Jobs set aside in the dead queue (invalid or retries exhausted)",
+            "Jobs set aside in the dead queue (invalid, expired or retries exhausted)",
+        );
+        let cancelled = counter(
+            "sluice_jobs_cancelled_total",
+            "Jobs ended unsent because an operator cancelled their campaign",
+        );
+        let held = counter(
+            "sluice_jobs_held_total",
+            "Jobs set aside in their campaign's hold queue because an operator paused it",
         );
         let sessions_open = gauge(
             "sluice_smtp_sessions_open",
@@ -228,6 +238,8 @@ impl Metrics {
                 deferred,
                 bounced,
                 dead,
+                cancelled,
+                held,
                 send_seconds,
                 sessions_open,
                 slots_held,
@@ -267,6 +279,8 @@ impl Metrics {
             &i.deferred,
             &i.bounced,
             &i.dead,
+            &i.cancelled,
+            &i.held,
             &i.relay_down,
         ] {
             counter.with_label_values(&[relay]).inc_by(0);
@@ -306,6 +320,12 @@ impl Metrics {
     }
     pub fn dead(&self, relay: &str) {
         self.inner.dead.with_label_values(&[relay]).inc();
+    }
+    pub fn cancelled(&self, relay: &str) {
+        self.inner.cancelled.with_label_values(&[relay]).inc();
+    }
+    pub fn held(&self, relay: &str) {
+        self.inner.held.with_label_values(&[relay]).inc();
     }
     pub fn send_seconds(&self, relay: &str, seconds: f64) {
         self.inner

@@ -143,6 +143,21 @@ impl RelayHealth {
         }
     }
 
+    /// An operator ended the relay's suspension: it is up at once, whatever cool-off was in
+    /// force (the next session is the probe).
+    pub fn resume(&self) {
+        if self
+            .down_until
+            .lock()
+            .expect("health lock")
+            .take()
+            .is_some()
+        {
+            tracing::info!(relay = %self.relay, "relay resumed by an operator");
+            self.metrics.relay_up(&self.relay, true);
+        }
+    }
+
     /// A session opened: the relay is up, once its cool-off is over. A session that a lane
     /// opened just as another marked the relay down (or during a suspension, whose relay
     /// takes sessions but refuses mail) does not end the cool-off early.

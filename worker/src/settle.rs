@@ -8,6 +8,10 @@
 //! | bounced | copy to the dead queue (`bounced`), confirmed, then ack | `bounced` |
 //! | invalid | copy to the dead queue (`invalid`), confirmed, then ack | `dead` |
 //! | relay fault, not attempted, pushed back | nack with requeue: back to its queue untouched | none |
+//! | campaign paused | copy to the campaign's hold queue, confirmed, then ack | none |
+//! | campaign cancelled | ack | `cancelled` |
+//! | past its `not_after` | copy to the dead queue (`expired`), confirmed, then ack | `dead` |
+//! | before its `not_before` | copy to a retry step (no attempt spent), confirmed, then ack | none |
 //!
 //! Rule: a delivery is acknowledged only after the job exists somewhere else for sure —
 //! accepted by the relay, or its copy confirmed by the broker. There is no moment in which
@@ -73,6 +77,16 @@ pub enum Outcome {
     /// with too many errors; see [`crate::pushback`]): the job goes back untouched, no
     /// attempt of its retry ladder spent, no event (`sluice_relay_throttled_total` counts it).
     PushedBack { code: Option<u16>, reply: String },
+    /// Not attempted: an operator paused the job's campaign. It waits in the campaign's
+    /// hold queue until resumed.
+    Paused,
+    /// Not attempted: an operator cancelled the job's campaign. It ends `cancelled`.
+    Cancelled,
+    /// Not attempted: the job's `not_after` has passed. It ends dead, `expired`.
+    Expired,
+    /// Not attempted: the job's `not_before` is `wait` away. It waits in a retry step
+    /// without spending an attempt.
+    NotYet { wait: Duration },
 }
 
 impl Outcome {
@@ -83,7 +97,12 @@ impl Outcome {
             Self::Deferred { code, .. }
             | Self::RelayFault { code, .. }
             | Self::PushedBack { code, .. } => *code,
-            Self::Invalid { .. } | Self::NotAttempted { .. } => None,
+            Self::Invalid { .. }
+            | Self::NotAttempted { .. }
+            | Self::Paused
+            | Self::Cancelled
+            | Self::Expired
+            | Self::NotYet { .. } => None,
         }
     }
 
@@ -98,6 +117,10 @@ impl Outcome {
             Self::RelayFault { .. } => Some("relay_fault"),
             Self::PushedBack { .. } => Some("pushed_back"),
             Self::NotAttempted { .. } => Some("not_attempted"),
+            Self::Paused => Some("paused"),
+            Self::Cancelled => Some("cancelled"),
+            Self::Expired => Some("expired"),
+            Self::NotYet { .. } => Some("not_yet"),
         }
     }
 
@@ -111,6 +134,10 @@ impl Outcome {
             | Self::PushedBack { reply, .. } => reply,
             Self::Invalid { reason } => reason,
             Self::NotAttempted { why } => why,
+            Self::Paused => "its campaign is paused",
+            Self::Cancelled => "its campaign was cancelled",
+            Self::Expired => "its not_after has passed",
+            Self::NotYet { .. } => "its not_before has not come yet",
         }
     }
 }
@@ -126,10 +153,19 @@ pub enum Action {
     SetAside { reason: &'static str },
     /// Back to its queue untouched.
     Requeue,
+    /// Set aside in its campaign's hold queue until the campaign is resumed.
+    Hold,
+    /// Ended by its campaign's cancellation: acknowledged, never sent.
+    Cancel,
+    /// Wait in retry step `step` for `delay` without spending an attempt.
+    Wait { step: usize, delay: Duration },
 }
 
 /// Reason header of a bounced job's copy in the dead queue.
 pub const BOUNCED: &str = "bounced";
+
+/// Reason header of an expired job's copy in the dead queue.
+pub const EXPIRED: &str = "expired";
 
 /// Header that records the last retry step used, so the ladder only moves forward.
 const STEP: &str = "x-sluice-step";
@@ -144,6 +180,10 @@ pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Actio
         Outcome::RelayFault { .. } | Outcome::NotAttempted { .. } | Outcome::PushedBack { .. } => {
             Action::Requeue
         }
+        Outcome::Paused => Action::Hold,
+        Outcome::Cancelled => Action::Cancel,
+        Outcome::Expired => Action::SetAside { reason: EXPIRED },
+        Outcome::NotYet { wait } => wait_step(*wait, delays),
         Outcome::Deferred { retry_after, .. } => {
             let mut step = last_step.saturating_add(1);
             if step > delays.len() {
@@ -161,6 +201,33 @@ pub fn decide(outcome: &Outcome, last_step: usize, delays: &[Duration]) -> Actio
                 delay: delays[step - 1],
             }
         }
+    }
+}
+
+/// Where a job waits `wait` for its `not_before`: the longest retry step no longer than the
+/// wait, for that step's delay, so that every message of a step expires after the same
+/// delay and none holds back the others (a queue expires messages at its head only); a wait
+/// shorter than the first step waits exactly, in the first step. A job due later comes back
+/// and waits again. Without a retry ladder it goes back to its queue.
+fn wait_step(wait: Duration, delays: &[Duration]) -> Action {
+    let Some(first) = delays.first() else {
+        return Action::Requeue;
+    };
+    if wait < *first {
+        return Action::Wait {
+            step: 1,
+            delay: wait.max(Duration::from_millis(1)),
+        };
+    }
+    let (index, delay) = delays
+        .iter()
+        .enumerate()
+        .filter(|(_, delay)| **delay <= wait)
+        .max_by_key(|(_, delay)| **delay)
+        .expect("the first step is no longer than the wait");
+    Action::Wait {
+        step: index + 1,
+        delay: *delay,
     }
 }
 
@@ -195,7 +262,8 @@ fn event_of(action: &Action) -> Option<EventOutcome> {
         Action::Retry { .. } => Some(EventOutcome::Deferred),
         Action::SetAside { reason } if *reason == BOUNCED => Some(EventOutcome::Bounced),
         Action::SetAside { .. } => Some(EventOutcome::Dead),
-        Action::Requeue => None,
+        Action::Cancel => Some(EventOutcome::Cancelled),
+        Action::Requeue | Action::Hold | Action::Wait { .. } => None,
     }
 }
 
@@ -407,6 +475,8 @@ pub struct Settler {
     /// When the oldest delivery still waiting for its ack was settled.
     waiting_since: Option<std::time::Instant>,
     batch: usize,
+    /// Hold queues this settler declared (one per paused campaign it met).
+    holds_declared: std::collections::HashSet<String>,
 }
 
 impl Settler {
@@ -433,6 +503,7 @@ impl Settler {
             waiting: 0,
             waiting_since: None,
             batch: batch.clamp(1, ACK_BATCH),
+            holds_declared: std::collections::HashSet::new(),
         }
     }
 
@@ -449,7 +520,7 @@ impl Settler {
             .and_then(|step| usize::try_from(step).ok())
             .unwrap_or(0);
         let action = decide(outcome, last_step, &self.delays);
-        let Some(event) = event_of(&action) else {
+        if action == Action::Requeue {
             within(
                 "requeueing a job",
                 delivery.nack(BasicNackOptions {
@@ -459,13 +530,13 @@ impl Settler {
             )
             .await?;
             return Ok(action);
-        };
+        }
 
         let attempt = attempt_numbers(incoming);
         let now = now_rfc3339();
-        let mut carried = self.carried_headers(incoming, info, outcome, &now);
         let copied = match &action {
             Action::Retry { step, delay } => {
+                let mut carried = self.carried_headers(incoming, info, outcome, &now);
                 headers::set_int(&mut carried, headers::ATTEMPT, attempt.next);
                 headers::set_int(&mut carried, STEP, *step as i64);
                 let queue = self
@@ -478,20 +549,49 @@ impl Settler {
                 true
             }
             Action::SetAside { reason } => {
+                let mut carried = self.carried_headers(incoming, info, outcome, &now);
                 headers::set_str(&mut carried, headers::REASON, reason);
                 headers::set_int(&mut carried, headers::ATTEMPTS, attempt.this);
                 let queue = self.topology.dead_queue(&self.relay);
                 self.publisher.copy(delivery, &queue, carried, None).await?;
                 true
             }
-            Action::Finish | Action::Requeue => false,
+            Action::Wait { step, delay } => {
+                // Not an attempt: the attempt and step headers stay as they were.
+                let carried = self.where_from(incoming);
+                let queue = self
+                    .topology
+                    .class_retry_queue(&self.relay, self.class, *step);
+                let expiration = delay.as_millis().to_string();
+                self.publisher
+                    .copy(delivery, &queue, carried, Some(expiration))
+                    .await?;
+                true
+            }
+            Action::Hold => {
+                self.hold(delivery, info.campaign, self.where_from(incoming))
+                    .await?;
+                self.metrics.held(info.via_relay);
+                true
+            }
+            Action::Finish | Action::Cancel | Action::Requeue => false,
         };
 
+        let Some(event) = event_of(&action) else {
+            // Held or waiting: not an attempt, no event; the copy is acked at once.
+            self.unacked = Some(delivery.acker.clone());
+            self.waiting += 1;
+            self.waiting_since
+                .get_or_insert_with(std::time::Instant::now);
+            self.flush().await?;
+            return Ok(action);
+        };
         match event {
             EventOutcome::Delivered => self.metrics.delivered(info.via_relay),
             EventOutcome::Deferred => self.metrics.deferred(info.via_relay),
             EventOutcome::Bounced => self.metrics.bounced(info.via_relay),
             EventOutcome::Dead => self.metrics.dead(info.via_relay),
+            EventOutcome::Cancelled => self.metrics.cancelled(info.via_relay),
         }
         info.span.record_outcome(event);
         let delivery_event = DeliveryEvent {
@@ -543,6 +643,61 @@ impl Settler {
             .await?;
         }
         Ok(())
+    }
+
+    /// Copy a job of a paused campaign into the campaign's hold queue, declared the first
+    /// time (and again if an operator's `resume` deleted it meanwhile).
+    async fn hold(
+        &mut self,
+        delivery: &Delivery,
+        campaign: &str,
+        carried: FieldTable,
+    ) -> Result<(), SettleError> {
+        let spec = self.topology.hold_queue_spec(campaign);
+        for _ in 0..2 {
+            if !self.holds_declared.contains(&spec.name) {
+                within(
+                    "declaring a hold queue",
+                    self.publisher.channel.queue_declare(
+                        spec.name.as_str().into(),
+                        lapin::options::QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        spec.arguments.clone(),
+                    ),
+                )
+                .await?;
+                self.holds_declared.insert(spec.name.clone());
+            }
+            match self
+                .publisher
+                .copy(delivery, &spec.name, carried.clone(), None)
+                .await
+            {
+                Err(SettleError::Refused { .. }) => {
+                    self.holds_declared.remove(&spec.name);
+                }
+                copied => return copied,
+            }
+        }
+        Err(SettleError::Refused { queue: spec.name })
+    }
+
+    /// The headers of a held or waiting job: the incoming ones but `x-death`, plus the
+    /// relay and class whose queue it came from (where `resume` sends it back).
+    fn where_from(&self, incoming: Option<&FieldTable>) -> FieldTable {
+        let mut carried = FieldTable::default();
+        if let Some(incoming) = incoming {
+            for (key, value) in incoming.inner() {
+                if key.as_str() != "x-death" {
+                    carried.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        headers::set_str(&mut carried, headers::RELAY, &self.relay);
+        headers::set_str(&mut carried, headers::PRIORITY, self.class.as_str());
+        carried
     }
 
     /// The headers of a retry or dead copy: the incoming ones but the broker's own

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use lapin::message::Delivery;
 use prometheus::IntGauge;
+use sluice_shared::control::CampaignState;
 use sluice_shared::{Job, Priority};
 
 use crate::broker::BrokerError;
@@ -181,7 +182,10 @@ pub(crate) async fn deliver_one(
                 reason: reason.clone(),
             }
         }
-        Ok(message) => attempt(sender, &span, message).await?,
+        Ok(message) => match steer(ctx, &parsed.job, &delivery) {
+            Some(steered) => steered,
+            None => attempt(sender, &span, message).await?,
+        },
     };
     let outcome = listen(sender, outcome);
     if let Outcome::RelayFault { code, reply } = &outcome {
@@ -292,6 +296,39 @@ fn start_span(
             .unwrap_or(1)
             .max(1),
     })
+}
+
+/// What the operators' commands and the job's own times say before it is sent: cancelled,
+/// paused, expired or not yet due (`None`: send it). Checked for each job as its turn
+/// comes, so a pause or a cancel reaches the jobs a lane already received too.
+fn steer(ctx: &LaneContext, job: &Result<Job, String>, delivery: &Delivery) -> Option<Outcome> {
+    let job = job.as_ref().ok()?;
+    match ctx.control.campaign(job.campaign_or_default()) {
+        Some(CampaignState::Cancelled { .. }) => return Some(Outcome::Cancelled),
+        Some(CampaignState::Paused { since_ms }) => {
+            // A job `resume` sent back after this pause: this worker has not read the resume
+            // yet, and holding the job again would strand it.
+            let resumed_at = sluice_shared::headers::get_int(
+                delivery.properties.headers().as_ref(),
+                sluice_shared::headers::RESUMED_AT,
+            )
+            .and_then(|at| u64::try_from(at).ok());
+            if resumed_at.is_none_or(|resumed| resumed < since_ms) {
+                return Some(Outcome::Paused);
+            }
+        }
+        None => {}
+    }
+    let now = now_ms();
+    if job.not_after_ms().is_some_and(|at| at < now) {
+        return Some(Outcome::Expired);
+    }
+    match job.not_before_ms() {
+        Some(at) if at > now => Some(Outcome::NotYet {
+            wait: Duration::from_millis(at - now),
+        }),
+        _ => None,
+    }
 }
 
 /// Hand the message to the relay, within the lane's pace, through an open session.

@@ -17,6 +17,8 @@
 //! producer --campaign summary--> <ns>.events.log (straight into the stream, not via <ns>.events)
 //! worker --holds--> <ns>.budget.<relay>.<slot> (exclusive: one per open SMTP session, fleet-wide)
 //! worker --relay pushed back--> <ns>.control (stream) --every worker reads it from the start--> worker
+//! producer --pause, resume, cancel, suspend--> <ns>.control (stream)
+//! worker --job of a paused campaign--> <ns>.hold.<campaign> (quorum) --resume--> <ns>.jobs
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -31,8 +33,10 @@ const EVENTS_LOG_SUFFIX: &str = ".events.log";
 /// Segment size of the event log (RabbitMQ's default is 500 MB).
 const LOG_SEGMENT_BYTES: i32 = 64 * 1024 * 1024;
 
-/// How long the control stream keeps a change (longer than any rule's hold is useful for).
-const CONTROL_MAX_AGE: &str = "1D";
+/// How long the control stream keeps an entry: the event log's default retention, so that
+/// a cancelled or paused campaign stays so as long as its events are kept. Fixed, not
+/// configured: a stream's arguments cannot change once it is declared.
+const CONTROL_MAX_AGE: &str = "7D";
 /// Segment size of the control stream.
 const CONTROL_SEGMENT_BYTES: i32 = 1024 * 1024;
 
@@ -143,14 +147,15 @@ impl Topology {
     }
 
     /// The control stream: what a worker learned from a relay that pushes back (its rate
-    /// cut, its session limit, its suspension), which every worker follows. A stream, so a
-    /// worker started later replays it and starts throttled.
+    /// cut, its session limit, its suspension) and the operators' commands (pause, resume,
+    /// cancel, suspend), which every worker follows. A stream, so a worker started later
+    /// replays it and starts throttled, and obeys a pause given before it started.
     pub fn control(&self) -> String {
         format!("{}.control", self.namespace)
     }
 
-    /// The control stream's arguments: a day of changes at most, in small segments (a
-    /// change is a few hundred bytes; retention drops whole segments).
+    /// The control stream's arguments: a week of entries at most, in small segments (an
+    /// entry is a few hundred bytes; retention drops whole segments).
     pub fn control_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::default();
         arguments.insert("x-queue-type".into(), string("stream"));
@@ -162,6 +167,21 @@ impl Topology {
         QueueSpec {
             name: self.control(),
             arguments,
+            binding: None,
+        }
+    }
+
+    /// Where a paused campaign's jobs wait until it is resumed (or cancelled).
+    pub fn hold_queue(&self, campaign: &str) -> String {
+        format!("{}.hold.{campaign}", self.namespace)
+    }
+
+    /// The hold queue's arguments: a quorum queue like every queue that holds jobs, fed by
+    /// the workers directly (no binding).
+    pub fn hold_queue_spec(&self, campaign: &str) -> QueueSpec {
+        QueueSpec {
+            name: self.hold_queue(campaign),
+            arguments: quorum(),
             binding: None,
         }
     }

@@ -170,6 +170,8 @@ async fn queue(args: &Args) -> anyhow::Result<()> {
                 html: None,
                 headers: Default::default(),
                 priority: None,
+                not_before: None,
+                not_after: None,
             };
             bodies.push((id, job.to_bytes()));
         }
