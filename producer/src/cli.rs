@@ -58,10 +58,112 @@ pub enum Command {
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Pause a campaign fleet-wide: within 3 s no worker starts another SMTP transaction for
+    /// it; its jobs are set aside in its hold queue (<ns>.hold.<campaign>) until `resume`.
+    /// Other campaigns on the same relays keep their rate.
+    #[command(after_help = EXIT_CODES)]
+    Pause(CampaignArgs),
+    /// Resume a paused campaign: its held jobs go back to their relays' queues (each copy
+    /// confirmed before it leaves the hold queue) and sending continues.
+    #[command(after_help = EXIT_CODES)]
+    Resume(CampaignArgs),
+    /// Cancel a campaign: its remaining jobs (queued, held, waiting in retry steps) end with
+    /// outcome `cancelled`, never delivered, one final event each. Jobs already handed to a
+    /// relay are not recalled.
+    #[command(after_help = EXIT_CODES)]
+    Cancel(CancelArgs),
+    /// Every campaign in the event log with its state (sending, paused, cancelled,
+    /// finished) and counts.
+    #[command(after_help = EXIT_CODES)]
+    Campaigns(CampaignsArgs),
+    /// Suspend or resume a relay fleet-wide, or show every relay's state.
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// Recreate the queues an older sluice declared differently (classic retry and dead
     /// queues, jobs queues without at-least-once dead-lettering), keeping every message.
     #[command(long_about = MIGRATE_ABOUT, after_help = EXIT_CODES)]
     MigrateQueues(MigrateArgs),
+}
+
+/// `pause` and `resume`: one campaign.
+#[derive(Debug, Args)]
+pub struct CampaignArgs {
+    /// The campaign id (it must be in the event log: a summary or an event).
+    #[arg(long, value_name = "ID", value_parser = parse_campaign)]
+    pub campaign: String,
+}
+
+/// `cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The campaign id (it must be in the event log: a summary or an event).
+    #[arg(long, value_name = "ID", value_parser = parse_campaign)]
+    pub campaign: String,
+
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// `campaigns`.
+#[derive(Debug, Args)]
+pub struct CampaignsArgs {
+    /// One JSON object per line: state and the fields of `status --json` (without the
+    /// rate).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `relay ...`: the relays, fleet-wide.
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// No worker starts a transaction on the relay until DURATION has passed or it is
+    /// resumed (within 3 s, fleet-wide); its failover relay takes its jobs if it has one,
+    /// as when it is down, else they wait in its queues without spending attempts.
+    #[command(after_help = EXIT_CODES)]
+    Suspend(RelaySuspendArgs),
+    /// End a relay's suspension (and any cool-off the fleet was told of) now.
+    #[command(after_help = EXIT_CODES)]
+    Resume(RelayResumeArgs),
+    /// Each configured relay: up, down or suspended (until when, why), throttled to what
+    /// rate, budget slots in use, jobs queued per class, retrying and dead. The age of each
+    /// class's oldest job is on the workers' /metrics (sluice_queue_oldest_job_age_seconds).
+    #[command(after_help = EXIT_CODES)]
+    Status(RelayStatusArgs),
+}
+
+/// `relay suspend`.
+#[derive(Debug, Args)]
+pub struct RelaySuspendArgs {
+    /// The relay (a `[relays.NAME]` of the configuration).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// How long, e.g. `30m`, `2h`.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Why, for `relay status` and the workers' logs.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+/// `relay resume`.
+#[derive(Debug, Args)]
+pub struct RelayResumeArgs {
+    /// The relay (a `[relays.NAME]` of the configuration).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// `relay status`.
+#[derive(Debug, Args)]
+pub struct RelayStatusArgs {
+    /// One JSON object per relay and line: relay, state, until, reason, throttled_to,
+    /// throttled_at, session_limit, max_connections, max_messages_per_second,
+    /// slots_in_use, queued_high, queued_normal, queued_low, retrying, dead, failover.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The long help of `migrate-queues`: what it does and what to do when it is interrupted.
@@ -190,7 +292,8 @@ pub struct StatusArgs {
     #[arg(long, value_name = "ID", value_parser = parse_campaign)]
     pub campaign: String,
 
-    /// Print one JSON object: campaign, published (null when unknown), delivered, deferred
+    /// Print one JSON object: state (sending, paused, cancelled, finished), campaign,
+    /// published (null when unknown), delivered, deferred
     /// (jobs waiting in a retry step now), bounced, dead, cancelled, pending (null when
     /// unknown), deferred_attempts, rate_per_second (last minute), eta_seconds.
     #[arg(long)]

@@ -13,6 +13,10 @@
 //! - [`watch`]: `watch` (and `send --wait`): follow a campaign until every job has ended.
 //! - [`status`]: `status`: a campaign's counts, rate and time left, at once.
 //! - [`queues`]: `queues`: the jobs waiting in each class queue of each relay.
+//! - [`control`]: the control stream: write an operator's command, read what it adds up to.
+//! - [`steer`]: `pause`, `resume`, `cancel`, `relay suspend`, `relay resume`.
+//! - [`campaigns`]: `campaigns`, and the one place a campaign's state is named.
+//! - [`relay_status`]: `relay status`.
 //! - [`dead`]: `dead list | replay | purge`.
 //! - [`migrate`]: `migrate-queues`: recreate the queues an older sluice declared differently.
 //! - [`transfer`]: moving messages between queues, each copy confirmed before its original
@@ -23,7 +27,9 @@
 //! - [`exit`]: outcomes and errors → exit codes.
 
 pub mod campaign;
+pub mod campaigns;
 pub mod cli;
+pub mod control;
 pub mod dead;
 pub mod exit;
 pub mod log;
@@ -32,10 +38,12 @@ pub mod progress;
 pub mod prompt;
 pub mod publish;
 pub mod queues;
+pub mod relay_status;
 pub mod relays;
 pub mod rows;
 pub mod send;
 pub mod status;
+pub mod steer;
 pub mod tally;
 pub mod transfer;
 pub mod validate;
@@ -43,7 +51,7 @@ pub mod watch;
 
 use sluice_shared::Settings;
 
-use crate::cli::{Command, DeadCommand};
+use crate::cli::{Command, DeadCommand, RelayCommand};
 use crate::exit::Status;
 
 /// Run one command with loaded settings.
@@ -56,6 +64,13 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<Status>
         Command::Dead(DeadCommand::List(args)) => dead::list(&settings, args).await,
         Command::Dead(DeadCommand::Replay(args)) => dead::replay(&settings, args).await,
         Command::Dead(DeadCommand::Purge(args)) => dead::purge(&settings, args).await,
+        Command::Pause(args) => steer::pause(&settings, args).await,
+        Command::Resume(args) => steer::resume(&settings, args).await,
+        Command::Cancel(args) => steer::cancel(&settings, args).await,
+        Command::Campaigns(args) => campaigns::run(&settings, args).await,
+        Command::Relay(RelayCommand::Suspend(args)) => steer::suspend(&settings, args).await,
+        Command::Relay(RelayCommand::Resume(args)) => steer::resume_relay(&settings, args).await,
+        Command::Relay(RelayCommand::Status(args)) => relay_status::run(&settings, args).await,
         Command::MigrateQueues(args) => migrate::run(&settings, args).await,
     }
 }

@@ -27,6 +27,8 @@ use sluice_shared::events::{
 use sluice_shared::{Settings, Topology};
 use tokio::sync::mpsc;
 
+use crate::tally::Tally;
+
 /// Log entries handed to the reader before it acknowledges them (a stream requires a
 /// prefetch and manual acks; an ack only makes room for more).
 const PREFETCH: u16 = 2000;
@@ -99,6 +101,19 @@ impl LogReader {
         campaign: &str,
         since: Since<'_>,
     ) -> anyhow::Result<LogReader> {
+        Self::open_for(settings, Some(campaign), since).await
+    }
+
+    /// [`LogReader::open`] for the entries of every campaign.
+    pub async fn open_all(settings: &Settings, since: Since<'_>) -> anyhow::Result<LogReader> {
+        Self::open_for(settings, None, since).await
+    }
+
+    async fn open_for(
+        settings: &Settings,
+        campaign: Option<&str>,
+        since: Since<'_>,
+    ) -> anyhow::Result<LogReader> {
         let topology = Topology::from_settings(settings);
         let connection = settings
             .amqp
@@ -136,7 +151,7 @@ impl LogReader {
             .with_context(|| format!("cannot read the event log {log}"))?;
         let (sender, entries) = mpsc::channel(64);
         let filter = Filter {
-            campaign: campaign.to_string(),
+            campaign: campaign.map(str::to_string),
             marker,
         };
         let reading = tokio::spawn(read(consumer, filter, sender));
@@ -160,6 +175,36 @@ impl LogReader {
         self.reading.abort();
         let _ = self.connection.close(200, "done".into()).await;
     }
+}
+
+/// Read `campaign`'s entries up to now into a [`Tally`] (final outcomes stamped from
+/// `recent_since`, Unix seconds, count towards its recent rate).
+pub async fn tally_until_now(
+    settings: &Settings,
+    campaign: &str,
+    since: Since<'_>,
+    recent_since: i64,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::new(campaign, recent_since);
+    let mut reader = LogReader::open(settings, campaign, since).await?;
+    let read = loop {
+        match reader.next().await {
+            Ok(Entry::CaughtUp) => break Ok(()),
+            Ok(Entry::Summary(summary)) => tally.on_summary(summary),
+            Ok(Entry::Events(batch)) => batch.iter().for_each(|event| tally.on_event(event)),
+            Err(e) => break Err(e),
+        }
+    };
+    reader.close().await;
+    read.map(|()| tally)
+}
+
+/// Whether the event log holds anything of `campaign` (a summary or an event): what tells
+/// a campaign id from a typo.
+pub async fn campaign_is_known(settings: &Settings, campaign: &str) -> anyhow::Result<bool> {
+    Ok(tally_until_now(settings, campaign, Since::Beginning, 0)
+        .await?
+        .seen())
 }
 
 /// Write a marker into the log, confirmed; returns its id.
@@ -242,18 +287,23 @@ async fn read(
 
 /// Which log messages concern the reader.
 struct Filter {
-    campaign: String,
+    /// `None`: every campaign.
+    campaign: Option<String>,
     marker: String,
 }
 
 impl Filter {
+    fn wants(&self, campaign: &str) -> bool {
+        self.campaign.as_deref().is_none_or(|wanted| wanted == campaign)
+    }
+
     /// What a log message means for this campaign, if anything.
     fn entry(&self, delivery: &Delivery) -> Option<Entry> {
         let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
         match kind {
             Some(SUMMARY_KIND) => {
                 CampaignSummary::from_headers(delivery.properties.headers().as_ref())
-                    .filter(|summary| summary.campaign == self.campaign)
+                    .filter(|summary| self.wants(&summary.campaign))
                     .map(Entry::Summary)
             }
             Some(MARKER_KIND) => {
@@ -263,7 +313,7 @@ impl Filter {
             // Event batches (and events of an older worker, which had no type).
             Some(BATCH_KIND) | None => {
                 let (_, campaign) = events::parse_routing_key(delivery.routing_key.as_str())?;
-                if campaign != self.campaign {
+                if !self.wants(campaign) {
                     return None;
                 }
                 match parse_batch(&delivery.data) {

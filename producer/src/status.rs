@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use sluice_shared::Settings;
 
+use crate::campaigns::state_name;
 use crate::cli::StatusArgs;
+use crate::control::ControlStream;
 use crate::exit::Status;
-use crate::log::{Entry, LogReader, Since};
+use crate::log::{tally_until_now, Since};
 use crate::tally::{Counts, Tally};
 use crate::watch::never_seen;
 
@@ -17,6 +19,8 @@ const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// What `status --json` prints.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
+    /// `sending`, `paused`, `cancelled` or `finished` (see [`crate::campaigns::state_name`]).
+    pub state: &'static str,
     #[serde(flatten)]
     pub counts: Counts,
     /// Final outcomes per second over the last minute.
@@ -27,7 +31,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(counts: Counts, recent: u64) -> Report {
+    fn new(state: &'static str, counts: Counts, recent: u64) -> Report {
         let rate_per_second = recent as f64 / RATE_WINDOW.as_secs_f64();
         let eta_seconds = match counts.pending {
             Some(0) => Some(0),
@@ -37,6 +41,7 @@ impl Report {
             _ => None,
         };
         Report {
+            state,
             counts,
             rate_per_second,
             eta_seconds,
@@ -51,20 +56,16 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> anyhow::Result<Status
         None => Since::Beginning,
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut tally = Tally::new(&args.campaign, now - RATE_WINDOW.as_secs() as i64);
-    let mut reader = LogReader::open(settings, &args.campaign, since).await?;
-    loop {
-        match reader.next().await? {
-            Entry::CaughtUp => break,
-            Entry::Summary(summary) => tally.on_summary(summary),
-            Entry::Events(batch) => batch.iter().for_each(|event| tally.on_event(event)),
-        }
-    }
-    reader.close().await;
+    let recent_since = now - RATE_WINDOW.as_secs() as i64;
+    let tally = tally_until_now(settings, &args.campaign, since, recent_since).await?;
     if !tally.seen() {
         return Err(never_seen(&args.campaign));
     }
-    let report = Report::new(tally.counts(), tally.recent());
+    let control = ControlStream::open(settings).await?;
+    let steering = control.state().await?.steering;
+    control.close().await;
+    let state = state_name(&steering, &tally);
+    let report = Report::new(state, tally.counts(), tally.recent());
     if args.json {
         println!(
             "{}",
@@ -79,7 +80,7 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> anyhow::Result<Status
 /// The report for a person.
 fn text(report: &Report, tally: &Tally) -> String {
     let counts = &report.counts;
-    let mut out = format!("campaign {}\n", counts.campaign);
+    let mut out = format!("campaign {} ({})\n", counts.campaign, report.state);
     match tally.summary() {
         Some(summary) => out.push_str(&format!(
             "published {} jobs for relay {}, starting {}\n",
@@ -129,18 +130,19 @@ mod tests {
 
     #[test]
     fn the_time_left_follows_the_last_minutes_rate() {
-        let report = Report::new(counts(Some(1000), 400), 120);
+        let report = Report::new("sending", counts(Some(1000), 400), 120);
         assert_eq!(report.rate_per_second, 2.0);
         assert_eq!(report.eta_seconds, Some(300));
-        assert_eq!(Report::new(counts(Some(10), 10), 0).eta_seconds, Some(0));
-        assert_eq!(Report::new(counts(Some(10), 5), 0).eta_seconds, None);
-        assert_eq!(Report::new(counts(None, 5), 60).eta_seconds, None);
+        assert_eq!(Report::new("sending", counts(Some(10), 10), 0).eta_seconds, Some(0));
+        assert_eq!(Report::new("sending", counts(Some(10), 5), 0).eta_seconds, None);
+        assert_eq!(Report::new("sending", counts(None, 5), 60).eta_seconds, None);
     }
 
     #[test]
     fn json_names_every_count() {
-        let json = serde_json::to_value(Report::new(counts(None, 5), 0)).unwrap();
+        let json = serde_json::to_value(Report::new("sending", counts(None, 5), 0)).unwrap();
         for key in [
+            "state",
             "campaign",
             "published",
             "delivered",

@@ -1,0 +1,186 @@
+//! The control stream (`<ns>.control`) from the operator's side: write a command, confirmed,
+//! and read what every entry so far adds up to (the operators' [`Steering`] and each relay's
+//! latest pushback), the way a worker that starts now would.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use sluice_shared::control::{Change, Steering};
+use sluice_shared::{Settings, Topology};
+
+/// Entries handed to the reader before it acknowledges them.
+const PREFETCH: u16 = 1000;
+/// How long to keep trying to reach the broker.
+const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// The longest a read of the whole stream may take.
+const READ_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A relay's latest pushback as the workers told it: what `relay status` shows beside the
+/// operators' suspensions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pushback {
+    /// The latest rate cut: to this many per second, at this time (Unix ms).
+    pub rate_cut: Option<(f64, u64)>,
+    /// The latest session-limit cut: to this many sessions, at this time.
+    pub sessions_cut: Option<(u32, u64)>,
+    /// The latest "down until" a worker told (a busy server, a `suspend` rule), with why.
+    pub down: Option<(u64, String)>,
+}
+
+/// Everything the control stream holds, added up.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    pub steering: Steering,
+    pub pushback: BTreeMap<String, Pushback>,
+}
+
+impl ControlState {
+    fn apply(&mut self, change: &Change) {
+        self.steering.apply(change);
+        match change {
+            Change::Rate {
+                relay, to, at_ms, ..
+            } => {
+                self.pushback.entry(relay.clone()).or_default().rate_cut = Some((*to, *at_ms));
+            }
+            Change::Sessions { relay, to, at_ms } => {
+                self.pushback.entry(relay.clone()).or_default().sessions_cut =
+                    Some((*to, *at_ms));
+            }
+            Change::Down {
+                relay,
+                until_ms,
+                reason,
+                ..
+            } => {
+                self.pushback.entry(relay.clone()).or_default().down =
+                    Some((*until_ms, reason.clone()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A connection to the control stream.
+pub struct ControlStream {
+    connection: Connection,
+    channel: Channel,
+    stream: String,
+}
+
+impl ControlStream {
+    /// Connect and declare the stream (idempotent: the producer may come before any worker).
+    pub async fn open(settings: &Settings) -> anyhow::Result<ControlStream> {
+        let topology = Topology::from_settings(settings);
+        let connection = settings
+            .amqp
+            .connect_with_backoff("sluice-producer (control)", RECONNECT_WAIT)
+            .await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("cannot open a channel")?;
+        let spec = topology.control_spec();
+        topology
+            .declare_queue(&channel, &spec)
+            .await
+            .with_context(|| format!("cannot declare the control stream {}", spec.name))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("cannot enable publisher confirms")?;
+        Ok(ControlStream {
+            connection,
+            channel,
+            stream: spec.name,
+        })
+    }
+
+    /// Write one entry and wait for the broker's confirm.
+    pub async fn tell(&self, change: &Change) -> anyhow::Result<()> {
+        let what = || format!("cannot write to the control stream {}", self.stream);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.stream.as_str().into(),
+                BasicPublishOptions::default(),
+                &change.to_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .with_context(what)?
+            .await
+            .with_context(what)?;
+        anyhow::ensure!(confirm.is_ack(), "the broker refused a control entry");
+        Ok(())
+    }
+
+    /// Read every entry up to now (a marker written first tells where "now" is).
+    pub async fn state(&self) -> anyhow::Result<ControlState> {
+        let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+        self.tell(&Change::Marker { id: marker.clone() }).await?;
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .context("cannot open a channel")?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .context("cannot set the prefetch count")?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
+        let mut consumer = channel
+            .basic_consume(
+                self.stream.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                arguments,
+            )
+            .await
+            .with_context(|| format!("cannot read the control stream {}", self.stream))?;
+        let mut state = ControlState::default();
+        let read = tokio::time::timeout(READ_DEADLINE, async {
+            while let Some(delivery) = consumer.next().await {
+                let delivery = delivery.context("reading the control stream failed")?;
+                let change = serde_json::from_slice::<Change>(&delivery.data);
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("cannot acknowledge a control entry")?;
+                match change {
+                    Ok(Change::Marker { id }) if id == marker => return Ok(()),
+                    Ok(change) => state.apply(&change),
+                    Err(_) => {} // an entry of a newer version: not ours to judge
+                }
+            }
+            anyhow::bail!("the broker stopped the control stream reader")
+        })
+        .await;
+        let _ = channel.close(200, "read".into()).await;
+        match read {
+            Ok(read) => read.map(|()| state),
+            Err(_) => anyhow::bail!(
+                "could not read the control stream {} within {READ_DEADLINE:?}",
+                self.stream
+            ),
+        }
+    }
+
+    /// Close the connection.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
