@@ -10,7 +10,8 @@ bash deploy/services.sh
 cargo build --workspace --bins --quiet
 # Everything that can share the machine, in parallel (each test has its own namespace).
 # The tests that measure rates and latencies against a relay's budget (the fleet budget with
-# up to eight workers, priority classes, the fleet slowing down when the relay pushes back)
+# up to eight workers, priority classes, the fleet slowing down when the relay pushes back,
+# a campaign keeping its rate beside a paused one)
 # run afterwards, one at a time, so that a 2-core machine is not what they measure.
 measured=(the_budget_holds
   a_high_job_overtakes_a_queued_campaign_within_a_second
@@ -21,9 +22,11 @@ measured=(the_budget_holds
   a_real_postfix_limiting_two_connections_gets_two_and_every_job
   a_real_postfix_limiting_the_message_rate_gets_every_job_at_its_first_attempt
   a_real_postfix_limiting_the_message_rate_refuses_under_5_percent_once_settled
-  a_worker_started_during_a_throttle_starts_throttled)
+  a_worker_started_during_a_throttle_starts_throttled
+  pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_resume_sends_each_held_job_once)
 cargo test --workspace -- --test-threads "${SLUICE_TEST_THREADS:-4}" "${measured[@]/#/--skip=}"
-cargo test -p sluice-tests --test budget --test priority --test pushback -- --test-threads 1 \
+cargo test -p sluice-tests --test budget --test priority --test pushback --test steering -- \
+  --test-threads 1 \
   "${measured[@]}"
 # These stop and restart the shared broker, so they run alone, after everything else.
 cargo test -p sluice-tests --test broker_restart -- --ignored --test-threads 1

@@ -48,7 +48,9 @@ pub async fn run(settings: &Settings, args: CampaignsArgs) -> anyhow::Result<Sta
     let read = loop {
         match reader.next().await {
             Ok(Entry::CaughtUp) => break Ok(()),
-            Ok(Entry::Summary(summary)) => tally(&mut tallies, &summary.campaign.clone()).on_summary(summary),
+            Ok(Entry::Summary(summary)) => {
+                tally(&mut tallies, &summary.campaign.clone()).on_summary(summary)
+            }
             Ok(Entry::Events(batch)) => {
                 for event in &batch {
                     tally(&mut tallies, &event.campaign).on_event(event);

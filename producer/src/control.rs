@@ -52,8 +52,7 @@ impl ControlState {
                 self.pushback.entry(relay.clone()).or_default().rate_cut = Some((*to, *at_ms));
             }
             Change::Sessions { relay, to, at_ms } => {
-                self.pushback.entry(relay.clone()).or_default().sessions_cut =
-                    Some((*to, *at_ms));
+                self.pushback.entry(relay.clone()).or_default().sessions_cut = Some((*to, *at_ms));
             }
             Change::Down {
                 relay,
@@ -183,4 +182,15 @@ impl ControlStream {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
+}
+
+/// Unix milliseconds (the control stream's clock) as RFC 3339.
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }

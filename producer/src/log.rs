@@ -207,6 +207,15 @@ pub async fn campaign_is_known(settings: &Settings, campaign: &str) -> anyhow::R
         .seen())
 }
 
+/// The error for a campaign of which the event log holds nothing (exit 1).
+pub fn unknown_campaign(campaign: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "unknown campaign {campaign}: it is not in the event log, no summary and no event \
+         (wrong campaign id or namespace, nothing delivered yet, or older than the log's \
+         retention, events.max_age)"
+    )
+}
+
 /// Write a marker into the log, confirmed; returns its id.
 async fn mark(channel: &Channel, log: &str) -> anyhow::Result<String> {
     const WHAT: &str = "cannot write a marker into the event log";
@@ -294,7 +303,9 @@ struct Filter {
 
 impl Filter {
     fn wants(&self, campaign: &str) -> bool {
-        self.campaign.as_deref().is_none_or(|wanted| wanted == campaign)
+        self.campaign
+            .as_deref()
+            .is_none_or(|wanted| wanted == campaign)
     }
 
     /// What a log message means for this campaign, if anything.

@@ -27,6 +27,7 @@ use sluice_shared::{Settings, Topology};
 use crate::cli::MigrateArgs;
 use crate::exit::{Status, UsageError};
 use crate::prompt::confirm;
+use crate::queues::inspect;
 use crate::relays::{check_relay_name, DEFAULT_RELAY};
 use crate::transfer::{kept_properties, Transfer};
 
@@ -319,26 +320,6 @@ async fn unbind_temporary(
 }
 
 /// A queue as the broker sees it now (a passive declaration), `None` when it does not exist.
-async fn inspect(connection: &Connection, queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
-    let channel = connection.create_channel().await?;
-    let found = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "checked".into()).await;
-    match found {
-        Ok(declared) => Ok(Some(declared)),
-        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot inspect {queue}")),
-    }
-}
-
 async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
     Ok(inspect(connection, queue).await?.is_some())
 }

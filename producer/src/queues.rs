@@ -1,9 +1,11 @@
 //! `queues`: how many jobs wait in each class queue (`high`, `normal`, `low`) of each relay,
-//! read with passive declarations (nothing is consumed, nothing is created).
+//! read with passive declarations (nothing is consumed, nothing is created); and the one
+//! place the producer looks at a queue that way.
 
 use anyhow::Context as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use lapin::Connection;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::QueuesArgs;
@@ -33,27 +35,7 @@ pub async fn run(settings: &Settings, args: QueuesArgs) -> anyhow::Result<Status
     for relay in &relays {
         for class in Priority::ALL {
             let queue = topology.class_queue(relay, class);
-            // The broker closes the channel when the queue is missing: one channel each.
-            let channel = connection
-                .create_channel()
-                .await
-                .context("cannot open a channel")?;
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            let ready = match declared {
-                Ok(declared) => Some(declared.message_count()),
-                Err(e) if e.to_string().contains("NOT_FOUND") => None,
-                Err(e) => return Err(e).with_context(|| format!("cannot look at {queue}")),
-            };
-            let _ = channel.close(200, "counted".into()).await;
+            let ready = ready_jobs(&connection, &queue).await?;
             depths.push(QueueDepth {
                 relay: relay.clone(),
                 class,
@@ -76,4 +58,37 @@ pub async fn run(settings: &Settings, args: QueuesArgs) -> anyhow::Result<Status
         }
     }
     Ok(Status::Success)
+}
+
+/// A queue as the broker describes it (messages ready, consumers), `None` when it does not
+/// exist. A passive declaration: nothing is created or consumed. The broker closes the
+/// channel when the queue is missing, so each look has a channel of its own.
+pub async fn inspect(connection: &Connection, queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    let found = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "checked".into()).await;
+    match found {
+        Ok(declared) => Ok(Some(declared)),
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot look at {queue}")),
+    }
+}
+
+/// How many jobs `queue` holds ready, `None` when it does not exist.
+pub async fn ready_jobs(connection: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+    Ok(inspect(connection, queue)
+        .await?
+        .map(|declared| declared.message_count()))
 }

@@ -13,9 +13,9 @@ use sluice_shared::control::now_ms;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::RelayStatusArgs;
-use crate::control::{ControlState, ControlStream};
+use crate::control::{rfc3339, ControlState, ControlStream};
 use crate::exit::Status;
-use crate::steer::{queue_len, rfc3339};
+use crate::queues::ready_jobs;
 
 /// A rate cut older than this is shown no more: the fleet has climbed back by then.
 const RECENT_CUT: Duration = Duration::from_secs(300);
@@ -115,10 +115,10 @@ async fn report(
     let mut queued = [None; 3];
     let mut retrying = 0;
     for (i, class) in Priority::ALL.into_iter().enumerate() {
-        queued[i] = queue_len(connection, &topology.class_queue(name, class)).await?;
+        queued[i] = ready_jobs(connection, &topology.class_queue(name, class)).await?;
         for step in 1..=settings.retry.delays.len() {
             let queue = topology.class_retry_queue(name, class, step);
-            retrying += queue_len(connection, &queue).await?.unwrap_or(0);
+            retrying += ready_jobs(connection, &queue).await?.unwrap_or(0);
         }
     }
     Ok(RelayReport {
@@ -136,7 +136,7 @@ async fn report(
         queued_normal: queued[1],
         queued_low: queued[2],
         retrying,
-        dead: queue_len(connection, &topology.dead_queue(name)).await?,
+        dead: ready_jobs(connection, &topology.dead_queue(name)).await?,
         failover: relay.failover.clone(),
     })
 }
@@ -144,7 +144,7 @@ async fn report(
 /// A slot queue exists while a worker holds the slot (it is exclusive to that worker's
 /// connection, so looking at it from here is refused, which says the same).
 async fn slot_held(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
-    match queue_len(connection, queue).await {
+    match ready_jobs(connection, queue).await {
         Ok(found) => Ok(found.is_some()),
         Err(e) if format!("{e:#}").contains("RESOURCE_LOCKED") => Ok(true),
         Err(e) => Err(e),

@@ -9,9 +9,8 @@ use crate::campaigns::state_name;
 use crate::cli::StatusArgs;
 use crate::control::ControlStream;
 use crate::exit::Status;
-use crate::log::{tally_until_now, Since};
+use crate::log::{tally_until_now, unknown_campaign, Since};
 use crate::tally::{Counts, Tally};
-use crate::watch::never_seen;
 
 /// The window of the recent rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
@@ -59,7 +58,7 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> anyhow::Result<Status
     let recent_since = now - RATE_WINDOW.as_secs() as i64;
     let tally = tally_until_now(settings, &args.campaign, since, recent_since).await?;
     if !tally.seen() {
-        return Err(never_seen(&args.campaign));
+        return Err(unknown_campaign(&args.campaign));
     }
     let control = ControlStream::open(settings).await?;
     let steering = control.state().await?.steering;
@@ -133,9 +132,18 @@ mod tests {
         let report = Report::new("sending", counts(Some(1000), 400), 120);
         assert_eq!(report.rate_per_second, 2.0);
         assert_eq!(report.eta_seconds, Some(300));
-        assert_eq!(Report::new("sending", counts(Some(10), 10), 0).eta_seconds, Some(0));
-        assert_eq!(Report::new("sending", counts(Some(10), 5), 0).eta_seconds, None);
-        assert_eq!(Report::new("sending", counts(None, 5), 60).eta_seconds, None);
+        assert_eq!(
+            Report::new("sending", counts(Some(10), 10), 0).eta_seconds,
+            Some(0)
+        );
+        assert_eq!(
+            Report::new("sending", counts(Some(10), 5), 0).eta_seconds,
+            None
+        );
+        assert_eq!(
+            Report::new("sending", counts(None, 5), 60).eta_seconds,
+            None
+        );
     }
 
     #[test]

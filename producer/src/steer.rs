@@ -23,11 +23,12 @@ use sluice_shared::events::{self, now_rfc3339, DeliveryEvent, EventOutcome};
 use sluice_shared::{headers, Job, Priority, Settings, Topology};
 
 use crate::cli::{CampaignArgs, CancelArgs, RelayResumeArgs, RelaySuspendArgs};
-use crate::control::ControlStream;
+use crate::control::{rfc3339, ControlStream};
 use crate::exit::{Status, UsageError};
-use crate::log::campaign_is_known;
+use crate::log::{campaign_is_known, unknown_campaign};
 use crate::prompt::confirm;
 use crate::publish::{Outgoing, Publisher, Setup};
+use crate::queues::ready_jobs;
 use crate::transfer::{kept_properties, Transfer};
 
 /// How long every worker takes at most to follow a control entry (the contract's bound).
@@ -228,10 +229,7 @@ pub fn configured_relay<'a>(settings: &Settings, name: &'a str) -> anyhow::Resul
 /// The control stream, once the event log showed `campaign` exists (exit 1 naming it if not).
 async fn known_campaign(settings: &Settings, campaign: &str) -> anyhow::Result<ControlStream> {
     if !campaign_is_known(settings, campaign).await? {
-        anyhow::bail!(
-            "unknown campaign {campaign}: the event log holds no summary and no event of it \
-             (wrong id or namespace, or older than the log's retention)"
-        );
+        return Err(unknown_campaign(campaign));
     }
     ControlStream::open(settings).await
 }
@@ -301,7 +299,7 @@ async fn empty_hold_queue(
         }
     };
     let mut taken = 0;
-    if queue_len(&connection, &queue).await?.is_some() {
+    if ready_jobs(&connection, &queue).await?.is_some() {
         taken += pass().await?;
         // A worker that had not yet read the command may have held a job meanwhile.
         tokio::time::sleep_until(started + FLEET_READS).await;
@@ -315,7 +313,7 @@ async fn empty_hold_queue(
 /// Move every held job back to its relay's class queue (confirmed before removal), marked
 /// with the resume's time so that a worker that has not read the resume yet sends it.
 async fn resume_held(hold: &Hold<'_>, resumed_at: u64) -> anyhow::Result<u64> {
-    let Some(count) = queue_len(hold.connection, &hold.queue).await? else {
+    let Some(count) = ready_jobs(hold.connection, &hold.queue).await? else {
         return Ok(0);
     };
     let transfer = Transfer::open(hold.connection).await?;
@@ -381,7 +379,7 @@ async fn ack_confirmed(publisher: &mut Publisher, transfer: &Transfer) -> anyhow
 /// its jobs leave the hold queue (a crash between gives a duplicate event, never a job
 /// without one).
 async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
-    let Some(count) = queue_len(hold.connection, &hold.queue).await? else {
+    let Some(count) = ready_jobs(hold.connection, &hold.queue).await? else {
         return Ok(0);
     };
     let transfer = Transfer::open(hold.connection).await?;
@@ -426,10 +424,7 @@ async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
             .context("cannot publish cancelled events")?
             .await
             .context("no confirm from the broker for cancelled events")?;
-        anyhow::ensure!(
-            confirm.is_ack(),
-            "the broker refused the cancelled events"
-        );
+        anyhow::ensure!(confirm.is_ack(), "the broker refused the cancelled events");
         for tag in tags {
             transfer.ack_tag(tag).await?;
         }
@@ -471,30 +466,9 @@ fn job_id(delivery: &Delivery) -> String {
         .map_or_else(|| "unknown".to_string(), |id| id.to_string())
 }
 
-/// How many messages `queue` holds, `None` when it does not exist.
-pub async fn queue_len(connection: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
-    let channel = connection.create_channel().await?;
-    let found = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "checked".into()).await;
-    match found {
-        Ok(declared) => Ok(Some(declared.message_count())),
-        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot inspect {queue}")),
-    }
-}
-
 /// Delete an empty hold queue nobody consumes; leave one that is not.
 async fn delete_if_idle(connection: &Connection, queue: &str) -> anyhow::Result<()> {
-    if queue_len(connection, queue).await? != Some(0) {
+    if ready_jobs(connection, queue).await? != Some(0) {
         return Ok(());
     }
     let channel = connection.create_channel().await?;
@@ -504,15 +478,4 @@ async fn delete_if_idle(connection: &Connection, queue: &str) -> anyhow::Result<
         .with_context(|| format!("cannot delete {queue}"))?;
     let _ = channel.close(200, "deleted".into()).await;
     Ok(())
-}
-
-/// Unix milliseconds as RFC 3339.
-pub fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|at| {
-            at.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }

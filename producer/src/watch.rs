@@ -12,7 +12,7 @@ use sluice_shared::Settings;
 
 use crate::cli::WatchArgs;
 use crate::exit::{Interrupted, Status};
-use crate::log::{Entry, LogReader, Since};
+use crate::log::{unknown_campaign, Entry, LogReader, Since};
 use crate::progress::Progress;
 use crate::tally::{Counts, Tally};
 
@@ -99,7 +99,7 @@ pub async fn follow(
                 Err(e) => break Err(e.context("lost the event log while watching")),
                 Ok(Entry::CaughtUp) => {
                     if !tally.seen() {
-                        break Err(never_seen(campaign));
+                        break Err(unknown_campaign(campaign));
                     }
                 }
                 Ok(Entry::Summary(summary)) => {
@@ -121,13 +121,4 @@ pub async fn follow(
     progress.finish();
     reader.close().await;
     ended
-}
-
-/// The error for a campaign of which the event log holds nothing.
-pub fn never_seen(campaign: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "campaign {campaign} is not in the event log: no summary and no event (wrong campaign \
-         id or namespace, nothing delivered yet, or older than the log's retention, \
-         events.max_age)"
-    )
 }

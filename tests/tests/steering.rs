@@ -99,7 +99,11 @@ async fn pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_r
 
     let paused = producer(&app, &["pause", "--campaign", "spring"]);
     paused.expect_code(0);
-    assert!(paused.stdout.contains("paused campaign spring"), "{}", paused.stdout);
+    assert!(
+        paused.stdout.contains("paused campaign spring"),
+        "{}",
+        paused.stdout
+    );
     let returned = Instant::now();
 
     // Measured over 5 s once the fleet has read the pause: not one spring transaction, and
@@ -117,6 +121,19 @@ async fn pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_r
         .filter(|at| *at < stopped + Duration::from_secs(5))
         .count();
     let autumn_rate = autumn as f64 / 5.0;
+    let per_second: Vec<usize> = (0..8)
+        .map(|s| {
+            let from = returned + Duration::from_secs(s);
+            accepted_since(&smtp, "autumn", from)
+                .into_iter()
+                .filter(|at| *at < from + Duration::from_secs(1))
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "autumn per second after the pause returned: {per_second:?}; hold {}",
+        hold_len(&app, "spring").await
+    );
     eprintln!("autumn alone: {autumn_rate:.0}/s of a budget of {RATE}/s");
     assert!(
         autumn_rate >= f64::from(RATE) * 0.8,
@@ -145,10 +162,9 @@ async fn pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_r
     let resumed = producer(&app, &["resume", "--campaign", "spring"]);
     resumed.expect_code(0);
     assert!(
-        resumed.stdout.contains(&format!(
-            "{} held jobs are back",
-            EACH - delivered_before
-        )),
+        resumed
+            .stdout
+            .contains(&format!("{} held jobs are back", EACH - delivered_before)),
         "{}",
         resumed.stdout
     );
@@ -166,10 +182,11 @@ async fn pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_r
             .collect();
         assert!(twice.is_empty(), "{campaign} jobs sent twice: {twice:?}");
     }
-    assert!(!app
-        .ns
-        .queue_exists(&app.ns.topology.hold_queue("spring"))
-        .await);
+    assert!(
+        !app.ns
+            .queue_exists(&app.ns.topology.hold_queue("spring"))
+            .await
+    );
     assert!(smtp.max_accepted_in_any_second() <= RATE as usize * 105 / 100);
 }
 
@@ -332,7 +349,12 @@ async fn a_suspended_relay_s_traffic_goes_to_its_failover_and_comes_back_after_t
         .await;
     let (primary, backup) = (app.relay("primary"), app.relay("backup"));
     app.ns.publish_jobs("primary", "sus", 2500).await;
-    assert!(primary.wait_for_accepted(100, Duration::from_secs(30)).await >= 100);
+    assert!(
+        primary
+            .wait_for_accepted(100, Duration::from_secs(30))
+            .await
+            >= 100
+    );
     assert_eq!(backup.accepted_count(), 0);
 
     let suspended = producer(
@@ -393,8 +415,8 @@ async fn a_suspended_relay_s_traffic_goes_to_its_failover_and_comes_back_after_t
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_job_past_not_after_ends_dead_expired_and_one_before_not_before_waits_without_an_attempt(
-) {
+async fn a_job_past_not_after_ends_dead_expired_and_one_before_not_before_waits_without_an_attempt()
+{
     let app = TestApp::builder("steer-times")
         .relay("primary", Behaviour::accept_all(), "")
         .retries(&["1s", "2s"])
@@ -437,8 +459,11 @@ async fn a_job_past_not_after_ends_dead_expired_and_one_before_not_before_waits_
     let dead = app.ns.drain(&app.ns.topology.dead_queue("primary")).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(
-        headers::get_str(dead[0].delivery.properties.headers().as_ref(), headers::REASON)
-            .as_deref(),
+        headers::get_str(
+            dead[0].delivery.properties.headers().as_ref(),
+            headers::REASON
+        )
+        .as_deref(),
         Some("expired")
     );
 

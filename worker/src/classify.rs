@@ -219,6 +219,7 @@ mod tests {
             Outcome::RelayFault { .. } => "relay fault",
             Outcome::NotAttempted { .. } => "not attempted",
             Outcome::PushedBack { .. } => "pushed back",
+            other => other.error_type().unwrap_or("steered"),
         }
     }
 

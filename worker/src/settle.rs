@@ -869,6 +869,67 @@ mod tests {
     }
 
     #[test]
+    fn steered_jobs_are_not_attempts() {
+        let ladder: Vec<Duration> = [30, 120, 600, 3600]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect();
+        assert_eq!(decide(&Outcome::Paused, 2, &ladder), Action::Hold);
+        assert_eq!(decide(&Outcome::Cancelled, 2, &ladder), Action::Cancel);
+        assert_eq!(
+            decide(&Outcome::Expired, 0, &ladder),
+            Action::SetAside { reason: EXPIRED }
+        );
+        let wait = |secs: u64| {
+            decide(
+                &Outcome::NotYet {
+                    wait: Duration::from_secs(secs),
+                },
+                3,
+                &ladder,
+            )
+        };
+        // The longest step no longer than the wait, for its whole delay: every message of a
+        // step expires after the same delay. A short wait waits exactly, in the first step.
+        let cases = [
+            (5, 1, 5),
+            (30, 1, 30),
+            (119, 1, 30),
+            (120, 2, 120),
+            (7200, 4, 3600),
+        ];
+        for (secs, step, delay) in cases {
+            assert_eq!(
+                wait(secs),
+                Action::Wait {
+                    step,
+                    delay: Duration::from_secs(delay)
+                },
+                "a wait of {secs} s"
+            );
+        }
+        assert_eq!(
+            decide(
+                &Outcome::NotYet {
+                    wait: Duration::from_secs(5)
+                },
+                0,
+                &[]
+            ),
+            Action::Requeue
+        );
+        assert_eq!(event_of(&Action::Hold), None);
+        assert_eq!(
+            event_of(&Action::Wait {
+                step: 1,
+                delay: Duration::ZERO
+            }),
+            None
+        );
+        assert_eq!(event_of(&Action::Cancel), Some(EventOutcome::Cancelled));
+    }
+
+    #[test]
     fn only_a_requeue_goes_without_an_event() {
         assert_eq!(event_of(&Action::Finish), Some(EventOutcome::Delivered));
         assert_eq!(
