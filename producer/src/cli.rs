@@ -16,9 +16,11 @@ Exit codes:
       are printed)
   65  invalid input (rows, columns or templates); the problems are listed as
       'line N: ...' on stderr and nothing was published
-  130 send stopped by SIGTERM/SIGINT while publishing: it stops reading, waits up to 30 s
-      for the broker's confirms and says 'published N of M jobs' (the N confirmed jobs
-      are in the queue; a signal before publishing starts leaves nothing published)";
+  130 send stopped by SIGINT while publishing, 143 by SIGTERM: it stops reading, waits up
+      to 30 s for the confirms of what it published and says 'confirmed through line N'
+      (every row up to line N of the file is in the queue, nothing after it; continue
+      with send --start-line N+1; a signal before publishing starts leaves nothing
+      published). A send that loses the broker for good says the same and exits 1";
 
 /// Send bulk email through sluice: turn a campaign into jobs on RabbitMQ, follow it, and
 /// manage the jobs that could not be delivered.
@@ -141,9 +143,31 @@ pub struct SendArgs {
     pub skip_invalid: bool,
 
     /// Print one JSON object with the counts instead of text:
-    /// {"published": N, "skipped": M, "campaign": "..."}.
+    /// {"published": N, "skipped": M, "duplicates": D, "campaign": "..."}; an interrupted
+    /// send adds "interrupted" (SIGINT, SIGTERM or "broker lost") and
+    /// "confirmed_through_line".
     #[arg(long)]
     pub json: bool,
+
+    /// Send a campaign id again although the event log holds its summary (it was sent
+    /// before): every row is published again, with the same job ids. Without it, such a
+    /// send is refused (exit 1) before anything is published.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Continue an interrupted send of the same --campaign and file: rows on lines before
+    /// LINE are not published (the interrupted run did that), the rest are. An interrupted
+    /// send prints 'confirmed through line N': pass N+1. An earlier summary of the campaign
+    /// does not refuse a continued send; its own summary counts the jobs of both runs.
+    #[arg(long, value_name = "LINE", value_parser = clap::value_parser!(u64).range(2..))]
+    pub start_line: Option<u64>,
+
+    /// Send one job per address: a row whose email (trimmed, case ignored) an earlier row
+    /// has is skipped. Without it such rows are sent too; either way each is reported as
+    /// 'line N: duplicate of line M (address)'. Finding them keeps about 32 bytes per row
+    /// in memory (32 MiB for a million rows).
+    #[arg(long)]
+    pub dedupe: bool,
 
     /// After publishing, follow the campaign like `watch` (same output and exit codes).
     #[arg(long)]
