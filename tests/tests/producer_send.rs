@@ -715,7 +715,7 @@ async fn sigterm_mid_publish_stops_reports_how_far_it_got_and_the_queue_agrees()
     .expect("the producer stopped within 60 s of SIGTERM")
     .expect("join");
 
-    run.expect_code(130);
+    run.expect_code(143);
     let published = published_of(&run.stderr, rows)
         .unwrap_or_else(|| panic!("no 'published N of {rows} jobs' in:\n{}", run.stderr));
     assert!(
