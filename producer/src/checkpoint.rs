@@ -193,6 +193,8 @@ impl Stopped {
 #[derive(Debug)]
 pub struct WoundDown {
     stopped: Stopped,
+    /// Jobs this run published, each confirmed (the summary is not one).
+    published: u64,
     /// Why some confirms never came, when they did not.
     unconfirmed: Option<String>,
     /// Whether the event log got the interrupted run's summary.
@@ -214,6 +216,7 @@ pub async fn wind_down(
     if matches!(stopped, Stopped::Publishing(_)) {
         return WoundDown {
             stopped,
+            published: publisher.confirmed(),
             unconfirmed: None,
             summary_written: false,
         };
@@ -224,7 +227,9 @@ pub async fn wind_down(
         Err(_) => Some(format!("no confirm within {CONFIRM_GRACE:?}")),
     };
     checkpoint.confirmed(publisher.confirmed());
-    summary.published = before_start + publisher.confirmed();
+    // Counted before the summary goes through the same publisher.
+    let published = publisher.confirmed();
+    summary.published = before_start + published;
     summary.confirmed_through_line = Some(checkpoint.through_line());
     let summary_written = unconfirmed.is_none()
         && matches!(
@@ -237,6 +242,7 @@ pub async fn wind_down(
         );
     WoundDown {
         stopped,
+        published,
         unconfirmed,
         summary_written,
     }
@@ -248,13 +254,15 @@ impl WoundDown {
         self.stopped.what()
     }
 
-    /// The error that ends the `send`: where to continue, and what the queue holds.
-    /// `published` of `valid` are the jobs this run had confirmed.
-    pub fn into_error(
-        self,
-        checkpoint: &Checkpoint,
-        (published, valid): (u64, u64),
-    ) -> anyhow::Error {
+    /// Jobs this run published, each confirmed.
+    pub fn published(&self) -> u64 {
+        self.published
+    }
+
+    /// The error that ends the `send`: where to continue, and what the queue holds (of the
+    /// `valid` rows of the file).
+    pub fn into_error(self, checkpoint: &Checkpoint, valid: u64) -> anyhow::Error {
+        let published = self.published;
         let through = checkpoint.through_line();
         let after = if checkpoint.has_unconfirmed() {
             format!(

@@ -198,7 +198,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
             (&mut summary, ended.before_start),
         )
         .await;
-        report.published = publisher.confirmed();
+        report.published = stopped.published();
         report.interrupted = Some(stopped.what().to_string());
         report.confirmed_through_line = Some(checkpoint.through_line());
         if args.json {
@@ -207,7 +207,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
                 serde_json::to_string(&report).expect("report serializes")
             );
         }
-        return Err(stopped.into_error(&checkpoint, (report.published, validation.valid)));
+        return Err(stopped.into_error(&checkpoint, validation.valid));
     }
     summaries::write(&mut publisher, &topology, &summary).await?;
     publisher.close().await;

@@ -156,6 +156,7 @@ async fn interrupted_by_a_signal_then_continued(signal: &str, code: i32) {
     let report = stopped.json();
     assert_eq!(report["confirmed_through_line"], through, "{report}");
     assert_eq!(report["interrupted"], format!("SIG{signal}"), "{report}");
+    assert_eq!(report["published"], through - 1, "{report}");
     assert!(
         stopped
             .stderr
