@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0   success (send: the broker confirmed every job; watch: every job was delivered)
-  1   runtime error (broker, file); the message says what failed
+  1   runtime error (broker, file, or send of a --campaign the event log has a summary
+      of without --force or --start-line); the message says what failed
   2   usage error (bad or missing arguments, or a bad configuration)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
   4   watch --timeout passed before every job had a final outcome (the counts so far
