@@ -325,6 +325,15 @@ impl Campaign {
         &self.columns
     }
 
+    /// The recipient a record names: its `email` field, as text (`None` when the record
+    /// lacks the field or it is not UTF-8, which makes the row invalid anyway).
+    pub fn recipient<'r>(&self, record: &'r RawRecord) -> Option<&'r str> {
+        if self.columns.email >= record.len() {
+            return None;
+        }
+        std::str::from_utf8(record.field(self.columns.email)).ok()
+    }
+
     /// The job of one record, or why there is none.
     pub fn job(&self, record: &RawRecord, check: Check) -> Result<Job, RowError> {
         let line = record.line();

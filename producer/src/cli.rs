@@ -9,16 +9,19 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0   success (send: the broker confirmed every job; watch: every job was delivered)
-  1   runtime error (broker, file); the message says what failed
+  1   runtime error (broker, file, or send of a --campaign the event log has a summary
+      of without --force or --start-line); the message says what failed
   2   usage error (bad or missing arguments, or a bad configuration)
   3   the campaign finished, but some jobs bounced or are dead (watch, send --wait)
   4   watch --timeout passed before every job had a final outcome (the counts so far
       are printed)
   65  invalid input (rows, columns or templates); the problems are listed as
       'line N: ...' on stderr and nothing was published
-  130 send stopped by SIGTERM/SIGINT while publishing: it stops reading, waits up to 30 s
-      for the broker's confirms and says 'published N of M jobs' (the N confirmed jobs
-      are in the queue; a signal before publishing starts leaves nothing published)";
+  130 send stopped by SIGINT while publishing, 143 by SIGTERM: it stops reading, waits up
+      to 30 s for the confirms of what it published and says 'confirmed through line N'
+      (every row up to line N of the file is in the queue, nothing after it; continue
+      with send --start-line N+1; a signal before publishing starts leaves nothing
+      published). A send that loses the broker for good says the same and exits 1";
 
 /// Send bulk email through sluice: turn a campaign into jobs on RabbitMQ, follow it, and
 /// manage the jobs that could not be delivered.
@@ -192,7 +195,8 @@ pub struct SendArgs {
     /// column; every column is a template variable, e.g. {{ name }}. The file is read twice
     /// (validate, then publish), so it must be a regular file. Limits: 1 MiB per field,
     /// 2 MiB per record (all its fields), 10 MiB rendered per row; a row over one is
-    /// reported as 'line N: ...'. Whatever the file, send stays under about 200 MiB of memory.
+    /// reported as 'line N: ...'. Whatever the file, send stays under about 200 MiB of memory,
+    /// plus about 32 bytes per row for finding duplicate addresses (see --dedupe).
     #[arg(long, value_name = "FILE.csv")]
     pub recipients: PathBuf,
 
@@ -253,9 +257,31 @@ pub struct SendArgs {
     pub skip_invalid: bool,
 
     /// Print one JSON object with the counts instead of text:
-    /// {"published": N, "skipped": M, "campaign": "..."}.
+    /// {"published": N, "skipped": M, "duplicates": D, "campaign": "..."}; an interrupted
+    /// send adds "interrupted" (SIGINT, SIGTERM or "broker lost") and
+    /// "confirmed_through_line".
     #[arg(long)]
     pub json: bool,
+
+    /// Send a campaign id again although the event log holds its summary (it was sent
+    /// before): every row is published again, with the same job ids. Without it, such a
+    /// send is refused (exit 1) before anything is published.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Continue an interrupted send of the same --campaign and file: rows on lines before
+    /// LINE are not published (the interrupted run did that), the rest are. An interrupted
+    /// send prints 'confirmed through line N': pass N+1. An earlier summary of the campaign
+    /// does not refuse a continued send; its own summary counts the jobs of both runs.
+    #[arg(long, value_name = "LINE", value_parser = clap::value_parser!(u64).range(2..))]
+    pub start_line: Option<u64>,
+
+    /// Send one job per address: a row whose email (trimmed, case ignored) an earlier row
+    /// has is skipped. Without it such rows are sent too; either way each is reported as
+    /// 'line N: duplicate of line M (address)'. Finding them keeps about 32 bytes per row
+    /// in memory (32 MiB for a million rows).
+    #[arg(long)]
+    pub dedupe: bool,
 
     /// After publishing, follow the campaign like `watch` (same output and exit codes).
     #[arg(long)]

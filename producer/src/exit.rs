@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use crate::checkpoint::StopSignal;
+
 /// A command that ran to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -23,11 +25,14 @@ pub struct UsageError(pub String);
 #[error("{0}")]
 pub struct InvalidInput(pub String);
 
-/// A stop signal (SIGTERM, SIGINT) ended the command before its end (exit 130); the message
-/// says how far it got.
+/// A stop signal ended the command before its end (exit 130 after SIGINT, 143 after
+/// SIGTERM, as shells report them); the message says how far it got.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Interrupted(pub String);
+#[error("{message}")]
+pub struct Interrupted {
+    pub signal: StopSignal,
+    pub message: String,
+}
 
 /// Exit code of a command line usage error, as clap uses.
 pub const USAGE: u8 = 2;
@@ -37,8 +42,10 @@ pub const CAMPAIGN_FAILED: u8 = 3;
 pub const INCOMPLETE: u8 = 4;
 /// `EX_DATAERR`: the input data was incorrect.
 pub const INVALID_INPUT: u8 = 65;
-/// Stopped by SIGTERM or SIGINT (128 + SIGINT, as shells report Ctrl-C).
+/// Stopped by SIGINT (128 + 2, as shells report Ctrl-C).
 pub const INTERRUPTED: u8 = 130;
+/// Stopped by SIGTERM (128 + 15).
+pub const TERMINATED: u8 = 143;
 
 /// Report `result` on stderr (errors with their cause chain) and pick the exit code.
 pub fn report(result: anyhow::Result<Status>) -> ExitCode {
@@ -59,8 +66,11 @@ pub fn code_of(error: &anyhow::Error) -> u8 {
         USAGE
     } else if error.downcast_ref::<InvalidInput>().is_some() {
         INVALID_INPUT
-    } else if error.downcast_ref::<Interrupted>().is_some() {
-        INTERRUPTED
+    } else if let Some(interrupted) = error.downcast_ref::<Interrupted>() {
+        match interrupted.signal {
+            StopSignal::Interrupt => INTERRUPTED,
+            StopSignal::Terminate => TERMINATED,
+        }
     } else {
         1
     }
@@ -81,8 +91,20 @@ mod tests {
                 INVALID_INPUT,
             ),
             (
-                Interrupted("published 3 of 9 jobs".into()).into(),
+                Interrupted {
+                    signal: StopSignal::Interrupt,
+                    message: "confirmed through line 4".into(),
+                }
+                .into(),
                 INTERRUPTED,
+            ),
+            (
+                Interrupted {
+                    signal: StopSignal::Terminate,
+                    message: "confirmed through line 4".into(),
+                }
+                .into(),
+                TERMINATED,
             ),
             (
                 Err::<(), _>(std::io::Error::other("disk"))

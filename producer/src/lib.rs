@@ -7,6 +7,11 @@
 //! - [`campaign`]: CSV rows + templates → validated jobs.
 //! - [`send`]: `send`: validate every row, then publish.
 //! - [`validate`]: the first pass of `send`, on every core.
+//! - [`duplicates`]: recipients listed twice in one file (`send --dedupe`).
+//! - [`summaries`]: campaign summaries in the event log: written by `send`, and a campaign
+//!   sent before refused unless `--force` or `--start-line`.
+//! - [`checkpoint`]: how far an interrupted `send` got (`confirmed through line N`), and
+//!   the stop signals it heeds.
 //! - [`publish`]: confirmed, pipelined publishing that survives a lost connection.
 //! - [`log`]: reading one campaign's entries in the event log (a stream).
 //! - [`tally`]: a campaign's counts from those entries.
@@ -28,9 +33,11 @@
 
 pub mod campaign;
 pub mod campaigns;
+pub mod checkpoint;
 pub mod cli;
 pub mod control;
 pub mod dead;
+pub mod duplicates;
 pub mod exit;
 pub mod log;
 pub mod migrate;
@@ -44,6 +51,7 @@ pub mod rows;
 pub mod send;
 pub mod status;
 pub mod steer;
+pub mod summaries;
 pub mod tally;
 pub mod transfer;
 pub mod validate;

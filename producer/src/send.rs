@@ -4,34 +4,40 @@
 //! and lists each problem as `line N: ...`; unless `--skip-invalid` is given, one problem
 //! means nothing is published. The second pass renders again and publishes, so memory does
 //! not grow with the number of rows; it skips the lines the first pass rejected and does
-//! not validate again (the file is checked to be unchanged in between). Before the first job, the campaign's watch queue is declared (so
-//! `watch` misses no event); after the last confirm, a `campaign-summary` message tells
-//! `watch` how many jobs to expect.
+//! not validate again (the file is checked to be unchanged in between). The first pass also
+//! finds duplicate addresses ([`crate::duplicates`]). Between the passes, a campaign id the
+//! event log already has a summary of is refused ([`crate::summaries`]). After the last
+//! confirm, a `campaign-summary` message tells `watch` how many jobs to expect.
+//!
+//! A stop signal or the broker's loss ends publishing early; the checkpoint
+//! ([`crate::checkpoint`]) says through which line every row is in the queue, and
+//! `--start-line` continues from there.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
-use lapin::BasicProperties;
-use sluice_shared::events::{now_rfc3339, CampaignSummary, SUMMARY_KIND};
-use sluice_shared::shutdown::Shutdown;
+use sluice_shared::events::{now_rfc3339, CampaignSummary};
 use sluice_shared::{Job, Settings, Topology};
 
 use crate::campaign::{
-    generate_campaign_id, CampaignReader, CampaignSpec, Check, HeaderError, Templates,
+    generate_campaign_id, Campaign, CampaignReader, CampaignSpec, Check, HeaderError, RowError,
+    Templates,
 };
+use crate::checkpoint::{self, Checkpoint, Stop, Stopped};
 use crate::cli::SendArgs;
-use crate::exit::{Interrupted, InvalidInput, Status, UsageError};
+use crate::duplicates::{merge_lines, Duplicates};
+use crate::exit::{InvalidInput, Status, UsageError};
 use crate::log::Since;
 use crate::progress::Progress;
-use crate::publish::{job_properties, Outgoing, PublishSpan, Publisher, Setup, PERSISTENT};
+use crate::publish::{job_properties, Outgoing, PublishSpan, Publisher, Setup};
 use crate::relays::choose_relay;
 use crate::rows::{Limits, RawRecord};
-use crate::validate::{validate_rows, Validation, ValidationError};
-use crate::watch;
+use crate::validate::{validate_rows, Observer, Validation, ValidationError};
+use crate::{summaries, watch};
 
 /// Messages published and not yet confirmed, at most.
 pub const CONFIRM_WINDOW: usize = 1000;
@@ -39,17 +45,25 @@ pub const CONFIRM_WINDOW: usize = 1000;
 /// [`crate::campaign::MAX_RENDERED_BYTES`]): with the validation pass's bound, what keeps
 /// `send` within its documented memory on a file of large rows.
 pub const CONFIRM_WINDOW_BYTES: usize = 32 << 20;
-/// How long a stop signal waits for the confirms of what was published before it.
-const CONFIRM_GRACE: Duration = Duration::from_secs(30);
 /// Read buffer of the recipients file.
 const READ_BUFFER: usize = 256 * 1024;
 
 /// Counts of one `send`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SendReport {
+    /// Jobs this run published, each confirmed.
     pub published: u64,
+    /// Invalid rows skipped (`--skip-invalid`).
     pub skipped: u64,
+    /// Rows whose address an earlier row has (skipped with `--dedupe`, sent without).
+    pub duplicates: u64,
     pub campaign: String,
+    /// What ended publishing early: `SIGINT`, `SIGTERM` or `broker lost`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+    /// After an interruption: every row up to this line is in the queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_through_line: Option<u64>,
 }
 
 /// Run `send`.
@@ -82,8 +96,10 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
     // Pass 1: every row, nothing published.
     let before = fingerprint(&args.recipients)?;
     // CPU-bound, on threads of its own: the runtime's thread only waits.
-    let validation = tokio::task::block_in_place(|| validate(&args.recipients, &spec, &templates))?;
+    let (validation, duplicate_lines) =
+        tokio::task::block_in_place(|| validate(&args.recipients, &spec, &templates))?;
     let invalid = validation.invalid_lines.len() as u64;
+    let duplicates = duplicate_lines.len() as u64;
     if invalid > 0 && !args.skip_invalid {
         return Err(InvalidInput(format!(
             "{invalid} invalid row(s) in {}; nothing was published (fix them, or pass \
@@ -93,21 +109,44 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         ))
         .into());
     }
+    if duplicates > 0 {
+        eprintln!(
+            "{duplicates} row(s) repeat an earlier row's address: {}",
+            if args.dedupe {
+                "skipped (--dedupe)"
+            } else {
+                "sent anyway (pass --dedupe to send each address once)"
+            }
+        );
+    }
     anyhow::ensure!(
         fingerprint(&args.recipients)? == before,
         "{} changed while it was being validated; nothing was published",
         args.recipients.display()
     );
+    let earlier = summaries::earlier_sends(settings, &campaign)
+        .await
+        .context("cannot read the event log to check for an earlier send of the campaign")?;
+    summaries::check(&campaign, &earlier, args.force, args.start_line)?;
 
     // Pass 2: publish. From here a stop signal ends publishing cleanly (before, it ends the
     // process: nothing is published yet).
-    let shutdown = Shutdown::on_signals();
+    let stop = Stop::on_signals();
+    let skip = if args.dedupe {
+        merge_lines(&validation.invalid_lines, &duplicate_lines)
+    } else {
+        validation.invalid_lines.clone()
+    };
     let topology = Topology::from_settings(settings);
     let setup = Setup {
         relays: vec![relay.clone()],
         retry_steps: settings.retry.delays.len(),
     };
-    let started_at = now_rfc3339();
+    // A continued campaign keeps the start of its first run: `--wait` reads from there.
+    let started_at = match (&earlier.first_started_at, args.start_line) {
+        (Some(first), Some(_)) => first.clone(),
+        _ => now_rfc3339(),
+    };
     let mut publisher = Publisher::connect(
         &settings.amqp,
         topology.clone(),
@@ -118,45 +157,78 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
     .await
     .context("cannot start publishing")?
     .with_window_bytes(CONFIRM_WINDOW_BYTES);
-    let published = publish_rows(
+    let mut checkpoint = Checkpoint::default();
+    let rows = Rows {
+        path: &args.recipients,
+        reader: open_rows(&args.recipients, &spec, &templates)?,
+        skip: &skip,
+        start_line: args.start_line.unwrap_or(2),
+        valid: validation.valid,
+    };
+    let ended = publish_rows(
         &mut publisher,
         &topology,
         (&relay, args.priority),
-        &args.recipients,
-        open_rows(&args.recipients, &spec, &templates)?,
-        &validation,
-        &shutdown,
+        rows,
+        &mut checkpoint,
+        &stop,
     )
     .await?;
-    let summary = CampaignSummary {
+    let mut report = SendReport {
+        published: publisher.confirmed(),
+        skipped: invalid,
+        duplicates,
         campaign: campaign.clone(),
-        published,
+        interrupted: None,
+        confirmed_through_line: None,
+    };
+    let mut summary = CampaignSummary {
+        campaign: campaign.clone(),
+        // With --start-line: the rows before it too, which the interrupted run published.
+        published: ended.before_start + publisher.confirmed(),
         relay: relay.clone(),
         started_at,
+        start_line: args.start_line,
+        confirmed_through_line: None,
     };
-    publish_summary(&mut publisher, &topology, &summary).await?;
+    if let Some(stopped) = ended.stopped {
+        let stopped = checkpoint::wind_down(
+            stopped,
+            &mut publisher,
+            &topology,
+            &mut checkpoint,
+            (&mut summary, ended.before_start),
+        )
+        .await;
+        report.published = stopped.published();
+        report.interrupted = Some(stopped.what().to_string());
+        report.confirmed_through_line = Some(checkpoint.through_line());
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serializes")
+            );
+        }
+        return Err(stopped.into_error(&checkpoint, validation.valid));
+    }
+    summaries::write(&mut publisher, &topology, &summary).await?;
     publisher.close().await;
 
-    let report = SendReport {
-        published,
-        skipped: invalid,
-        campaign: campaign.clone(),
-    };
     if invalid > 0 {
         eprintln!("skipped {invalid} invalid row(s)");
     }
     if args.wait {
         if !args.json {
             println!("campaign {campaign}");
-            println!("published {published} jobs");
+            println!("published {} jobs", report.published);
         }
-        let followed = watch::follow(
-            settings,
-            &campaign,
-            Since::Started(&summary.started_at),
-            None,
-        )
-        .await?;
+        // A campaign continued after the broker's loss has no earlier summary to say when
+        // it started: its first run's events are read from the log's beginning.
+        let since = match (args.start_line, &earlier.first_started_at) {
+            (Some(_), None) => Since::Beginning,
+            _ => Since::Started(&summary.started_at),
+        };
+        let followed = watch::follow(settings, &campaign, since, None).await?;
         let counts = followed.counts();
         if args.json {
             let mut object = serde_json::to_value(&report).expect("report serializes");
@@ -179,7 +251,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<Status> 
         );
     } else {
         println!("campaign {campaign}");
-        println!("published {published} jobs");
+        println!("published {} jobs", report.published);
     }
     Ok(Status::Success)
 }
@@ -258,24 +330,24 @@ fn fingerprint(path: &Path) -> anyhow::Result<(u64, Option<SystemTime>)> {
     Ok((metadata.len(), metadata.modified().ok()))
 }
 
-/// Pass 1: render and check every row, listing each problem on stderr.
+/// Pass 1: render and check every row, listing each problem and each duplicate address on
+/// stderr; returns the verdict and the lines of the duplicates.
 fn validate(
     path: &Path,
     spec: &Arc<CampaignSpec>,
     templates: &Arc<Templates>,
-) -> anyhow::Result<Validation> {
+) -> anyhow::Result<(Validation, Vec<u64>)> {
     let rows = open_rows(path, spec, templates)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let progress = std::cell::RefCell::new(Progress::new("validated", None));
-    let validation = validate_rows(
-        rows,
-        threads,
-        |problem| progress.borrow().println(&problem.to_string()),
-        |rows| progress.borrow_mut().set(rows),
-    );
-    progress.borrow().finish();
+    let mut observer = FirstPass {
+        campaign: rows.campaign().clone(),
+        progress: Progress::new("validated", None),
+        duplicates: Duplicates::default(),
+    };
+    let validation = validate_rows(rows, threads, &mut observer);
+    observer.progress.finish();
     match validation {
-        Ok(validation) => Ok(validation),
+        Ok(validation) => Ok((validation, observer.duplicates.into_lines())),
         Err(ValidationError::Read(e)) => {
             Err(e).with_context(|| format!("cannot read the recipients file {}", path.display()))
         }
@@ -286,34 +358,96 @@ fn validate(
     }
 }
 
-/// Pass 2: publish every valid row; returns how many jobs the broker confirmed.
+/// What pass 1 reports as it goes.
+struct FirstPass {
+    campaign: Arc<Campaign>,
+    progress: Progress,
+    duplicates: Duplicates,
+}
+
+impl Observer for FirstPass {
+    fn problem(&mut self, problem: &RowError) {
+        self.progress.println(&problem.to_string());
+    }
+
+    fn valid(&mut self, record: &RawRecord) {
+        if let Some(address) = self.campaign.recipient(record) {
+            if let Some(duplicate) = self.duplicates.check(record.line(), address) {
+                self.progress.println(&duplicate.to_string());
+            }
+        }
+    }
+
+    fn progress(&mut self, rows: u64) {
+        self.progress.set(rows);
+    }
+}
+
+/// The rows pass 2 publishes.
+struct Rows<'a> {
+    path: &'a Path,
+    reader: CampaignReader<BufReader<File>>,
+    /// Lines not to publish, sorted: invalid rows, and duplicates under `--dedupe`.
+    skip: &'a [u64],
+    /// Rows starting before this line were published by an earlier run (`--start-line`).
+    start_line: u64,
+    /// Valid rows in the file.
+    valid: u64,
+}
+
+/// How pass 2 ended.
+struct Ended {
+    /// Rows before the start line that the earlier run published (valid, not skipped).
+    before_start: u64,
+    /// Set when publishing stopped before the end of the file.
+    stopped: Option<Stopped>,
+}
+
+/// Pass 2: publish every valid row from the start line on, in file order, noting each in
+/// `checkpoint`. A stop signal or a publisher that gives up ends it early ([`Ended`]);
+/// anything else wrong is an error.
 async fn publish_rows(
     publisher: &mut Publisher,
     topology: &Topology,
     (relay, priority): (&str, sluice_shared::Priority),
-    path: &Path,
-    mut rows: CampaignReader<BufReader<File>>,
-    validation: &Validation,
-    shutdown: &Shutdown,
-) -> anyhow::Result<u64> {
+    rows: Rows<'_>,
+    checkpoint: &mut Checkpoint,
+    stop: &Stop,
+) -> anyhow::Result<Ended> {
+    let Rows {
+        path,
+        reader: mut rows,
+        skip,
+        start_line,
+        valid,
+    } = rows;
     let campaign = rows.campaign().clone();
     let mut record = RawRecord::default();
-    // Sorted: the first pass reports in file order.
-    let mut skip = validation.invalid_lines.iter().peekable();
+    let mut skip = skip.iter().peekable();
     let exchange: lapin::types::ShortString = topology.jobs_exchange().into();
     let routing_key: lapin::types::ShortString = priority.routing_key(relay).into();
-    let mut progress = Progress::new("published", Some(validation.valid));
-    while rows
-        .next_record(&mut record)
-        .with_context(|| format!("cannot read the recipients file {}", path.display()))?
-    {
-        if shutdown.is_triggered() {
-            progress.finish();
-            return Err(interrupted(publisher, validation.valid).await.into());
+    let mut progress = Progress::new("published", Some(valid));
+    let mut before_start = 0;
+    let stopped = loop {
+        if !rows
+            .next_record(&mut record)
+            .with_context(|| format!("cannot read the recipients file {}", path.display()))?
+        {
+            break None;
         }
+        if let Some(signal) = stop.received() {
+            break Some(Stopped::Signal(signal));
+        }
+        let line = record.line();
         // Listed by pass 1, and skipping was asked for (or there would be no pass 2).
-        while skip.next_if(|&&line| line < record.line()).is_some() {}
-        if skip.next_if(|&&line| line == record.line()).is_some() {
+        while skip.next_if(|&&skipped| skipped < line).is_some() {}
+        if skip.next_if(|&&skipped| skipped == line).is_some() {
+            checkpoint.skipped(line);
+            continue;
+        }
+        if line < start_line {
+            before_start += 1;
+            checkpoint.skipped(line);
             continue;
         }
         let mut job = match campaign.job(&record, Check::RenderOnly) {
@@ -346,65 +480,24 @@ async fn publish_rows(
             })
             .await;
         span.end(published.as_ref().err());
-        published.with_context(|| format!("while publishing the jobs of {}", path.display()))?;
-        progress.set(publisher.confirmed());
-    }
-    publisher
-        .flush()
-        .await
-        .with_context(|| format!("while publishing the jobs of {}", path.display()))?;
-    progress.set(publisher.confirmed());
-    progress.finish();
-    Ok(publisher.confirmed())
-}
-
-/// After a stop signal: wait (at most [`CONFIRM_GRACE`]) for the confirms of what was
-/// published, and say how far publishing got. Every job counted is confirmed, so it is in
-/// the queue; without confirms within the grace, up to the window more may be.
-async fn interrupted(publisher: &mut Publisher, valid: u64) -> Interrupted {
-    let unconfirmed = match tokio::time::timeout(CONFIRM_GRACE, publisher.flush()).await {
-        Ok(Ok(())) => String::new(),
-        Ok(Err(e)) => format!(" ({e}: the unconfirmed jobs may or may not be in the queue)"),
-        Err(_) => format!(
-            " (no confirm within {CONFIRM_GRACE:?}: up to {CONFIRM_WINDOW} more jobs may be \
-             in the queue)"
-        ),
+        checkpoint.confirmed(publisher.confirmed());
+        if let Err(error) = published {
+            break Some(Stopped::Publishing(error));
+        }
+        checkpoint.published(line);
+        progress.set(before_start + publisher.confirmed());
     };
-    Interrupted(format!(
-        "interrupted by a stop signal: published {} of {valid} jobs, each confirmed by the \
-         broker{unconfirmed}; the rest of the file was not published and no campaign \
-         summary was sent",
-        publisher.confirmed()
-    ))
-}
-
-/// Write the campaign's summary into the event log, where `watch` and `status` learn how
-/// many jobs make the campaign complete.
-async fn publish_summary(
-    publisher: &mut Publisher,
-    topology: &Topology,
-    summary: &CampaignSummary,
-) -> anyhow::Result<()> {
-    let properties = BasicProperties::default()
-        .with_type(SUMMARY_KIND.into())
-        .with_delivery_mode(PERSISTENT)
-        .with_headers(summary.to_headers());
-    publisher
-        .publish(Outgoing {
-            tag: 0,
-            id: format!("the summary of campaign {}", summary.campaign),
-            exchange: "".into(),
-            routing_key: topology.events_log().into(),
-            properties,
-            body: Vec::new(),
-        })
-        .await
-        .context("cannot publish the campaign summary")?;
-    publisher
-        .flush()
-        .await
-        .context("cannot publish the campaign summary")?;
-    Ok(())
+    let stopped = match stopped {
+        Some(stopped) => Some(stopped),
+        None => publisher.flush().await.err().map(Stopped::Publishing),
+    };
+    checkpoint.confirmed(publisher.confirmed());
+    progress.set(before_start + publisher.confirmed());
+    progress.finish();
+    Ok(Ended {
+        before_start,
+        stopped,
+    })
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use crate::exit::Status;
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Counts {
     pub campaign: String,
-    /// Jobs published, from the campaign's summary; `None` when the log holds no summary
-    /// (a campaign published by another service, or a `send` that was interrupted).
+    /// Jobs published, from the campaign's summaries; `None` when the log holds none (a
+    /// campaign published by another service, or a `send` that lost its broker).
     pub published: Option<u64>,
     pub delivered: u64,
     /// Jobs waiting in a retry step now (their last event was a deferral).
@@ -149,11 +149,29 @@ impl Tally {
         }
     }
 
-    /// The campaign's summary (a later one, from a second `send` of the same campaign id,
-    /// adds its jobs).
+    /// One of the campaign's summaries, in log order.
+    ///
+    /// - A plain `send`'s summary (a first send, or a second one with `--force`) adds its
+    ///   jobs to what earlier summaries counted.
+    /// - A continued send's summary (`send --start-line`, [`CampaignSummary::start_line`])
+    ///   counts the campaign's jobs across its runs: the rows before its start line (which
+    ///   the interrupted run published) plus its own. It replaces the count, so that a
+    ///   run interrupted by the broker's loss, which wrote no summary, still gets its jobs
+    ///   counted once.
+    /// - An interrupted send's summary ([`CampaignSummary::confirmed_through_line`]) counts
+    ///   what it published, and the campaign stays incomplete until a later summary of a
+    ///   run that ended.
     pub fn on_summary(&mut self, summary: CampaignSummary) {
         match &mut self.summary {
-            Some(known) => known.published += summary.published,
+            Some(known) => {
+                known.published = if summary.start_line.is_some() {
+                    summary.published
+                } else {
+                    known.published + summary.published
+                };
+                known.start_line = summary.start_line;
+                known.confirmed_through_line = summary.confirmed_through_line;
+            }
             None => self.summary = Some(summary),
         }
     }
@@ -207,9 +225,9 @@ impl Tally {
 
     /// True once the number of jobs is known and every job has a final outcome.
     pub fn is_complete(&self) -> bool {
-        self.summary
-            .as_ref()
-            .is_some_and(|summary| self.finished_jobs() >= summary.published)
+        self.summary.as_ref().is_some_and(|summary| {
+            summary.confirmed_through_line.is_none() && self.finished_jobs() >= summary.published
+        })
     }
 
     /// The counts as they stand.
@@ -266,7 +284,55 @@ mod tests {
             published,
             relay: "primary".into(),
             started_at: "2026-11-28T11:00:00Z".into(),
+            start_line: None,
+            confirmed_through_line: None,
         }
+    }
+
+    #[test]
+    fn a_continued_campaign_expects_the_total_of_its_runs() {
+        use EventOutcome::Delivered;
+        // Interrupted after lines 2..=4 (3 jobs), continued from line 5 (2 more jobs).
+        let mut tally = Tally::new("c1", i64::MAX);
+        tally.on_summary(CampaignSummary {
+            confirmed_through_line: Some(4),
+            ..summary(3)
+        });
+        for line in 2..=4 {
+            tally.on_event(&event(&format!("c1-{line}"), Delivered));
+        }
+        assert!(
+            !tally.is_complete(),
+            "an interrupted run does not end the campaign"
+        );
+        assert_eq!(tally.counts().published, Some(3));
+        tally.on_summary(CampaignSummary {
+            start_line: Some(5),
+            ..summary(5)
+        });
+        assert_eq!(tally.counts().published, Some(5), "the total, not 3 + 5");
+        tally.on_event(&event("c1-5", Delivered));
+        assert!(!tally.is_complete());
+        tally.on_event(&event("c1-6", Delivered));
+        assert!(tally.is_complete());
+
+        // Interrupted by the broker's loss (no summary), then continued: the same total.
+        let mut tally = Tally::new("c1", i64::MAX);
+        tally.on_summary(CampaignSummary {
+            start_line: Some(5),
+            ..summary(5)
+        });
+        for line in 2..=6 {
+            assert!(!tally.is_complete());
+            tally.on_event(&event(&format!("c1-{line}"), Delivered));
+        }
+        assert!(tally.is_complete());
+
+        // A second plain send (--force) adds its jobs.
+        let mut tally = Tally::new("c1", i64::MAX);
+        tally.on_summary(summary(2));
+        tally.on_summary(summary(3));
+        assert_eq!(tally.counts().published, Some(5));
     }
 
     #[test]

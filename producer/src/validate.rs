@@ -57,21 +57,29 @@ pub enum ValidationError {
     ThreadFailed(String),
 }
 
-/// Render and validate every remaining row of `reader` on `threads` worker threads.
-/// `on_problem` sees each invalid row in file order; `on_progress` the rows checked so far.
+/// What the first pass tells its caller, in file order.
+pub trait Observer {
+    /// An invalid row.
+    fn problem(&mut self, problem: &RowError);
+    /// A valid row (for instance to find duplicate addresses).
+    fn valid(&mut self, _record: &RawRecord) {}
+    /// How many rows were checked so far.
+    fn progress(&mut self, _rows: u64) {}
+}
+
+/// Render and validate every remaining row of `reader` on `threads` worker threads; the
+/// observer sees each row's verdict in file order.
 pub fn validate_rows<R: BufRead + Send>(
     reader: CampaignReader<R>,
     threads: usize,
-    on_problem: impl FnMut(&RowError),
-    on_progress: impl FnMut(u64),
+    observer: &mut dyn Observer,
 ) -> Result<Validation, ValidationError> {
     let campaign = reader.campaign().clone();
     check_rows(
         reader,
         threads,
         &|record: &RawRecord| campaign.job(record, Check::Full).err(),
-        on_problem,
-        on_progress,
+        observer,
     )
 }
 
@@ -84,8 +92,7 @@ fn check_rows<R: BufRead + Send>(
     mut reader: CampaignReader<R>,
     threads: usize,
     check: &(dyn Fn(&RawRecord) -> Option<RowError> + Sync),
-    mut on_problem: impl FnMut(&RowError),
-    mut on_progress: impl FnMut(u64),
+    observer: &mut dyn Observer,
 ) -> Result<Validation, ValidationError> {
     let threads = threads.max(1);
     // In the work queue, in the workers, being filled, waiting to be reported in order.
@@ -191,13 +198,20 @@ fn check_rows<R: BufRead + Send>(
             waiting.insert(checked.seq, checked);
             while let Some(checked) = waiting.remove(&next) {
                 next += 1;
-                for problem in &checked.problems {
-                    on_problem(problem);
-                    validation.invalid_lines.push(problem.line);
+                // Both in file order: a row is valid unless the next problem is its own.
+                let mut problems = checked.problems.iter().peekable();
+                for record in &checked.batch[..checked.len] {
+                    match problems.next_if(|problem| problem.line == record.line()) {
+                        Some(problem) => {
+                            observer.problem(problem);
+                            validation.invalid_lines.push(problem.line);
+                        }
+                        None => observer.valid(record),
+                    }
                 }
                 validation.valid += (checked.len - checked.problems.len()) as u64;
                 checked_rows += checked.len as u64;
-                on_progress(checked_rows);
+                observer.progress(checked_rows);
                 let _ = free_tx.send(checked.batch);
             }
         }
@@ -262,6 +276,26 @@ mod tests {
         .unwrap()
     }
 
+    /// Everything the pass reported.
+    #[derive(Default)]
+    struct Seen {
+        problems: Vec<u64>,
+        valid: Vec<u64>,
+        progress: u64,
+    }
+
+    impl Observer for Seen {
+        fn problem(&mut self, problem: &RowError) {
+            self.problems.push(problem.line);
+        }
+        fn valid(&mut self, record: &RawRecord) {
+            self.valid.push(record.line());
+        }
+        fn progress(&mut self, rows: u64) {
+            self.progress = rows;
+        }
+    }
+
     #[test]
     fn reports_every_problem_in_file_order_whatever_the_threads() {
         let mut csv = b"email,name\n".to_vec();
@@ -278,20 +312,15 @@ mod tests {
                 csv.extend_from_slice(format!("r{i}@example.org,N{i}\n").as_bytes());
             }
         }
+        let good: Vec<u64> = (2..5002).filter(|line| !bad.contains(line)).collect();
         for threads in [1, 2, 4] {
-            let mut reported = Vec::new();
-            let mut last_progress = 0;
-            let validation = validate_rows(
-                reader(csv.clone()),
-                threads,
-                |problem| reported.push(problem.line),
-                |rows| last_progress = rows,
-            )
-            .unwrap();
-            assert_eq!(reported, bad, "{threads} threads");
+            let mut seen = Seen::default();
+            let validation = validate_rows(reader(csv.clone()), threads, &mut seen).unwrap();
+            assert_eq!(seen.problems, bad, "{threads} threads");
+            assert_eq!(seen.valid, good, "{threads} threads");
             assert_eq!(validation.invalid_lines, bad);
             assert_eq!(validation.valid, 5000 - bad.len() as u64);
-            assert_eq!(last_progress, 5000);
+            assert_eq!(seen.progress, 5000);
         }
     }
 
@@ -309,7 +338,7 @@ mod tests {
             let (done_tx, done_rx) = mpsc::channel();
             let csv = csv.clone();
             std::thread::spawn(move || {
-                let result = check_rows(reader(csv), threads, &check, |_| {}, |_| {});
+                let result = check_rows(reader(csv), threads, &check, &mut Seen::default());
                 let _ = done_tx.send(result);
             });
             let result = done_rx
@@ -327,7 +356,7 @@ mod tests {
     #[test]
     fn an_empty_body_is_valid_and_empty() {
         let validation =
-            validate_rows(reader(b"email,name\n".to_vec()), 2, |_| {}, |_| {}).unwrap();
+            validate_rows(reader(b"email,name\n".to_vec()), 2, &mut Seen::default()).unwrap();
         assert_eq!(validation, Validation::default());
     }
 }

@@ -69,7 +69,7 @@ pub async fn follow(
     since: Since<'_>,
     timeout: Option<Duration>,
 ) -> anyhow::Result<Followed> {
-    let shutdown = sluice_shared::shutdown::Shutdown::on_signals();
+    let stop = crate::checkpoint::Stop::on_signals();
     let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
     let mut reader = LogReader::open(settings, campaign, since).await?;
     let mut tally = Tally::new(campaign, i64::MAX);
@@ -86,11 +86,14 @@ pub async fn follow(
             }
         };
         tokio::select! {
-            _ = shutdown.wait() => {
-                break Err(Interrupted(format!(
-                    "interrupted ({}); nothing was changed, run watch again to follow on",
-                    tally.counts()
-                ))
+            signal = stop.wait() => {
+                break Err(Interrupted {
+                    signal,
+                    message: format!(
+                        "interrupted ({}); nothing was changed, run watch again to follow on",
+                        tally.counts()
+                    ),
+                }
                 .into());
             }
             _ = timed_out => break Ok(Followed::TimedOut(tally.counts())),

@@ -123,12 +123,22 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<DeliveryEvent>, serde_json::Error>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CampaignSummary {
     pub campaign: String,
-    /// How many jobs were published (each confirmed by the broker).
+    /// How many jobs were published (each confirmed by the broker); after a continued send
+    /// (see `start_line`), how many the campaign's runs published together.
     pub published: u64,
     /// The relay they were published for.
     pub relay: String,
     /// When publishing started (RFC 3339).
     pub started_at: String,
+    /// Set by a `send --start-line L` that continued an interrupted send: the lines before
+    /// `L` were published by the earlier run, and `published` is the campaign's total
+    /// across both runs (so this summary replaces the earlier ones rather than adding to
+    /// them).
+    pub start_line: Option<u64>,
+    /// Set by a `send` that a stop signal interrupted: every row up to this line of the
+    /// file is confirmed and nothing after it was published; `published` counts those jobs
+    /// and the campaign is not complete until a `send --start-line <line + 1>` continues it.
+    pub confirmed_through_line: Option<u64>,
 }
 
 /// Header names of a [`CampaignSummary`].
@@ -137,6 +147,11 @@ pub mod summary_headers {
     pub const PUBLISHED: &str = "x-sluice-expected";
     /// When publishing started.
     pub const STARTED_AT: &str = "x-sluice-started-at";
+    /// The line a continued send started at (absent on a send from the first row).
+    pub const START_LINE: &str = "x-sluice-start-line";
+    /// The line through which an interrupted send confirmed every row (absent when the
+    /// send ran to its end).
+    pub const CONFIRMED_THROUGH_LINE: &str = "x-sluice-confirmed-through-line";
 }
 
 impl CampaignSummary {
@@ -152,6 +167,17 @@ impl CampaignSummary {
         );
         set_str(&mut table, RELAY, &self.relay);
         set_str(&mut table, summary_headers::STARTED_AT, &self.started_at);
+        for (name, line) in [
+            (summary_headers::START_LINE, self.start_line),
+            (
+                summary_headers::CONFIRMED_THROUGH_LINE,
+                self.confirmed_through_line,
+            ),
+        ] {
+            if let Some(line) = line {
+                set_int(&mut table, name, i64::try_from(line).unwrap_or(i64::MAX));
+            }
+        }
         table
     }
 
@@ -165,6 +191,9 @@ impl CampaignSummary {
                 .max(0) as u64,
             relay: get_str(headers, RELAY).unwrap_or_default(),
             started_at: get_str(headers, summary_headers::STARTED_AT).unwrap_or_default(),
+            start_line: get_int(headers, summary_headers::START_LINE).map(|l| l.max(0) as u64),
+            confirmed_through_line: get_int(headers, summary_headers::CONFIRMED_THROUGH_LINE)
+                .map(|l| l.max(0) as u64),
         })
     }
 }
@@ -214,10 +243,21 @@ mod tests {
             published: 1_000_000,
             relay: "primary".into(),
             started_at: "2026-12-04T10:00:00Z".into(),
+            start_line: None,
+            confirmed_through_line: None,
         };
         assert_eq!(
             CampaignSummary::from_headers(Some(&summary.to_headers())),
-            Some(summary)
+            Some(summary.clone())
+        );
+        let resumed = CampaignSummary {
+            start_line: Some(5002),
+            confirmed_through_line: Some(9000),
+            ..summary
+        };
+        assert_eq!(
+            CampaignSummary::from_headers(Some(&resumed.to_headers())),
+            Some(resumed)
         );
         assert_eq!(CampaignSummary::from_headers(None), None);
     }

@@ -220,7 +220,7 @@ async fn skip_invalid_publishes_the_valid_rows_and_still_lists_the_others() {
     assert_eq!(run.reported_lines(), vec![3, 4, 5, 7, 8], "{}", run.stderr);
     assert_eq!(
         run.json(),
-        serde_json::json!({"published": 3, "skipped": 5, "campaign": "mixed"})
+        serde_json::json!({"published": 3, "skipped": 5, "duplicates": 0, "campaign": "mixed"})
     );
     assert_eq!(
         run.stdout.lines().count(),
@@ -268,7 +268,7 @@ async fn config_is_accepted_before_or_after_the_subcommand() {
     before.expect_code(0);
     assert_eq!(
         before.json(),
-        serde_json::json!({"published": 1, "skipped": 0, "campaign": "before"})
+        serde_json::json!({"published": 1, "skipped": 0, "duplicates": 0, "campaign": "before"})
     );
     after.expect_code(0);
     assert_eq!(after.last_line(), "published 1 jobs");
@@ -715,7 +715,7 @@ async fn sigterm_mid_publish_stops_reports_how_far_it_got_and_the_queue_agrees()
     .expect("the producer stopped within 60 s of SIGTERM")
     .expect("join");
 
-    run.expect_code(130);
+    run.expect_code(143);
     let published = published_of(&run.stderr, rows)
         .unwrap_or_else(|| panic!("no 'published N of {rows} jobs' in:\n{}", run.stderr));
     assert!(
