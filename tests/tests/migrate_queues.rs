@@ -197,3 +197,52 @@ async fn old_queues_are_refused_by_name_then_migrated_with_every_message_in_orde
     let ids: Vec<String> = dead_left.iter().map(|m| m.message_id().unwrap()).collect();
     assert_eq!(ids, ["d-1", "d-2"]);
 }
+
+#[tokio::test]
+async fn a_control_stream_of_an_older_retention_is_refused_then_recreated() {
+    let env = ProducerEnv::new("migctl").await;
+    let t = &env.ns.topology;
+    let channel = env.ns.connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(t.control().as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the new stream");
+    // What the previous version declared: a day of pushback changes.
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("stream"));
+    args.insert("x-max-age".into(), long("1D"));
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongInt(1024 * 1024),
+    );
+    channel
+        .queue_declare(
+            t.control().as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .expect("declare the old stream");
+    let spec = t.control_spec();
+    let refused = t.check_queue(&env.ns.connection, &spec).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.is_mismatch()),
+        "{refused:?}"
+    );
+
+    env.run(&["migrate-queues", "--yes"]).expect_code(0);
+    assert!(matches!(
+        t.check_queue(&env.ns.connection, &spec).await,
+        Ok(QueueState::Matches { .. })
+    ));
+    // Steering works on it.
+    env.run(&["relay", "suspend", "primary", "--for", "1m"])
+        .expect_code(0);
+    let status = env.run(&["relay", "status", "--json"]);
+    status.expect_code(0);
+    assert!(
+        status.stdout.contains(r#""state":"suspended""#),
+        "{}",
+        status.stdout
+    );
+}
