@@ -18,7 +18,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use sluice_shared::amqp::topology::{QueueSpec, QueueState, TopologyError};
@@ -27,7 +27,7 @@ use sluice_shared::{Settings, Topology};
 use crate::cli::MigrateArgs;
 use crate::exit::{Status, UsageError};
 use crate::prompt::confirm;
-use crate::queues::inspect;
+use crate::queues::{delete_queue, inspect};
 use crate::relays::{check_relay_name, DEFAULT_RELAY};
 use crate::transfer::{kept_properties, Transfer};
 
@@ -155,12 +155,7 @@ async fn recreate_control_stream(
                  workers learn again)",
                 spec.name
             );
-            let channel = connection.create_channel().await?;
-            channel
-                .queue_delete(spec.name.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .with_context(|| format!("cannot delete {}", spec.name))?;
-            let _ = channel.close(200, "deleted".into()).await;
+            delete_queue(connection, &spec.name).await?;
             declare(connection, topology, &spec).await?;
             Ok(true)
         }
@@ -319,7 +314,6 @@ async fn unbind_temporary(
     Ok(())
 }
 
-/// A queue as the broker sees it now (a passive declaration), `None` when it does not exist.
 async fn exists(connection: &Connection, queue: &str) -> anyhow::Result<bool> {
     Ok(inspect(connection, queue).await?.is_some())
 }
@@ -339,13 +333,7 @@ async fn delete(connection: &Connection, queue: &str) -> anyhow::Result<()> {
             declared.consumer_count()
         );
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await
-        .with_context(|| format!("cannot delete {queue}"))?;
-    let _ = channel.close(200, "deleted".into()).await;
-    Ok(())
+    delete_queue(connection, queue).await
 }
 
 #[cfg(test)]

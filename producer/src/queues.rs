@@ -3,7 +3,7 @@
 //! place the producer looks at a queue that way.
 
 use anyhow::Context as _;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use sluice_shared::{Priority, Settings, Topology};
@@ -91,4 +91,18 @@ pub async fn ready_jobs(connection: &Connection, queue: &str) -> anyhow::Result<
     Ok(inspect(connection, queue)
         .await?
         .map(|declared| declared.message_count()))
+}
+
+/// Delete `queue`, whatever it holds: the caller checked that it may go.
+pub async fn delete_queue(connection: &Connection, queue: &str) -> anyhow::Result<()> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .with_context(|| format!("cannot delete {queue}"))?;
+    let _ = channel.close(200, "deleted".into()).await;
+    Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use sluice_shared::control::{now_ms, CampaignState, Change};
@@ -28,7 +28,7 @@ use crate::exit::{Status, UsageError};
 use crate::log::{campaign_is_known, unknown_campaign};
 use crate::prompt::confirm;
 use crate::publish::{Outgoing, Publisher, Setup};
-use crate::queues::ready_jobs;
+use crate::queues::{delete_queue, inspect, ready_jobs};
 use crate::transfer::{kept_properties, Transfer};
 
 /// How long every worker takes at most to follow a control entry (the contract's bound).
@@ -466,16 +466,19 @@ fn job_id(delivery: &Delivery) -> String {
         .map_or_else(|| "unknown".to_string(), |id| id.to_string())
 }
 
-/// Delete an empty hold queue nobody consumes; leave one that is not.
+/// Delete an empty hold queue nobody consumes; leave one that is not (a job a late worker
+/// held: the next `resume` or `cancel` takes it). A quorum queue counts a message taken and
+/// acknowledged a moment ago for a little while: the count is read a few times.
 async fn delete_if_idle(connection: &Connection, queue: &str) -> anyhow::Result<()> {
-    if ready_jobs(connection, queue).await? != Some(0) {
-        return Ok(());
+    for _ in 0..10 {
+        match inspect(connection, queue).await? {
+            None => return Ok(()),
+            Some(q) if q.message_count() == 0 && q.consumer_count() == 0 => {
+                return delete_queue(connection, queue).await;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await
-        .with_context(|| format!("cannot delete {queue}"))?;
-    let _ = channel.close(200, "deleted".into()).await;
+    eprintln!("{queue} is not empty: a worker held a job late; run the command again to move it");
     Ok(())
 }

@@ -142,6 +142,14 @@ async fn pause_stops_one_campaign_within_3_s_the_other_keeps_the_full_rate_and_r
     let status = producer(&app, &["status", "--campaign", "spring", "--json"]);
     status.expect_code(0);
     assert_eq!(status.json()["state"], "paused", "{}", status.stdout);
+    let relays = producer(&app, &["relay", "status", "--json"]);
+    relays.expect_code(0);
+    let primary = relays.json();
+    assert_eq!(primary["relay"], "primary");
+    assert_eq!(primary["state"], "up");
+    let slots = primary["slots_in_use"].as_u64().expect("slots_in_use");
+    assert!((1..=4).contains(&slots), "{}", relays.stdout);
+    assert!(primary["queued_normal"].as_u64().expect("queued_normal") > 0);
 
     // Autumn finishes; spring's remaining jobs are all in the hold queue, none left queued.
     wait_until(

@@ -148,8 +148,13 @@ impl RefusalStreak {
                     Some(format!("{code} {status}"))
                 }
             }
-            // Deferrals neither make nor break a streak; anything else breaks it.
-            Outcome::Deferred { .. } => return false,
+            // Deferrals neither make nor break a streak, nor do jobs never attempted (held,
+            // cancelled, expired, not yet due); anything else breaks it.
+            Outcome::Deferred { .. }
+            | Outcome::Paused
+            | Outcome::Cancelled
+            | Outcome::Expired
+            | Outcome::NotYet { .. } => return false,
             _ => None,
         };
         let Some(key) = key else {

@@ -193,25 +193,22 @@ fn follow(relays: &Relays, steering: &RwLock<Steering>, change: &Change) {
     match change {
         Change::Suspend {
             until_ms, reason, ..
-        } => {
-            let left = until_ms.saturating_sub(now_ms());
-            if left > 0 {
-                relay
-                    .health
-                    .mark_down_for(&format!("suspended: {reason}"), Duration::from_millis(left));
-            }
         }
-        Change::Unsuspend { .. } => relay.health.resume(),
-        Change::Down {
+        | Change::Down {
             until_ms, reason, ..
         } => {
             let left = until_ms.saturating_sub(now_ms());
             if left > 0 {
+                let why = match change {
+                    Change::Suspend { .. } => format!("suspended: {reason}"),
+                    _ => reason.clone(),
+                };
                 relay
                     .health
-                    .mark_down_for(reason, Duration::from_millis(left));
+                    .mark_down_for(&why, Duration::from_millis(left));
             }
         }
+        Change::Unsuspend { .. } => relay.health.resume(),
         change => {
             relay.limits.apply(change);
         }

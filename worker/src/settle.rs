@@ -539,13 +539,7 @@ impl Settler {
                 let mut carried = self.carried_headers(incoming, info, outcome, &now);
                 headers::set_int(&mut carried, headers::ATTEMPT, attempt.next);
                 headers::set_int(&mut carried, STEP, *step as i64);
-                let queue = self
-                    .topology
-                    .class_retry_queue(&self.relay, self.class, *step);
-                let expiration = delay.as_millis().to_string();
-                self.publisher
-                    .copy(delivery, &queue, carried, Some(expiration))
-                    .await?;
+                self.wait_in_step(delivery, *step, *delay, carried).await?;
                 true
             }
             Action::SetAside { reason } => {
@@ -559,13 +553,7 @@ impl Settler {
             Action::Wait { step, delay } => {
                 // Not an attempt: the attempt and step headers stay as they were.
                 let carried = self.where_from(incoming);
-                let queue = self
-                    .topology
-                    .class_retry_queue(&self.relay, self.class, *step);
-                let expiration = delay.as_millis().to_string();
-                self.publisher
-                    .copy(delivery, &queue, carried, Some(expiration))
-                    .await?;
+                self.wait_in_step(delivery, *step, *delay, carried).await?;
                 true
             }
             Action::Hold => {
@@ -643,6 +631,23 @@ impl Settler {
             .await?;
         }
         Ok(())
+    }
+
+    /// Copy the delivery into retry step `step` of its class, to come back after `delay`.
+    async fn wait_in_step(
+        &self,
+        delivery: &Delivery,
+        step: usize,
+        delay: Duration,
+        carried: FieldTable,
+    ) -> Result<(), SettleError> {
+        let queue = self
+            .topology
+            .class_retry_queue(&self.relay, self.class, step);
+        let expiration = delay.as_millis().to_string();
+        self.publisher
+            .copy(delivery, &queue, carried, Some(expiration))
+            .await
     }
 
     /// Copy a job of a paused campaign into the campaign's hold queue, declared the first
