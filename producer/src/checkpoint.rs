@@ -17,31 +17,12 @@ use tokio::sync::watch;
 use sluice_shared::events::CampaignSummary;
 use sluice_shared::Topology;
 
-use crate::exit::Interrupted;
+use crate::exit::{Interrupted, StopSignal};
 use crate::publish::{PublishError, Publisher};
 use crate::summaries;
 
 /// How long a stop signal waits for the confirms of what was published before it.
 pub const CONFIRM_GRACE: Duration = Duration::from_secs(30);
-
-/// The signal that stopped a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopSignal {
-    /// SIGINT (Ctrl-C): exit 130.
-    Interrupt,
-    /// SIGTERM: exit 143.
-    Terminate,
-}
-
-impl StopSignal {
-    /// Its name, as `kill -l` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            StopSignal::Interrupt => "SIGINT",
-            StopSignal::Terminate => "SIGTERM",
-        }
-    }
-}
 
 /// The first SIGINT or SIGTERM received, once listening started; until then the signals
 /// keep their default action (the process ends).

@@ -196,7 +196,7 @@ pub struct SendArgs {
     /// (validate, then publish), so it must be a regular file. Limits: 1 MiB per field,
     /// 2 MiB per record (all its fields), 10 MiB rendered per row; a row over one is
     /// reported as 'line N: ...'. Whatever the file, send stays under about 200 MiB of memory,
-    /// plus about 32 bytes per row for finding duplicate addresses (see --dedupe).
+    /// plus about 26 bytes per row for finding duplicate addresses (see --dedupe).
     #[arg(long, value_name = "FILE.csv")]
     pub recipients: PathBuf,
 
@@ -278,8 +278,8 @@ pub struct SendArgs {
 
     /// Send one job per address: a row whose email (trimmed, case ignored) an earlier row
     /// has is skipped. Without it such rows are sent too; either way each is reported as
-    /// 'line N: duplicate of line M (address)'. Finding them keeps about 32 bytes per row
-    /// in memory (32 MiB for a million rows).
+    /// 'line N: duplicate of line M (address)'. Finding them keeps about 26 bytes per row
+    /// in memory (26 MiB for a million rows).
     #[arg(long)]
     pub dedupe: bool,
 

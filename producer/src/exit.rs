@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use crate::checkpoint::StopSignal;
 
 /// A command that ran to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +31,25 @@ pub struct InvalidInput(pub String);
 pub struct Interrupted {
     pub signal: StopSignal,
     pub message: String,
+}
+
+/// The signal that stopped a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C): exit 130.
+    Interrupt,
+    /// SIGTERM: exit 143.
+    Terminate,
+}
+
+impl StopSignal {
+    /// Its name, as `kill -l` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
 }
 
 /// Exit code of a command line usage error, as clap uses.

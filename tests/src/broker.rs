@@ -25,9 +25,17 @@ pub struct TestNamespace {
     pub channel: Channel,
     relays: Vec<String>,
     retry_steps: usize,
+    /// Queues a test made the binaries create beyond the topology (hold queues).
+    extra_queues: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestNamespace {
+    /// Delete `queue` too when the namespace goes (a hold queue a test made a campaign's
+    /// pause create, for instance).
+    pub fn delete_on_drop(&self, queue: String) {
+        self.extra_queues.lock().expect("lock").push(queue);
+    }
+
     /// A fresh namespace `t-<tag>-<random>`; declares the topology for `relays`.
     pub async fn new(tag: &str, relays: &[&str], retry_steps: usize) -> Self {
         Self::new_at(AMQP_URL, tag, relays, retry_steps).await
@@ -74,6 +82,7 @@ impl TestNamespace {
             channel,
             relays: relays.iter().map(|r| r.to_string()).collect(),
             retry_steps,
+            extra_queues: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -355,6 +364,7 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let mut queues = vec![self.topology.events_log(), self.topology.control()];
+        queues.extend(self.extra_queues.lock().map(|q| q.clone()).unwrap_or_default());
         for relay in &self.relays {
             queues.push(self.topology.dead_queue(relay));
             for class in sluice_shared::Priority::ALL {

@@ -44,7 +44,14 @@ async fn publish_campaigns(ns: &TestNamespace, relay: &str, campaigns: &[&str], 
     ns.publish_bodies(relay, &bodies).await;
 }
 
+/// Run `sluice-producer <args>` with the app's config. A campaign it pauses gets a hold
+/// queue, deleted with the namespace.
 fn producer(app: &TestApp, args: &[&str]) -> Run {
+    if let Some(at) = args.iter().position(|a| *a == "--campaign") {
+        if let Some(campaign) = args.get(at + 1) {
+            app.ns.delete_on_drop(app.ns.topology.hold_queue(campaign));
+        }
+    }
     Run::from(run_producer(&app.config.path, args))
 }
 
