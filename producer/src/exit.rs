@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-
 /// A command that ran to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {

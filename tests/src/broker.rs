@@ -364,7 +364,12 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let mut queues = vec![self.topology.events_log(), self.topology.control()];
-        queues.extend(self.extra_queues.lock().map(|q| q.clone()).unwrap_or_default());
+        queues.extend(
+            self.extra_queues
+                .lock()
+                .map(|q| q.clone())
+                .unwrap_or_default(),
+        );
         for relay in &self.relays {
             queues.push(self.topology.dead_queue(relay));
             for class in sluice_shared::Priority::ALL {
