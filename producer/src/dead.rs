@@ -368,13 +368,19 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
                 })
                 .await
                 .with_context(|| format!("while replaying the dead jobs of {relay}"))?;
-            replayed += ack_confirmed(&mut publisher, &transfer).await?;
+            replayed += transfer
+                .ack_confirmed(&mut publisher)
+                .await
+                .context("cannot remove replayed jobs from the dead queue")?;
         }
         publisher
             .flush()
             .await
             .with_context(|| format!("while replaying the dead jobs of {relay}"))?;
-        replayed += ack_confirmed(&mut publisher, &transfer).await?;
+        replayed += transfer
+            .ack_confirmed(&mut publisher)
+            .await
+            .context("cannot remove replayed jobs from the dead queue")?;
         publisher.close().await;
         transfer.close().await;
     }
@@ -401,18 +407,6 @@ pub async fn replay(settings: &Settings, args: DeadReplayArgs) -> anyhow::Result
         );
     }
     Ok(Status::Success)
-}
-
-/// A dead job leaves its queue only once its copy is confirmed.
-async fn ack_confirmed(publisher: &mut Publisher, transfer: &Transfer) -> anyhow::Result<u64> {
-    let tags: Vec<u64> = publisher.drain_confirmed().collect();
-    for &tag in &tags {
-        transfer
-            .ack_tag(tag)
-            .await
-            .context("cannot remove a replayed job from the dead queue")?;
-    }
-    Ok(tags.len() as u64)
 }
 
 /// `dead purge`: without a filter the queue is purged at once; with one, the matching jobs

@@ -357,22 +357,13 @@ async fn resume_held(hold: &Hold<'_>, resumed_at: u64) -> anyhow::Result<u64> {
                 body: delivery.data,
             })
             .await?;
-        moved += ack_confirmed(&mut publisher, &transfer).await?;
+        moved += transfer.ack_confirmed(&mut publisher).await?;
     }
     publisher.flush().await?;
-    moved += ack_confirmed(&mut publisher, &transfer).await?;
+    moved += transfer.ack_confirmed(&mut publisher).await?;
     publisher.close().await;
     transfer.close().await;
     Ok(moved)
-}
-
-/// A held job leaves the hold queue only once its copy is confirmed.
-async fn ack_confirmed(publisher: &mut Publisher, transfer: &Transfer) -> anyhow::Result<u64> {
-    let tags: Vec<u64> = publisher.drain_confirmed().collect();
-    for &tag in &tags {
-        transfer.ack_tag(tag).await?;
-    }
-    Ok(tags.len() as u64)
 }
 
 /// End every held job with a `cancelled` event: the events of a batch are confirmed before
@@ -393,7 +384,7 @@ async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
     let mut left = count;
     while left > 0 {
         let mut batch = Vec::new();
-        let mut tags = Vec::new();
+        let mut last_tag = None;
         while batch.len() < CANCEL_BATCH && left > 0 {
             let Some(delivery) = transfer.take(&hold.queue).await? else {
                 left = 0;
@@ -401,7 +392,7 @@ async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
             };
             left -= 1;
             batch.push(cancelled_event(&delivery, hold.campaign));
-            tags.push(delivery.delivery_tag);
+            last_tag = Some(delivery.delivery_tag);
         }
         if batch.is_empty() {
             break;
@@ -425,8 +416,8 @@ async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
             .await
             .context("no confirm from the broker for cancelled events")?;
         anyhow::ensure!(confirm.is_ack(), "the broker refused the cancelled events");
-        for tag in tags {
-            transfer.ack_tag(tag).await?;
+        if let Some(last_tag) = last_tag {
+            transfer.ack_through(last_tag).await?;
         }
         cancelled += batch.len() as u64;
     }

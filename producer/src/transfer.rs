@@ -6,12 +6,19 @@
 //! nack, no requeue) in the normal course, so a quorum queue's `x-delivery-count` does not
 //! grow and a delivery limit is never approached; only the one message in flight when an
 //! interruption closes the channel goes back.
+//!
+//! Copies published through a [`Publisher`] window are acknowledged with one `multiple` ack
+//! per confirmed run ([`Transfer::ack_confirmed`]), never a burst of single acks: a quorum
+//! queue holds back a burst of settlements and forgets what it held back when the channel
+//! closes (rabbitmq-server#10327), so those originals would come back beside their copies.
 
 use anyhow::Context as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
+
+use crate::publish::Publisher;
 
 /// The broker's own count of a quorum queue message's earlier deliveries: it belongs to the
 /// copy it was counted for, not to a new one.
@@ -96,15 +103,37 @@ impl Transfer {
 
     /// Acknowledge (remove) `original` without a copy.
     pub async fn ack(&self, original: &Delivery) -> anyhow::Result<()> {
-        self.ack_tag(original.delivery_tag).await
-    }
-
-    /// Acknowledge the message taken with `delivery_tag`, whose copy was confirmed elsewhere.
-    pub async fn ack_tag(&self, delivery_tag: u64) -> anyhow::Result<()> {
         self.take
-            .basic_ack(delivery_tag, BasicAckOptions::default())
+            .basic_ack(original.delivery_tag, BasicAckOptions::default())
             .await
             .context("cannot acknowledge a message")
+    }
+
+    /// Acknowledge the messages whose copies `publisher` confirmed since the last call, and
+    /// return how many. `publisher` must carry the take tags (`keep_tags`) of messages
+    /// published in the order they were taken, and every message taken before them must be
+    /// acknowledged already: then one `multiple` ack up to the last confirmed tag removes
+    /// exactly those.
+    pub async fn ack_confirmed(&self, publisher: &mut Publisher) -> anyhow::Result<u64> {
+        let mut confirmed = 0;
+        let mut last = None;
+        for tag in publisher.drain_confirmed() {
+            confirmed += 1;
+            last = Some(tag);
+        }
+        if let Some(last) = last {
+            self.ack_through(last).await?;
+        }
+        Ok(confirmed)
+    }
+
+    /// Acknowledge every message taken so far up to `delivery_tag` in one `multiple` ack
+    /// (one settlement, see the module's note on bursts of single acks).
+    pub async fn ack_through(&self, delivery_tag: u64) -> anyhow::Result<()> {
+        self.take
+            .basic_ack(delivery_tag, BasicAckOptions { multiple: true })
+            .await
+            .context("cannot acknowledge messages")
     }
 
     /// Close both channels; anything still unacknowledged goes back to its queue.

@@ -1,6 +1,7 @@
 //! Helpers for sluice's integration tests: real services spawned per test.
 //!
 //! - [`app`]: one test's world (namespace, scripted relays, config, workers) from one description.
+//! - [`busy_cores`]: every core kept busy for a step, as on a loaded machine.
 //! - [`broker`]: a namespace of its own on the real RabbitMQ, and ways to look into it.
 //! - [`event_schema`]: every event batch checked against `shared/event.schema.json`.
 //! - [`processes`]: the real binaries and per-test config files.
@@ -16,6 +17,7 @@
 pub mod aiosmtpd;
 pub mod app;
 pub mod broker;
+pub mod busy_cores;
 pub mod event_schema;
 pub mod http;
 pub mod otlp_receiver;

@@ -149,6 +149,39 @@ impl ProducerEnv {
         );
     }
 
+    /// Publish many messages straight into `queue`, pipelining the confirms, and check
+    /// that each was stored.
+    pub async fn put_many(&self, queue: &str, messages: &[(Vec<u8>, BasicProperties)]) {
+        for chunk in messages.chunks(500) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (body, properties) in chunk {
+                let confirm = self
+                    .ns
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        body,
+                        properties.clone().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                let confirm = confirm.await.expect("confirm");
+                assert!(
+                    confirm.is_ack() && confirm.take_message().is_none(),
+                    "not stored in {queue}"
+                );
+            }
+        }
+    }
+
     /// Publish a delivery event to `<ns>.events` as a worker does: a batch of one, routing
     /// key `<outcome>.<campaign>`, stamped now.
     pub async fn event(&self, campaign: &str, id: &str, outcome: &str) {

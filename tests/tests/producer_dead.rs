@@ -351,3 +351,42 @@ async fn purge_with_a_filter_removes_only_matching_jobs_and_keeps_the_order() {
     assert_eq!(by_campaign.expect_code(0).last_line(), "purged 2 jobs");
     assert_eq!(dead_ids(&env).await, ["a-1", "n-1"]);
 }
+
+/// Thousands of dead jobs replayed in one run: each leaves the dead queue and arrives once.
+/// A quorum queue ignores some of a burst of single acks sent just before their channel
+/// closes (rabbitmq-server#10327): those jobs would be back in the dead queue, replayed.
+#[tokio::test]
+async fn replaying_thousands_of_dead_jobs_moves_each_exactly_once() {
+    const JOBS: usize = 3000;
+    let env = ProducerEnv::new("pdeadmany").await;
+    let dead: Vec<(Vec<u8>, BasicProperties)> = (0..JOBS)
+        .map(|i| {
+            let id = format!("bulk-{i}");
+            let properties = dead_properties(&id, "bounced", 550, "550 5.1.1 no such user", 1);
+            (job_body(&id, &format!("{id}@example.org")), properties)
+        })
+        .collect();
+    env.put_many(&env.dead_queue(), &dead).await;
+
+    let run = {
+        let _loaded = sluice_tests::busy_cores::BusyCores::start();
+        env.run(&["dead", "replay"])
+    };
+
+    run.expect_code(0);
+    assert_eq!(run.last_line(), format!("replayed {JOBS} jobs"));
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        env.ns.queue_len(&env.dead_queue()).await,
+        0,
+        "replayed jobs came back to the dead queue"
+    );
+    let sent: Vec<String> = env
+        .take_all(&env.jobs_queue())
+        .await
+        .iter()
+        .map(|m| m.message_id().unwrap_or_default())
+        .collect();
+    let distinct: std::collections::HashSet<&String> = sent.iter().collect();
+    assert_eq!((sent.len(), distinct.len()), (JOBS, JOBS));
+}

@@ -2,6 +2,9 @@
 //! own `not_before`/`not_after`, against the real broker, real workers and a scripted relay
 //! at a budget of a few hundred messages per second.
 
+#[path = "../src/producer_support.rs"]
+mod producer_support;
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -535,4 +538,55 @@ async fn an_unknown_campaign_or_relay_is_an_error_naming_it() {
             run.stderr
         );
     }
+}
+
+/// Thousands of jobs held by the fleet go back once each: a quorum queue ignores some of a
+/// burst of single acks sent just before their channel closes (rabbitmq-server#10327), and
+/// `resume` would find those jobs held again and send them a second time.
+#[tokio::test]
+async fn resume_moves_thousands_of_held_jobs_back_each_exactly_once() {
+    const HELD: usize = 3000;
+    let env = producer_support::ProducerEnv::new("steer-resume-many").await;
+    env.event("bulk", "bulk-delivered", "delivered").await;
+    let paused = env.run(&["pause", "--campaign", "bulk"]);
+    paused.expect_code(0);
+    let hold = env.ns.topology.hold_queue("bulk");
+    env.ns.delete_on_drop(hold.clone());
+    // As workers set jobs aside: the relay whose queue each came from in a header.
+    let held: Vec<(Vec<u8>, lapin::BasicProperties)> = (0..HELD)
+        .map(|i| {
+            let (id, body) = job(&format!("bulk-{i}"), "bulk", serde_json::json!({}));
+            let mut table = lapin::types::FieldTable::default();
+            headers::set_str(&mut table, headers::RELAY, "primary");
+            let properties = lapin::BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_content_type("application/json".into())
+                .with_headers(table);
+            (body, properties)
+        })
+        .collect();
+    env.put_many(&hold, &held).await;
+
+    let resumed = {
+        let _loaded = sluice_tests::busy_cores::BusyCores::start();
+        env.run(&["resume", "--campaign", "bulk"])
+    };
+
+    resumed.expect_code(0);
+    assert!(
+        resumed
+            .stdout
+            .starts_with(&format!("resumed campaign bulk: {HELD} held jobs")),
+        "{}",
+        resumed.stdout
+    );
+    assert!(!env.queue_exists(&hold).await, "{}", resumed.stderr);
+    let sent: Vec<String> = env
+        .take_all(&env.jobs_queue())
+        .await
+        .iter()
+        .map(|m| m.message_id().unwrap_or_default())
+        .collect();
+    let distinct: HashSet<&String> = sent.iter().collect();
+    assert_eq!((sent.len(), distinct.len()), (HELD, HELD));
 }
