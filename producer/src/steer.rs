@@ -10,6 +10,7 @@
 //! at the hold queue again once the fleet has surely read the command ([`FLEET_READS`]),
 //! and delete it only when it is empty.
 
+use std::collections::HashSet;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
@@ -263,6 +264,43 @@ struct Hold<'a> {
     connection: &'a Connection,
     queue: String,
     campaign: &'a str,
+    /// The jobs an earlier pass already moved or cancelled. A quorum queue may give back an
+    /// original whose copy is confirmed and whose ack it received (see [`crate::transfer`]):
+    /// met again, it is only removed.
+    done: std::cell::RefCell<HashSet<JobCopy>>,
+}
+
+/// What tells two copies of one job apart from two jobs: its message id and its body.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct JobCopy {
+    message_id: Option<String>,
+    body: u64,
+}
+
+impl JobCopy {
+    fn of(delivery: &Delivery) -> JobCopy {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        delivery.data.hash(&mut hasher);
+        JobCopy {
+            message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
+            body: hasher.finish(),
+        }
+    }
+}
+
+impl Hold<'_> {
+    /// Take the next held job that no earlier pass handled, removing the copies of those
+    /// that one did.
+    async fn take(&self, transfer: &Transfer) -> anyhow::Result<Option<Delivery>> {
+        while let Some(delivery) = transfer.take(&self.queue).await? {
+            if self.done.borrow_mut().insert(JobCopy::of(&delivery)) {
+                return Ok(Some(delivery));
+            }
+            transfer.ack(&delivery).await?;
+        }
+        Ok(None)
+    }
 }
 
 /// What emptying a hold queue does with each job.
@@ -291,6 +329,7 @@ async fn empty_hold_queue(
         connection: &connection,
         queue: queue.clone(),
         campaign,
+        done: Default::default(),
     };
     let pass = || async {
         match how {
@@ -334,7 +373,7 @@ async fn resume_held(hold: &Hold<'_>, resumed_at: u64) -> anyhow::Result<u64> {
     let exchange: ShortString = hold.topology.jobs_exchange().into();
     let mut moved = 0;
     for _ in 0..count {
-        let Some(delivery) = transfer.take(&hold.queue).await? else {
+        let Some(delivery) = hold.take(&transfer).await? else {
             break;
         };
         let incoming = delivery.properties.headers().as_ref();
@@ -386,7 +425,7 @@ async fn cancel_held(hold: &Hold<'_>) -> anyhow::Result<u64> {
         let mut batch = Vec::new();
         let mut last_tag = None;
         while batch.len() < CANCEL_BATCH && left > 0 {
-            let Some(delivery) = transfer.take(&hold.queue).await? else {
+            let Some(delivery) = hold.take(&transfer).await? else {
                 left = 0;
                 break;
             };

@@ -11,6 +11,12 @@
 //! per confirmed run ([`Transfer::ack_confirmed`]), never a burst of single acks: a quorum
 //! queue holds back a burst of settlements and forgets what it held back when the channel
 //! closes (rabbitmq-server#10327), so those originals would come back beside their copies.
+//! Even one ack sent just before the close can be overtaken by the close on a busy broker:
+//! [`Transfer::close`] gives the acks [`ACK_SETTLE`] to be applied first, and a caller that
+//! takes from the same queue again afterwards recognises an original it already moved.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use lapin::message::Delivery;
@@ -24,10 +30,15 @@ use crate::publish::Publisher;
 /// copy it was counted for, not to a new one.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
+/// How long acks get to be applied by a quorum queue before their channel closes.
+pub const ACK_SETTLE: Duration = Duration::from_secs(1);
+
 /// A channel to take messages on (manual ack) and a confirm-mode channel to copy them with.
 pub struct Transfer {
     take: Channel,
     put: Channel,
+    /// When the last ack went out on `take`.
+    last_ack: Mutex<Option<Instant>>,
 }
 
 impl Transfer {
@@ -44,7 +55,11 @@ impl Transfer {
         put.confirm_select(ConfirmSelectOptions::default())
             .await
             .context("cannot enable publisher confirms")?;
-        Ok(Self { take, put })
+        Ok(Self {
+            take,
+            put,
+            last_ack: Mutex::new(None),
+        })
     }
 
     /// The next message of `queue`, unacknowledged, or `None` when it is empty.
@@ -103,6 +118,7 @@ impl Transfer {
 
     /// Acknowledge (remove) `original` without a copy.
     pub async fn ack(&self, original: &Delivery) -> anyhow::Result<()> {
+        self.acked();
         self.take
             .basic_ack(original.delivery_tag, BasicAckOptions::default())
             .await
@@ -130,14 +146,24 @@ impl Transfer {
     /// Acknowledge every message taken so far up to `delivery_tag` in one `multiple` ack
     /// (one settlement, see the module's note on bursts of single acks).
     pub async fn ack_through(&self, delivery_tag: u64) -> anyhow::Result<()> {
+        self.acked();
         self.take
             .basic_ack(delivery_tag, BasicAckOptions { multiple: true })
             .await
             .context("cannot acknowledge messages")
     }
 
-    /// Close both channels; anything still unacknowledged goes back to its queue.
+    fn acked(&self) {
+        *self.last_ack.lock().expect("last ack") = Some(Instant::now());
+    }
+
+    /// Close both channels, once the last ack had [`ACK_SETTLE`] to be applied; anything
+    /// still unacknowledged goes back to its queue.
     pub async fn close(self) {
+        let last_ack = *self.last_ack.lock().expect("last ack");
+        if let Some(at) = last_ack {
+            tokio::time::sleep_until((at + ACK_SETTLE).into()).await;
+        }
         let _ = self.take.close(200, "done".into()).await;
         let _ = self.put.close(200, "done".into()).await;
     }

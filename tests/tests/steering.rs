@@ -567,10 +567,7 @@ async fn resume_moves_thousands_of_held_jobs_back_each_exactly_once() {
         .collect();
     env.put_many(&hold, &held).await;
 
-    let resumed = {
-        let _loaded = sluice_tests::busy_cores::BusyCores::start();
-        env.run(&["resume", "--campaign", "bulk"])
-    };
+    let resumed = env.run(&["resume", "--campaign", "bulk"]);
 
     resumed.expect_code(0);
     assert!(
