@@ -283,7 +283,11 @@ impl JobCopy {
         let mut hasher = std::hash::DefaultHasher::new();
         delivery.data.hash(&mut hasher);
         JobCopy {
-            message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string()),
             body: hasher.finish(),
         }
     }
