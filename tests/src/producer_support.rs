@@ -124,29 +124,21 @@ impl ProducerEnv {
         out
     }
 
+    /// Take every message now in `queue`: how many came, and how many distinct message ids.
+    pub async fn count_ids(&self, queue: &str) -> (usize, usize) {
+        let ids: Vec<Option<String>> = self
+            .take_all(queue)
+            .await
+            .iter()
+            .map(Message::message_id)
+            .collect();
+        let distinct: std::collections::HashSet<&Option<String>> = ids.iter().collect();
+        (ids.len(), distinct.len())
+    }
+
     /// Publish to the default exchange straight into `queue` and wait for the confirm.
     pub async fn put(&self, queue: &str, body: &[u8], properties: BasicProperties) {
-        let confirm = self
-            .ns
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties.with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(
-            confirm.is_ack() && confirm.take_message().is_none(),
-            "not stored in {queue}"
-        );
+        self.put_many(queue, &[(body.to_vec(), properties)]).await;
     }
 
     /// Publish many messages straight into `queue`, pipelining the confirms, and check
