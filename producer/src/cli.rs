@@ -54,9 +54,8 @@ pub enum Command {
     /// never seen).
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
-    /// How many jobs wait in each class queue (high, normal, low) of each relay. The age of
-    /// each class's oldest job is on the workers' /metrics
-    /// (sluice_queue_oldest_job_age_seconds): reading it here would deliver the job.
+    /// How many jobs wait in each class queue (high, normal, low) of each relay. `relay
+    /// status` adds the age of each class's oldest job, as the workers saw it.
     Queues(QueuesArgs),
     /// Inspect, replay or purge the jobs that ended in a dead-letter queue.
     #[command(subcommand)]
@@ -129,8 +128,8 @@ pub enum RelayCommand {
     #[command(after_help = EXIT_CODES)]
     Resume(RelayResumeArgs),
     /// Each configured relay: up, down or suspended (until when, why), throttled to what
-    /// rate, budget slots in use, jobs queued per class, retrying and dead. The age of each
-    /// class's oldest job is on the workers' /metrics (sluice_queue_oldest_job_age_seconds).
+    /// rate, budget slots in use, jobs queued per class and the age of each class's oldest
+    /// job (as the workers last saw its head, in the last 15 s), retrying and dead.
     #[command(after_help = EXIT_CODES)]
     Status(RelayStatusArgs),
 }
@@ -164,7 +163,9 @@ pub struct RelayResumeArgs {
 pub struct RelayStatusArgs {
     /// One JSON object per relay and line: relay, state, until, reason, throttled_to,
     /// throttled_at, session_limit, max_connections, max_messages_per_second,
-    /// slots_in_use, queued_high, queued_normal, queued_low, retrying, dead, failover.
+    /// slots_in_use, queued_high, queued_normal, queued_low, oldest_high_age_s,
+    /// oldest_normal_age_s, oldest_low_age_s (null: empty, or no worker took from it
+    /// lately), retrying, dead, failover.
     #[arg(long)]
     pub json: bool,
 }

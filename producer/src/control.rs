@@ -127,55 +127,22 @@ impl ControlStream {
     pub async fn state(&self) -> anyhow::Result<ControlState> {
         let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
         self.tell(&Change::Marker { id: marker.clone() }).await?;
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .context("cannot open a channel")?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .context("cannot set the prefetch count")?;
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongString("first".into()),
-        );
-        let mut consumer = channel
-            .basic_consume(
-                self.stream.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                arguments,
-            )
-            .await
-            .with_context(|| format!("cannot read the control stream {}", self.stream))?;
         let mut state = ControlState::default();
-        let read = tokio::time::timeout(READ_DEADLINE, async {
-            while let Some(delivery) = consumer.next().await {
-                let delivery = delivery.context("reading the control stream failed")?;
-                let change = serde_json::from_slice::<Change>(&delivery.data);
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("cannot acknowledge a control entry")?;
-                match change {
-                    Ok(Change::Marker { id }) if id == marker => return Ok(()),
-                    Ok(change) => state.apply(&change),
-                    Err(_) => {} // an entry of a newer version: not ours to judge
+        read_stream(
+            &self.connection,
+            &self.stream,
+            AMQPValue::LongString("first".into()),
+            |data| match serde_json::from_slice::<Change>(data) {
+                Ok(Change::Marker { id }) => id == marker,
+                Ok(change) => {
+                    state.apply(&change);
+                    false
                 }
-            }
-            anyhow::bail!("the broker stopped the control stream reader")
-        })
-        .await;
-        let _ = channel.close(200, "read".into()).await;
-        match read {
-            Ok(read) => read.map(|()| state),
-            Err(_) => anyhow::bail!(
-                "could not read the control stream {} within {READ_DEADLINE:?}",
-                self.stream
-            ),
-        }
+                Err(_) => false, // an entry of a newer version: not ours to judge
+            },
+        )
+        .await?;
+        Ok(state)
     }
 
     /// Close the connection.
@@ -193,4 +160,54 @@ pub fn rfc3339(ms: u64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| ms.to_string())
+}
+
+/// Read `stream` from `offset` (`x-stream-offset`) on a channel of its own, handing each
+/// entry to `entry` until it answers true (the reader's own marker, written before: "now").
+pub async fn read_stream(
+    connection: &Connection,
+    stream: &str,
+    offset: AMQPValue,
+    mut entry: impl FnMut(&[u8]) -> bool,
+) -> anyhow::Result<()> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .context("cannot set the prefetch count")?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), offset);
+    let mut consumer = channel
+        .basic_consume(
+            stream.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await
+        .with_context(|| format!("cannot read the stream {stream}"))?;
+    let read = tokio::time::timeout(READ_DEADLINE, async {
+        while let Some(delivery) = consumer.next().await {
+            let delivery =
+                delivery.with_context(|| format!("reading the stream {stream} failed"))?;
+            let done = entry(&delivery.data);
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("cannot acknowledge a stream entry")?;
+            if done {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the broker stopped the reader of the stream {stream}")
+    })
+    .await;
+    let _ = channel.close(200, "read".into()).await;
+    match read {
+        Ok(read) => read,
+        Err(_) => anyhow::bail!("could not read the stream {stream} within {READ_DEADLINE:?}"),
+    }
 }

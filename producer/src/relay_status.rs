@@ -2,23 +2,34 @@
 //! throttled or not (from the control stream), the budget slots held (from the slot
 //! queues), and the jobs waiting in its queues, its retry steps and its dead queue.
 //!
-//! The age of each class's oldest job is on the workers' `/metrics`
-//! (`sluice_queue_oldest_job_age_seconds`): reading a job here would deliver it.
+//! The age of each class's oldest job comes from the heads stream, where the workers report
+//! what they saw of each class queue's head (reading a job here would deliver it): the
+//! youngest of the recent reports' bounds, `null` when no worker looked lately or the class
+//! is empty.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::Connection;
+use anyhow::Context as _;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use sluice_shared::control::now_ms;
+use sluice_shared::heads::HeadsEntry;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::RelayStatusArgs;
-use crate::control::{rfc3339, ControlState, ControlStream};
+use crate::control::{read_stream, rfc3339, ControlState, ControlStream};
 use crate::exit::Status;
 use crate::queues::ready_jobs;
 
 /// A rate cut older than this is shown no more: the fleet has climbed back by then.
 const RECENT_CUT: Duration = Duration::from_secs(300);
+
+/// Workers' reports of their queues' heads older than this are not read (they report
+/// every 5 s).
+pub const HEADS_RECENT: Duration = Duration::from_secs(15);
 
 /// One relay's line of `relay status --json`.
 #[derive(Debug, Serialize)]
@@ -43,6 +54,11 @@ pub struct RelayReport {
     pub queued_high: Option<u32>,
     pub queued_normal: Option<u32>,
     pub queued_low: Option<u32>,
+    /// How old each class's oldest job is at most, in seconds, as the workers last saw it
+    /// (`null`: empty, or no worker took from it in the last [`HEADS_RECENT`]).
+    pub oldest_high_age_s: Option<f64>,
+    pub oldest_normal_age_s: Option<f64>,
+    pub oldest_low_age_s: Option<f64>,
     /// Jobs waiting in the retry steps, all classes.
     pub retrying: u32,
     /// Jobs in the dead queue.
@@ -65,9 +81,10 @@ pub async fn run(settings: &Settings, args: RelayStatusArgs) -> anyhow::Result<S
         .amqp
         .connect_with_backoff("sluice-producer (relay status)", Duration::from_secs(30))
         .await?;
+    let heads = fleet_heads(&topology, &connection).await?;
     let mut reports = Vec::new();
     for name in settings.relays.keys() {
-        reports.push(report(settings, &topology, &connection, &state, name).await?);
+        reports.push(report(settings, &topology, &connection, &state, &heads, name).await?);
     }
     let _ = connection.close(200, "done".into()).await;
     for report in &reports {
@@ -88,6 +105,7 @@ async fn report(
     topology: &Topology,
     connection: &Connection,
     state: &ControlState,
+    heads: &HashMap<(String, String), f64>,
     name: &str,
 ) -> anyhow::Result<RelayReport> {
     let relay = &settings.relays[name];
@@ -121,6 +139,11 @@ async fn report(
             retrying += ready_jobs(connection, &queue).await?.unwrap_or(0);
         }
     }
+    let oldest = |class: Priority| {
+        heads
+            .get(&(name.to_string(), class.as_str().to_string()))
+            .copied()
+    };
     Ok(RelayReport {
         relay: name.to_string(),
         state: state_name,
@@ -135,10 +158,82 @@ async fn report(
         queued_high: queued[0],
         queued_normal: queued[1],
         queued_low: queued[2],
+        oldest_high_age_s: oldest(Priority::High),
+        oldest_normal_age_s: oldest(Priority::Normal),
+        oldest_low_age_s: oldest(Priority::Low),
         retrying,
         dead: ready_jobs(connection, &topology.dead_queue(name)).await?,
         failover: relay.failover.clone(),
     })
+}
+
+/// The age bound of each (relay, class) queue's oldest job from the workers' reports of the
+/// last [`HEADS_RECENT`]: the smallest (each report's is an upper bound), and none for a
+/// class a report saw empty after the others.
+async fn fleet_heads(
+    topology: &Topology,
+    connection: &Connection,
+) -> anyhow::Result<HashMap<(String, String), f64>> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a channel")?;
+    let spec = topology.heads_spec();
+    topology
+        .declare_queue(&channel, &spec)
+        .await
+        .with_context(|| format!("cannot declare the heads stream {}", spec.name))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("cannot enable publisher confirms")?;
+    let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            spec.name.as_str().into(),
+            BasicPublishOptions::default(),
+            &HeadsEntry::Marker { id: marker.clone() }.to_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .context("cannot write to the heads stream")?
+        .await
+        .context("cannot write to the heads stream")?;
+    anyhow::ensure!(confirm.is_ack(), "the broker refused a heads marker");
+    let _ = channel.close(200, "done".into()).await;
+
+    let since_ms = now_ms().saturating_sub(HEADS_RECENT.as_millis() as u64);
+    // The latest report of each queue decides whether it is empty; the smallest bound of
+    // the recent ones is its age.
+    let mut latest: HashMap<(String, String), (u64, u32)> = HashMap::new();
+    let mut smallest: HashMap<(String, String), f64> = HashMap::new();
+    read_stream(
+        connection,
+        &spec.name,
+        AMQPValue::Timestamp(since_ms / 1000),
+        |data| match serde_json::from_slice::<HeadsEntry>(data) {
+            Ok(HeadsEntry::Marker { id }) => id == marker,
+            Ok(HeadsEntry::Report { at_ms, queues }) if at_ms >= since_ms => {
+                for head in queues {
+                    let key = (head.relay, head.class);
+                    if latest.get(&key).is_none_or(|(at, _)| *at <= at_ms) {
+                        latest.insert(key.clone(), (at_ms, head.ready));
+                    }
+                    if let Some(age) = head.oldest_age_s {
+                        let age = age + now_ms().saturating_sub(at_ms) as f64 / 1000.0;
+                        let entry = smallest.entry(key).or_insert(age);
+                        *entry = entry.min(age);
+                    }
+                }
+                false
+            }
+            _ => false,
+        },
+    )
+    .await?;
+    smallest.retain(|key, _| latest.get(key).is_some_and(|(_, ready)| *ready > 0));
+    Ok(smallest)
 }
 
 /// A slot queue exists while a worker holds the slot (it is exclusive to that worker's
@@ -173,7 +268,7 @@ fn text(r: &RelayReport) -> String {
         .map_or_else(String::new, |f| format!(", failover {f}"));
     format!(
         "relay {}: {state}\n  slots in use {} of {} (session limit {}{failover})\n  \
-         queued high {}, normal {}, low {}; retrying {}; dead {}",
+         queued high {}, normal {}, low {}; oldest {}; retrying {}; dead {}",
         r.relay,
         r.slots_in_use,
         r.max_connections,
@@ -181,7 +276,19 @@ fn text(r: &RelayReport) -> String {
         count(r.queued_high),
         count(r.queued_normal),
         count(r.queued_low),
+        ages(r),
         r.retrying,
         count(r.dead),
+    )
+}
+
+/// The oldest job of each class, for a person: "high -, normal 12s, low 3s".
+fn ages(r: &RelayReport) -> String {
+    let age = |a: Option<f64>| a.map_or_else(|| "-".to_string(), |a| format!("{a:.0}s"));
+    format!(
+        "high {}, normal {}, low {}",
+        age(r.oldest_high_age_s),
+        age(r.oldest_normal_age_s),
+        age(r.oldest_low_age_s)
     )
 }

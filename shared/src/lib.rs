@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod headers;
+pub mod heads;
 pub mod job;
 pub mod priority;
 pub mod shutdown;

@@ -363,7 +363,11 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let mut queues = vec![self.topology.events_log(), self.topology.control()];
+        let mut queues = vec![
+            self.topology.events_log(),
+            self.topology.control(),
+            self.topology.heads(),
+        ];
         queues.extend(
             self.extra_queues
                 .lock()

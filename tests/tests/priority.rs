@@ -437,6 +437,32 @@ async fn depth_and_oldest_age_per_class_are_shown() {
         series(&scrape, "sluice_queue_ready_jobs", "high"),
         Some(0.0)
     );
+
+    // `relay status` shows the same, from the workers' reports on the heads stream: the
+    // normal jobs are two minutes old (plus this test's time, well under 30 s), no high job.
+    let status = std::sync::Mutex::new(serde_json::Value::Null);
+    let reported = sluice_tests::wait::eventually(Duration::from_secs(30), || async {
+        let run = sluice_tests::processes::Binary::new("sluice-producer")
+            .args(["relay", "status", "--json"])
+            .config(&app.config.path)
+            .output();
+        let Ok(report) = serde_json::from_slice::<serde_json::Value>(&run.stdout) else {
+            return false;
+        };
+        let shown = report["oldest_normal_age_s"].is_number();
+        *status.lock().unwrap() = report;
+        shown
+    })
+    .await;
+    let status = status.into_inner().unwrap();
+    assert!(reported, "no age of the oldest normal job in {status}");
+    let age = status["oldest_normal_age_s"].as_f64().expect("a number");
+    assert!((119.0..150.0).contains(&age), "{status}");
+    assert!(
+        status["queued_normal"].as_u64().is_some_and(|n| n > 0),
+        "{status}"
+    );
+    assert!(status["oldest_high_age_s"].is_null(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

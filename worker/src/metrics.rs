@@ -39,6 +39,9 @@ struct Inner {
     broker_blocked: IntGauge,
     queue_ready: IntGaugeVec,
     oldest_age: prometheus::GaugeVec,
+    /// The publish time (Unix s) of the job last taken from each (relay, class) queue's
+    /// head, while that queue is not sampled empty.
+    last_heads: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
     /// What the relay's pushback left of its budget (see `crate::limits`).
     effective_rate: prometheus::GaugeVec,
     effective_connections: IntGaugeVec,
@@ -252,6 +255,7 @@ impl Metrics {
                 broker_blocked,
                 queue_ready,
                 oldest_age,
+                last_heads: Default::default(),
                 effective_rate,
                 effective_connections,
                 throttled,
@@ -360,19 +364,37 @@ impl Metrics {
             .set(ready.into());
         if ready == 0 {
             i.oldest_age.with_label_values(&[relay, class]).set(0.0);
+            i.last_heads
+                .lock()
+                .expect("last heads")
+                .remove(&(relay.to_string(), class.to_string()));
         }
+    }
+
+    /// How old the oldest job of `relay`'s `class` queue is at most, in seconds, from the
+    /// last job taken from its head (`None`: sampled empty since, or none taken).
+    pub fn oldest_age(&self, relay: &str, class: &str) -> Option<f64> {
+        let published = *self
+            .inner
+            .last_heads
+            .lock()
+            .expect("last heads")
+            .get(&(relay.to_string(), class.to_string()))?;
+        Some((unix_now_s() - published as f64).max(0.0))
     }
 
     /// A job published at `published` (Unix seconds) was just taken from the head of
     /// `relay`'s `class` queue: it was the oldest there.
     pub fn head_taken(&self, relay: &str, class: &str, published: u64) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
         self.inner
             .oldest_age
             .with_label_values(&[relay, class])
-            .set((now - published as f64).max(0.0));
+            .set((unix_now_s() - published as f64).max(0.0));
+        self.inner
+            .last_heads
+            .lock()
+            .expect("last heads")
+            .insert((relay.to_string(), class.to_string()), published);
     }
 
     /// The relay was marked down (it was up).
@@ -433,6 +455,13 @@ impl Metrics {
             .expect("text encoding");
         String::from_utf8(buffer).expect("prometheus text is UTF-8")
     }
+}
+
+/// Now, in Unix seconds.
+fn unix_now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

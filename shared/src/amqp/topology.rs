@@ -19,6 +19,7 @@
 //! worker --relay pushed back--> <ns>.control (stream) --every worker reads it from the start--> worker
 //! producer --pause, resume, cancel, suspend--> <ns>.control (stream)
 //! worker --job of a paused campaign--> <ns>.hold.<campaign> (quorum) --resume--> <ns>.jobs
+//! worker --class queues' depth and oldest job, every 5 s--> <ns>.heads (stream, 10 min) --> relay status
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -37,8 +38,10 @@ const LOG_SEGMENT_BYTES: i32 = 64 * 1024 * 1024;
 /// a cancelled or paused campaign stays so as long as its events are kept. Fixed, not
 /// configured: a stream's arguments cannot change once it is declared.
 const CONTROL_MAX_AGE: &str = "7D";
-/// Segment size of the control stream.
-const CONTROL_SEGMENT_BYTES: i32 = 1024 * 1024;
+/// Segment size of the small streams (control, heads).
+const STREAM_SEGMENT_BYTES: i32 = 1024 * 1024;
+/// How long the heads stream keeps the workers' reports: a reader wants the last few only.
+const HEADS_MAX_AGE: &str = "10m";
 
 /// The names of everything in one namespace, and the code that declares them.
 #[derive(Debug, Clone)]
@@ -157,18 +160,19 @@ impl Topology {
     /// The control stream's arguments: a week of entries at most, in small segments (an
     /// entry is a few hundred bytes; retention drops whole segments).
     pub fn control_spec(&self) -> QueueSpec {
-        let mut arguments = FieldTable::default();
-        arguments.insert("x-queue-type".into(), string("stream"));
-        arguments.insert("x-max-age".into(), string(CONTROL_MAX_AGE));
-        arguments.insert(
-            "x-stream-max-segment-size-bytes".into(),
-            AMQPValue::LongInt(CONTROL_SEGMENT_BYTES),
-        );
-        QueueSpec {
-            name: self.control(),
-            arguments,
-            binding: None,
-        }
+        small_stream(self.control(), CONTROL_MAX_AGE)
+    }
+
+    /// The heads stream: every worker reports, each time it samples its class queues, their
+    /// depth and the age of their oldest job, so that `relay status` can show what only a
+    /// consumer sees (a producer cannot look at a quorum queue's head without taking it).
+    pub fn heads(&self) -> String {
+        format!("{}.heads", self.namespace)
+    }
+
+    /// The heads stream's arguments: ten minutes of reports, in small segments.
+    pub fn heads_spec(&self) -> QueueSpec {
+        small_stream(self.heads(), HEADS_MAX_AGE)
     }
 
     /// Where a paused campaign's jobs wait until it is resumed (or cancelled).
@@ -258,6 +262,7 @@ impl Topology {
         self.declare_exchanges(channel).await?;
         self.declare_events_log(channel).await?;
         self.declare_queue(channel, &self.control_spec()).await?;
+        self.declare_queue(channel, &self.heads_spec()).await?;
         for spec in self.job_queues(relays, retry_steps) {
             self.declare_queue(channel, &spec).await?;
         }
@@ -501,6 +506,23 @@ fn at_least_once_dead_lettering(exchange: &str, routing_key: Option<&str>) -> Fi
 
 fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(value.into())
+}
+
+/// A stream of small entries kept `max_age`, in small segments (retention drops whole
+/// segments).
+fn small_stream(name: String, max_age: &str) -> QueueSpec {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), string("stream"));
+    arguments.insert("x-max-age".into(), string(max_age));
+    arguments.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongInt(STREAM_SEGMENT_BYTES),
+    );
+    QueueSpec {
+        name,
+        arguments,
+        binding: None,
+    }
 }
 
 #[cfg(test)]

@@ -374,7 +374,7 @@ async fn cleanup(args: &Args) -> anyhow::Result<()> {
     let url = args.get("url")?;
     let topology = Topology::new(args.get("namespace")?);
     let retry_steps: usize = args.num("retry-steps", Some(5))?;
-    let mut queues = vec![topology.events_log(), topology.control()];
+    let mut queues = vec![topology.events_log(), topology.control(), topology.heads()];
     for relay in args.all("relay") {
         queues.push(topology.dead_queue(relay));
         for class in sluice_shared::Priority::ALL {
