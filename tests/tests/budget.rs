@@ -35,6 +35,7 @@ async fn budget_holds_with(workers: usize) {
             .await
             >= JOBS / 3
     );
+    let killed_at = std::time::Instant::now();
     app.workers[0].kill();
     if workers == 1 {
         // A lone worker's death stops the campaign until it is rescheduled, as on Kubernetes.
@@ -83,13 +84,26 @@ async fn budget_holds_with(workers: usize) {
     if workers == 1 {
         return; // the restart gap says nothing about how well the budget is used
     }
-    let first = messages.iter().map(|m| m.at).min().unwrap();
-    let last = messages.iter().map(|m| m.at).max().unwrap();
-    let rate = messages.len() as f64 / (last - first).as_secs_f64();
+    // While the slots are held continuously the fleet uses the whole budget, less rounding:
+    // at least 90% of it. Measured from the second after the first message (every slot
+    // taken and warmed up by then) to the kill (a killed worker's slots go through the fence
+    // and a warm-up before another worker sends on them).
+    let mut times: Vec<std::time::Instant> = messages.iter().map(|m| m.at).collect();
+    times.sort();
+    let first = times[0];
+    let from = first + Duration::from_secs(1);
+    let steady = times
+        .iter()
+        .filter(|at| **at >= from && **at < killed_at)
+        .count();
+    let rate = steady as f64 / (killed_at - from).as_secs_f64();
     assert!(
         rate >= MAX_RATE as f64 * 0.9,
         "throughput {rate:.0}/s is under 90% of the {MAX_RATE}/s budget with {workers} workers"
     );
+    let last = *times.last().unwrap();
+    let overall = messages.len() as f64 / (last - first).as_secs_f64();
+    eprintln!("{workers} workers: {overall:.0} msgs/s over the whole run, kill included");
     eprintln!(
         "{workers} workers: {rate:.0} msgs/s, peak {peak}/s, {} sessions max",
         smtp.max_concurrent_sessions()
