@@ -29,7 +29,7 @@ const RECENT_CUT: Duration = Duration::from_secs(300);
 
 /// Workers' reports of their queues' heads older than this are not read (they report
 /// every 5 s).
-pub const HEADS_RECENT: Duration = Duration::from_secs(15);
+const HEADS_RECENT: Duration = Duration::from_secs(15);
 
 /// One relay's line of `relay status --json`.
 #[derive(Debug, Serialize)]
