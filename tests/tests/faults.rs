@@ -7,6 +7,7 @@ use std::time::Duration;
 use sluice_shared::events::EventOutcome;
 use sluice_tests::app::TestApp;
 use sluice_tests::broker::{eventually, job_json, TestNamespace};
+use sluice_tests::busy_cores::BusyCores;
 use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
 use sluice_tests::scripted_smtp::{Behaviour, Phase};
 use sluice_tests::smtp_sink::SmtpSink;
@@ -168,6 +169,74 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
         duplicates <= bound,
         "{duplicates} duplicates: more than {MAX_CONNECTIONS} sessions x {} (ack batch + in flight)",
         sluice_worker::settle::MAX_REPEATED_PER_SESSION
+    );
+}
+
+/// A graceful stop (SIGTERM) finishes what is in flight and acks it: unlike a SIGKILL, it
+/// leaves nothing to be sent again. Stopped three times mid-campaign while every core is
+/// busy (a slow broker is when a quorum queue forgets acks sent just before their channel
+/// closes), the fleet still sends each of the 3,000 jobs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_stopped_mid_campaign_send_no_job_twice() {
+    const JOBS: usize = 3000;
+    let mut app = TestApp::builder("sigterm")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_accept_delay(Duration::from_millis(5)),
+            "max_connections = 4",
+        )
+        .retries(&["1s", "1s"])
+        .workers(0)
+        .start()
+        .await;
+    let mut events = app.ns.events().await;
+    let ids = app.ns.publish_jobs("primary", "t", JOBS).await;
+    let smtp = app.relay("primary");
+    for (stop, accepted) in [(0, 500), (1, 1200), (2, 1900)] {
+        app.start_worker();
+        assert!(
+            smtp.wait_for_accepted(accepted, Duration::from_secs(60))
+                .await
+                >= accepted
+        );
+        let busy = BusyCores::start();
+        let status = tokio::task::block_in_place(|| app.workers[stop].terminate());
+        drop(busy);
+        assert!(status.success(), "worker {stop} exited with {status}");
+    }
+    app.start_worker();
+
+    let expected: HashSet<String> = ids.iter().cloned().collect();
+    assert!(
+        events
+            .wait_until(Duration::from_secs(90), |seen| {
+                let ended: HashSet<String> = seen
+                    .iter()
+                    .filter(|e| e.outcome.is_final())
+                    .map(|e| e.id.clone())
+                    .collect();
+                ended.is_superset(&expected)
+            })
+            .await,
+        "not every job ended"
+    );
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for message in smtp.accepted() {
+        let text = String::from_utf8_lossy(&message.data).into_owned();
+        *per_id
+            .entry(message_id(&text).expect("Message-ID"))
+            .or_default() += 1;
+    }
+    assert_eq!(per_id.len(), JOBS, "every job delivered");
+    let twice: Vec<&String> = per_id
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} jobs sent more than once after graceful stops: {twice:?}",
+        twice.len()
     );
 }
 

@@ -452,6 +452,58 @@ async fn a_real_postfix_limiting_the_message_rate_refuses_under_5_percent_once_s
     );
 }
 
+/// The ceiling the two tests above are held to, measured with a client nobody here wrote:
+/// Postfix's own `smtp-source`, restarted the moment a refusal ends it, for 12 s. Anvil,
+/// at `smtpd_client_message_rate_limit = 50` and `anvil_rate_time_unit = 1s`, accepts at
+/// most 50 messages per interval of two clock seconds, so even this greedy client gets 25/s,
+/// below the 35/s the issue once asked of the fleet.
+#[tokio::test(flavor = "multi_thread")]
+async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_1s() {
+    let postfix = PrivatePostfix::start(&[
+        ("smtpd_client_message_rate_limit", "50"),
+        ("anvil_rate_time_unit", "1s"),
+    ])
+    .await;
+    let port = postfix.port;
+    let runs = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let mut runs = 0;
+        while Instant::now() < deadline && runs < 200 {
+            let _ = std::process::Command::new("smtp-source")
+                .args(["-s", "1", "-m", "1000", "-f", "a@example.com"])
+                .args(["-t", "b@example.org", &format!("127.0.0.1:{port}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("smtp-source (Debian package postfix)");
+            runs += 1;
+        }
+        runs
+    })
+    .await
+    .expect("smtp-source loop");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let accepted = counts_by_second(&postfix.accepted_seconds());
+    eprintln!("{runs} smtp-source runs; accepted by second: {accepted:?}");
+    assert!(
+        runs >= 5 && postfix.rate_refusals().len() >= 5,
+        "smtp-source was not refused often enough to test the ceiling: {runs} runs, {:?}",
+        postfix.rate_refusals()
+    );
+    let first = &accepted.first().expect("accepted").0;
+    let last = &accepted.last().expect("accepted").0;
+    let span = seconds_between(first, last) + 1;
+    let total: usize = accepted.iter().map(|(_, c)| c).sum();
+    assert!(
+        total <= 50 * span.div_ceil(2),
+        "{total} accepted in {span} s, more than 50 per two seconds: {accepted:?}"
+    );
+    assert!(
+        (total as f64 / span as f64) < 35.0,
+        "{total} accepted in {span} s"
+    );
+}
+
 /// Seconds from `a` to `b`, both `HH:MM:SS` of the same day.
 fn seconds_between(a: &str, b: &str) -> usize {
     let secs = |t: &str| -> usize {
