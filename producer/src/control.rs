@@ -13,6 +13,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
+use sluice_shared::amqp::topology::QueueSpec;
 use sluice_shared::control::{Change, Steering};
 use sluice_shared::{Settings, Topology};
 
@@ -68,59 +69,95 @@ impl ControlState {
     }
 }
 
-/// A connection to the control stream.
-pub struct ControlStream {
-    connection: Connection,
+/// One of the fleet's small streams (control, heads) from the operator's side: declared
+/// (idempotent: the producer may come before any worker), written with confirms, and read
+/// up to a marker the reader wrote itself (see [`read_stream`]).
+pub struct SmallStream {
     channel: Channel,
-    stream: String,
+    name: String,
 }
 
-impl ControlStream {
-    /// Connect and declare the stream (idempotent: the producer may come before any worker).
-    pub async fn open(settings: &Settings) -> anyhow::Result<ControlStream> {
-        let topology = Topology::from_settings(settings);
-        let connection = settings
-            .amqp
-            .connect_with_backoff("sluice-producer (control)", RECONNECT_WAIT)
-            .await?;
+impl SmallStream {
+    /// Declare the stream `spec` on a channel of its own, in confirm mode.
+    pub async fn open(
+        connection: &Connection,
+        topology: &Topology,
+        spec: &QueueSpec,
+    ) -> anyhow::Result<SmallStream> {
         let channel = connection
             .create_channel()
             .await
             .context("cannot open a channel")?;
-        let spec = topology.control_spec();
         topology
-            .declare_queue(&channel, &spec)
+            .declare_queue(&channel, spec)
             .await
-            .with_context(|| format!("cannot declare the control stream {}", spec.name))?;
+            .with_context(|| format!("cannot declare the stream {}", spec.name))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("cannot enable publisher confirms")?;
-        Ok(ControlStream {
-            connection,
+        Ok(SmallStream {
             channel,
-            stream: spec.name,
+            name: spec.name.clone(),
         })
     }
 
+    /// The stream's queue name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Write one entry and wait for the broker's confirm.
-    pub async fn tell(&self, change: &Change) -> anyhow::Result<()> {
-        let what = || format!("cannot write to the control stream {}", self.stream);
+    pub async fn write(&self, entry: &[u8]) -> anyhow::Result<()> {
+        let what = || format!("cannot write to the stream {}", self.name);
         let confirm = self
             .channel
             .basic_publish(
                 "".into(),
-                self.stream.as_str().into(),
+                self.name.as_str().into(),
                 BasicPublishOptions::default(),
-                &change.to_bytes(),
+                entry,
                 BasicProperties::default().with_delivery_mode(2),
             )
             .await
             .with_context(what)?
             .await
             .with_context(what)?;
-        anyhow::ensure!(confirm.is_ack(), "the broker refused a control entry");
+        anyhow::ensure!(
+            confirm.is_ack(),
+            "the broker refused an entry of {}",
+            self.name
+        );
         Ok(())
+    }
+
+    /// Close its channel.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// A connection to the control stream.
+pub struct ControlStream {
+    connection: Connection,
+    stream: SmallStream,
+}
+
+impl ControlStream {
+    /// Connect and declare the stream.
+    pub async fn open(settings: &Settings) -> anyhow::Result<ControlStream> {
+        let topology = Topology::from_settings(settings);
+        let connection = settings
+            .amqp
+            .connect_with_backoff("sluice-producer (control)", RECONNECT_WAIT)
+            .await?;
+        let stream = SmallStream::open(&connection, &topology, &topology.control_spec()).await?;
+        Ok(ControlStream { connection, stream })
+    }
+
+    /// Write one entry and wait for the broker's confirm.
+    pub async fn tell(&self, change: &Change) -> anyhow::Result<()> {
+        self.stream.write(&change.to_bytes()).await
     }
 
     /// Read every entry up to now (a marker written first tells where "now" is).
@@ -130,7 +167,7 @@ impl ControlStream {
         let mut state = ControlState::default();
         read_stream(
             &self.connection,
-            &self.stream,
+            self.stream.name(),
             AMQPValue::LongString("first".into()),
             |data| match serde_json::from_slice::<Change>(data) {
                 Ok(Change::Marker { id }) => id == marker,

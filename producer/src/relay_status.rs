@@ -10,17 +10,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Connection};
+use lapin::Connection;
 use serde::Serialize;
 use sluice_shared::control::now_ms;
 use sluice_shared::heads::HeadsEntry;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::RelayStatusArgs;
-use crate::control::{read_stream, rfc3339, ControlState, ControlStream};
+use crate::control::{read_stream, rfc3339, ControlState, ControlStream, SmallStream};
 use crate::exit::Status;
 use crate::queues::ready_jobs;
 
@@ -174,34 +172,11 @@ async fn fleet_heads(
     topology: &Topology,
     connection: &Connection,
 ) -> anyhow::Result<HashMap<(String, String), f64>> {
-    let channel = connection
-        .create_channel()
-        .await
-        .context("cannot open a channel")?;
-    let spec = topology.heads_spec();
-    topology
-        .declare_queue(&channel, &spec)
-        .await
-        .with_context(|| format!("cannot declare the heads stream {}", spec.name))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .context("cannot enable publisher confirms")?;
+    let heads = SmallStream::open(connection, topology, &topology.heads_spec()).await?;
     let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            spec.name.as_str().into(),
-            BasicPublishOptions::default(),
-            &HeadsEntry::Marker { id: marker.clone() }.to_bytes(),
-            BasicProperties::default(),
-        )
-        .await
-        .context("cannot write to the heads stream")?
-        .await
-        .context("cannot write to the heads stream")?;
-    anyhow::ensure!(confirm.is_ack(), "the broker refused a heads marker");
-    let _ = channel.close(200, "done".into()).await;
+    heads
+        .write(&HeadsEntry::Marker { id: marker.clone() }.to_bytes())
+        .await?;
 
     let since_ms = now_ms().saturating_sub(HEADS_RECENT.as_millis() as u64);
     // The latest report of each queue decides whether it is empty; the smallest bound of
@@ -210,7 +185,7 @@ async fn fleet_heads(
     let mut smallest: HashMap<(String, String), f64> = HashMap::new();
     read_stream(
         connection,
-        &spec.name,
+        heads.name(),
         AMQPValue::Timestamp(since_ms / 1000),
         |data| match serde_json::from_slice::<HeadsEntry>(data) {
             Ok(HeadsEntry::Marker { id }) => id == marker,
@@ -232,6 +207,7 @@ async fn fleet_heads(
         },
     )
     .await?;
+    heads.close().await;
     smallest.retain(|key, _| latest.get(key).is_some_and(|(_, ready)| *ready > 0));
     Ok(smallest)
 }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use sluice_shared::events::EventOutcome;
 use sluice_tests::app::TestApp;
-use sluice_tests::broker::{eventually, job_json, TestNamespace};
+use sluice_tests::broker::{eventually, job_json, EventTap, TestNamespace};
 use sluice_tests::busy_cores::BusyCores;
 use sluice_tests::processes::{config_toml, ConfigFile, WorkerProcess};
-use sluice_tests::scripted_smtp::{Behaviour, Phase};
+use sluice_tests::scripted_smtp::{Behaviour, Phase, ScriptedSmtp};
 use sluice_tests::smtp_sink::SmtpSink;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,27 +139,11 @@ async fn a_worker_killed_mid_campaign_leaves_every_job_ended_and_duplicates_reco
     assert!(smtp.wait_for_accepted(150, Duration::from_secs(30)).await >= 150);
     app.workers[0].kill();
 
-    let expected: HashSet<String> = ids.iter().cloned().collect();
     assert!(
-        events
-            .wait_until(Duration::from_secs(60), |seen| {
-                let ended: HashSet<String> = seen
-                    .iter()
-                    .filter(|e| e.outcome.is_final())
-                    .map(|e| e.id.clone())
-                    .collect();
-                ended.is_superset(&expected)
-            })
-            .await,
+        all_ended(&mut events, &ids, Duration::from_secs(60)).await,
         "not every job ended after the SIGKILL"
     );
-    let mut per_id: HashMap<String, usize> = HashMap::new();
-    for message in smtp.accepted() {
-        let text = String::from_utf8_lossy(&message.data).into_owned();
-        *per_id
-            .entry(message_id(&text).expect("Message-ID"))
-            .or_default() += 1;
-    }
+    let per_id = sends_per_message_id(&smtp);
     assert_eq!(per_id.len(), 600, "every job delivered");
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();
     // The design's bound: per open session of the killed worker, the settled jobs whose
@@ -206,27 +190,11 @@ async fn workers_stopped_mid_campaign_send_no_job_twice() {
     }
     app.start_worker();
 
-    let expected: HashSet<String> = ids.iter().cloned().collect();
     assert!(
-        events
-            .wait_until(Duration::from_secs(90), |seen| {
-                let ended: HashSet<String> = seen
-                    .iter()
-                    .filter(|e| e.outcome.is_final())
-                    .map(|e| e.id.clone())
-                    .collect();
-                ended.is_superset(&expected)
-            })
-            .await,
+        all_ended(&mut events, &ids, Duration::from_secs(90)).await,
         "not every job ended"
     );
-    let mut per_id: HashMap<String, usize> = HashMap::new();
-    for message in smtp.accepted() {
-        let text = String::from_utf8_lossy(&message.data).into_owned();
-        *per_id
-            .entry(message_id(&text).expect("Message-ID"))
-            .or_default() += 1;
-    }
+    let per_id = sends_per_message_id(&smtp);
     assert_eq!(per_id.len(), JOBS, "every job delivered");
     let twice: Vec<&String> = per_id
         .iter()
@@ -360,6 +328,33 @@ async fn ten_thousand_malformed_jobs_among_ten_thousand_good_ones() {
 
 /// Builds a malformed job body from its id.
 type MakeBody = Box<dyn Fn(&str) -> Vec<u8>>;
+
+/// Wait until every one of `ids` has a final event.
+async fn all_ended(events: &mut EventTap, ids: &[String], within: Duration) -> bool {
+    let expected: HashSet<&String> = ids.iter().collect();
+    events
+        .wait_until(within, |seen| {
+            let ended: HashSet<&String> = seen
+                .iter()
+                .filter(|e| e.outcome.is_final())
+                .map(|e| &e.id)
+                .collect();
+            ended.is_superset(&expected)
+        })
+        .await
+}
+
+/// How many times the relay accepted each message, by its `Message-ID` (one per job).
+fn sends_per_message_id(smtp: &ScriptedSmtp) -> HashMap<String, usize> {
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for message in smtp.accepted() {
+        let text = String::from_utf8_lossy(&message.data).into_owned();
+        *per_id
+            .entry(message_id(&text).expect("Message-ID"))
+            .or_default() += 1;
+    }
+    per_id
+}
 
 fn message_id(raw: &str) -> Option<String> {
     sluice_tests::smtp_sink::header_value(raw, "Message-ID")
