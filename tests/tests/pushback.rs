@@ -453,10 +453,13 @@ async fn a_real_postfix_limiting_the_message_rate_refuses_under_5_percent_once_s
 }
 
 /// The ceiling the two tests above are held to, measured with a client nobody here wrote:
-/// Postfix's own `smtp-source`, restarted the moment a refusal ends it, for 12 s. Anvil,
-/// at `smtpd_client_message_rate_limit = 50` and `anvil_rate_time_unit = 1s`, accepts at
-/// most 50 messages per interval of two clock seconds, so even this greedy client gets 25/s,
-/// below the 35/s the issue once asked of the fleet.
+/// Postfix's own `smtp-source`, restarted the moment a refusal ends it, for 12 s, while
+/// one more session stays open, as a pooled sender's sessions do. Anvil, at
+/// `smtpd_client_message_rate_limit = 50` and `anvil_rate_time_unit = 1s`, then accepts at
+/// most 50 messages per interval of two clock seconds: even this greedy client gets 25/s,
+/// below the 35/s the issue asked of the fleet. (Anvil forgets a client one time unit after
+/// its last session closed; a client that drops every session for that long starts a fresh
+/// count. sluice keeps its sessions.)
 #[tokio::test(flavor = "multi_thread")]
 async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_1s() {
     let postfix = PrivatePostfix::start(&[
@@ -465,6 +468,7 @@ async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_
     ])
     .await;
     let port = postfix.port;
+    let held = hold_a_session(port).await;
     let runs = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(12);
         let mut runs = 0;
@@ -482,6 +486,7 @@ async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_
     })
     .await
     .expect("smtp-source loop");
+    drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let accepted = counts_by_second(&postfix.accepted_seconds());
     eprintln!("{runs} smtp-source runs; accepted by second: {accepted:?}");
@@ -494,14 +499,41 @@ async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_
     let last = &accepted.last().expect("accepted").0;
     let span = seconds_between(first, last) + 1;
     let total: usize = accepted.iter().map(|(_, c)| c).sum();
+    // Two-second intervals back to back from anvil's first count, which may be up to a
+    // second before `cleanup` logged the first message.
     assert!(
-        total <= 50 * span.div_ceil(2),
+        total <= 50 * (span + 1).div_ceil(2),
         "{total} accepted in {span} s, more than 50 per two seconds: {accepted:?}"
     );
     assert!(
         (total as f64 / span as f64) < 35.0,
         "{total} accepted in {span} s"
     );
+}
+
+/// An SMTP session past its EHLO, left open until dropped.
+async fn hold_a_session(port: u16) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the private postfix");
+    let mut session = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    session.read_line(&mut line).await.expect("greeting");
+    assert!(line.starts_with("220"), "greeting: {line}");
+    session
+        .get_mut()
+        .write_all(b"EHLO held.example.com\r\n")
+        .await
+        .expect("EHLO");
+    loop {
+        line.clear();
+        session.read_line(&mut line).await.expect("EHLO reply");
+        assert!(line.starts_with("250"), "EHLO reply: {line}");
+        if line.as_bytes().get(3) == Some(&b' ') {
+            return session;
+        }
+    }
 }
 
 /// Seconds from `a` to `b`, both `HH:MM:SS` of the same day.
