@@ -1,11 +1,10 @@
 //! `queues`: how many jobs wait in each class queue (`high`, `normal`, `low`) of each relay,
-//! read with passive declarations (nothing is consumed, nothing is created); and the one
-//! place the producer looks at a queue that way.
+//! read with passive declarations (nothing is consumed, nothing is created).
 
 use anyhow::Context as _;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use lapin::Connection;
+use sluice_shared::amqp::topology::inspect_queue;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::QueuesArgs;
@@ -61,29 +60,11 @@ pub async fn run(settings: &Settings, args: QueuesArgs) -> anyhow::Result<Status
 }
 
 /// A queue as the broker describes it (messages ready, consumers), `None` when it does not
-/// exist. A passive declaration: nothing is created or consumed. The broker closes the
-/// channel when the queue is missing, so each look has a channel of its own.
+/// exist; nothing is created or consumed.
 pub async fn inspect(connection: &Connection, queue: &str) -> anyhow::Result<Option<lapin::Queue>> {
-    let channel = connection
-        .create_channel()
+    inspect_queue(connection, queue)
         .await
-        .context("cannot open a channel")?;
-    let found = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "checked".into()).await;
-    match found {
-        Ok(declared) => Ok(Some(declared)),
-        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot look at {queue}")),
-    }
+        .with_context(|| format!("cannot look at {queue}"))
 }
 
 /// How many jobs `queue` holds ready, `None` when it does not exist.

@@ -277,22 +277,9 @@ impl Topology {
         connection: &Connection,
         spec: &QueueSpec,
     ) -> Result<QueueState, TopologyError> {
-        let channel = connection.create_channel().await?;
-        let passive = channel
-            .queue_declare(
-                spec.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        let _ = channel.close(200, "checked".into()).await;
-        let messages = match passive {
-            Ok(declared) => declared.message_count(),
-            Err(e) if e.to_string().contains("NOT_FOUND") => return Ok(QueueState::Absent),
-            Err(e) => return Err(e.into()),
+        let messages = match inspect_queue(connection, &spec.name).await? {
+            Some(declared) => declared.message_count(),
+            None => return Ok(QueueState::Absent),
         };
         // Redeclaring an existing queue with the same arguments changes nothing.
         let channel = connection.create_channel().await?;
@@ -436,6 +423,32 @@ impl TopologyError {
 
 /// Declare `spec`'s queue, durable with its arguments; a queue that exists with other
 /// arguments is a [`TopologyError::Mismatch`].
+/// A queue as the broker describes it (messages ready, consumers), `None` when it does not
+/// exist. A passive declaration: nothing is created or consumed. The broker closes the
+/// channel when the queue is missing, so each look has a channel of its own.
+pub async fn inspect_queue(
+    connection: &Connection,
+    queue: &str,
+) -> Result<Option<lapin::Queue>, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let found = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "checked".into()).await;
+    match found {
+        Ok(declared) => Ok(Some(declared)),
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 async fn declare_durable(channel: &Channel, spec: &QueueSpec) -> Result<(), TopologyError> {
     channel
         .queue_declare(
