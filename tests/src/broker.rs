@@ -9,6 +9,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sluice_shared::amqp::topology::inspect_queue;
 use sluice_shared::Topology;
 
 /// The broker every test uses.
@@ -100,25 +101,11 @@ impl TestNamespace {
     /// broker's restart or failover.
     pub async fn try_queue_len(&self, queue: &str) -> Result<u32, String> {
         let lookup = async {
-            let channel = self
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| format!("no channel: {e}"))?;
-            let declared = channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            let _ = channel.close(200, "ok".into()).await;
-            declared
-                .map(|q| q.message_count())
-                .map_err(|e| format!("the broker says: {e}"))
+            match inspect_queue(&self.connection, queue).await {
+                Ok(Some(declared)) => Ok(declared.message_count()),
+                Ok(None) => Err(format!("NOT_FOUND: no queue {queue}")),
+                Err(e) => Err(format!("the broker says: {e}")),
+            }
         };
         tokio::time::timeout(Duration::from_secs(30), lookup)
             .await
