@@ -125,6 +125,108 @@ async fn a_relay_that_allows_100_per_second_gets_between_70_and_100_and_more_whe
     );
 }
 
+/// What the fleet did about a relay's pushback is visible: the cut rate and the session limit
+/// as gauges, each throttling reply counted by reason, a log line per change (not per job),
+/// and `relay status` showing the cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_relay_s_cut_shows_in_metrics_logs_and_relay_status() {
+    const JOBS: usize = 1500;
+    let listen = format!("127.0.0.1:{}", sluice_tests::smtp_sink::free_port());
+    let app = TestApp::builder("pushvisible")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_rate_limit(100, SES_THROTTLE),
+            "max_connections = 4\nmax_messages_per_second = 400\n",
+        )
+        .retries(&["1s", "2s"])
+        .worker_args(&["--listen", &listen])
+        .logged()
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "v", JOBS).await;
+
+    // While the campaign runs: the fleet's rate for the relay is below the configured 400/s,
+    // and `relay status` says so.
+    assert!(smtp.wait_for_accepted(300, Duration::from_secs(60)).await >= 300);
+    let scrape = metrics(&listen).await;
+    let rate = sample(&scrape, "sluice_relay_effective_rate{relay=\"primary\"}");
+    assert!(
+        rate.is_some_and(|r| r > 0.0 && r < 400.0),
+        "effective rate {rate:?}, not cut below 400/s:\n{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "sluice_relay_effective_connections{relay=\"primary\"}"
+        ),
+        Some(4.0),
+        "no session was refused, so no session cut"
+    );
+    let run = sluice_tests::processes::Binary::new("sluice-producer")
+        .args(["relay", "status", "--json"])
+        .config(&app.config.path)
+        .output();
+    let status: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    let throttled_to = status["throttled_to"].as_f64();
+    assert!(
+        throttled_to.is_some_and(|to| to > 0.0 && to < 400.0) && status["throttled_at"].is_string(),
+        "relay status does not show the cut: {status}"
+    );
+    assert_eq!(status["session_limit"], 4, "{status}");
+
+    // Once every job is delivered: each throttling reply counted once, by reason, and a
+    // log line for each cut, not for each refused job.
+    assert!(
+        events
+            .wait_until(Duration::from_secs(90), |seen| seen
+                .iter()
+                .filter(|e| e.outcome.is_final())
+                .count()
+                >= JOBS)
+            .await,
+        "not every job ended"
+    );
+    let refusals = smtp.rate_refusals().len();
+    let scrape = metrics(&listen).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "sluice_relay_throttled_total{reason=\"rate\",relay=\"primary\"}"
+        ),
+        Some(refusals as f64),
+        "the relay refused {refusals} times"
+    );
+    let cuts = app.workers[0]
+        .logs()
+        .lines()
+        .filter(|line| line.contains("the fleet's rate is cut"))
+        .count();
+    eprintln!("rate while running {rate:?}, status {throttled_to:?}; {refusals} refusals, {cuts} cuts logged");
+    assert!(
+        cuts >= 1 && cuts < refusals,
+        "{cuts} log lines about a cut for {refusals} throttling replies"
+    );
+}
+
+/// The worker's `/metrics` page.
+async fn metrics(listen: &str) -> String {
+    let (code, scrape) = sluice_tests::http::get(listen, "/metrics")
+        .await
+        .expect("scrape /metrics");
+    assert_eq!(code, 200);
+    scrape
+}
+
+/// The value of one series (name and labels, as Prometheus prints them) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six() {
     const JOBS: usize = 1500;
