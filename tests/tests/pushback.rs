@@ -210,6 +210,56 @@ async fn a_throttled_relay_s_cut_shows_in_metrics_logs_and_relay_status() {
     );
 }
 
+/// A session cut shows the same way: the fleet's session limit as a gauge and in `relay
+/// status`, and the refused sessions counted as `connections`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_s_session_cut_shows_in_metrics_and_relay_status() {
+    let listen = format!("127.0.0.1:{}", sluice_tests::smtp_sink::free_port());
+    let app = TestApp::builder("pushvisiblesess")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_session_limit(2, TOO_MANY_SESSIONS),
+            "max_connections = 6\nmax_messages_per_second = 60\n",
+        )
+        .retries(&["1s", "2s"])
+        .worker_args(&["--listen", &listen])
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    app.ns.publish_jobs("primary", "s", 1000).await;
+    assert!(smtp.wait_for_accepted(120, Duration::from_secs(60)).await >= 120);
+    // Two sessions, or three while the fleet tries one more (at most once every 10 s).
+    let scrape = metrics(&listen).await;
+    let sessions = sample(
+        &scrape,
+        "sluice_relay_effective_connections{relay=\"primary\"}",
+    );
+    assert!(
+        sessions.is_some_and(|n| (2.0..=3.0).contains(&n)),
+        "effective connections {sessions:?}:\n{scrape}"
+    );
+    let counted = sample(
+        &scrape,
+        "sluice_relay_throttled_total{reason=\"connections\",relay=\"primary\"}",
+    );
+    assert!(
+        counted.is_some_and(|n| n >= 1.0 && n <= smtp.session_refusals().len() as f64),
+        "{counted:?} refused sessions counted, the relay refused {}",
+        smtp.session_refusals().len()
+    );
+    let run = sluice_tests::processes::Binary::new("sluice-producer")
+        .args(["relay", "status", "--json"])
+        .config(&app.config.path)
+        .output();
+    let status: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    assert!(
+        status["session_limit"]
+            .as_u64()
+            .is_some_and(|n| (2..=3).contains(&n)),
+        "relay status does not show the session cut: {status}"
+    );
+}
+
 /// The worker's `/metrics` page.
 async fn metrics(listen: &str) -> String {
     let (code, scrape) = sluice_tests::http::get(listen, "/metrics")
