@@ -210,6 +210,81 @@ async fn a_throttled_relay_s_cut_shows_in_metrics_logs_and_relay_status() {
     );
 }
 
+/// A cut holds for the whole fleet within 2 seconds: the worker that met the throttling
+/// reply tells the others on the control stream, and each follows within 2 s of the first
+/// cut. One session at a time, so only the worker holding it meets the relay's refusals.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_reaches_every_worker_within_2_seconds() {
+    let mut app = TestApp::builder("pushreach")
+        .relay(
+            "primary",
+            Behaviour::accept_all().with_rate_limit(100, SES_THROTTLE),
+            "max_connections = 1\nmax_messages_per_second = 400\n",
+        )
+        .retries(&["1s", "2s"])
+        .logged()
+        .worker_env(&[("RUST_LOG", "info")])
+        .workers(0)
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    app.ns.publish_jobs("primary", "c", 1500).await;
+    app.start_workers(3);
+    let refused = eventually(Duration::from_secs(30), || async {
+        !smtp.rate_refusals().is_empty()
+    })
+    .await;
+    assert!(refused, "the relay never throttled");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let cut_by: Vec<usize> = (0..3)
+        .filter(|w| app.workers[*w].logs().contains("the fleet's rate is cut"))
+        .collect();
+    assert!(!cut_by.is_empty(), "no worker logged a cut");
+    let limited: Vec<Option<f64>> = app
+        .workers
+        .iter()
+        .map(|worker| {
+            worker
+                .logs()
+                .lines()
+                .filter(|line| {
+                    line.contains("the fleet's rate is cut")
+                        || line.contains("following the fleet's limits")
+                })
+                .find_map(second_of_day)
+        })
+        .collect();
+    let first = limited
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "cut by workers {cut_by:?}; each worker's first cut or following, from the first: {:?}",
+        limited
+            .iter()
+            .map(|at| at.map(|at| at - first))
+            .collect::<Vec<_>>()
+    );
+    for (worker, at) in limited.iter().enumerate() {
+        let at = at.unwrap_or_else(|| panic!("worker {worker} never followed the cut"));
+        assert!(
+            at - first <= 2.0,
+            "worker {worker} followed the cut {:.2} s after the first one",
+            at - first
+        );
+    }
+}
+
+/// The time of day of a log line (`2026-12-06T23:23:02.425282Z  WARN ...`), in seconds.
+fn second_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
 /// A session cut shows the same way: the fleet's session limit as a gauge and in `relay
 /// status`, and the refused sessions counted as `connections`.
 #[tokio::test(flavor = "multi_thread")]
