@@ -406,6 +406,60 @@ async fn a_relay_that_serves_two_sessions_gets_two_from_a_fleet_allowed_six() {
     assert_eq!(app.dead_len("primary").await, 0);
 }
 
+/// A relay that greets with "server busy" (Microsoft 365's `421 4.7.500`) is marked down
+/// for its cool-off by a built-in rule: its failover takes the jobs, none spends an
+/// attempt, and `relay status` says the primary is down, and why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_greeting_server_busy_is_marked_down_and_its_failover_takes_over() {
+    const JOBS: usize = 100;
+    let app = TestApp::builder("pushbusy")
+        .relay(
+            "primary",
+            Behaviour::greeting("421 4.7.500 Server busy. Please try again later"),
+            "failover = \"backup\"\ndown_cooloff = \"60s\"\n",
+        )
+        .relay("backup", Behaviour::accept_all(), "")
+        .start()
+        .await;
+    let (primary, backup) = (app.relay("primary"), app.relay("backup"));
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "b", JOBS).await;
+
+    let finals = events
+        .wait_until(Duration::from_secs(60), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= JOBS
+        })
+        .await;
+    assert!(finals, "not every job has a final event");
+    assert!(
+        events
+            .seen
+            .iter()
+            .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1 && e.relay == "backup"),
+        "{:?}",
+        events.seen
+    );
+    assert_eq!(backup.recipients().len(), JOBS);
+    assert!(primary.accepted().is_empty());
+
+    let run = sluice_tests::processes::Binary::new("sluice-producer")
+        .args(["relay", "status", "--json"])
+        .config(&app.config.path)
+        .output();
+    let primary_status = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["relay"] == "primary")
+        .expect("a line for the primary");
+    assert_eq!(primary_status["state"], "down", "{primary_status}");
+    assert!(
+        primary_status["reason"]
+            .as_str()
+            .is_some_and(|why| why.contains("Server busy")),
+        "{primary_status}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_custom_suspend_rule_suspends_the_relay_fleet_wide_and_its_failover_takes_over() {
     const JOBS: usize = 200;
