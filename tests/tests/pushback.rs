@@ -670,6 +670,17 @@ async fn run_against_postfix_rate_limit(tag: &str) -> PostfixRateRun {
         .iter()
         .all(|e| e.outcome == EventOutcome::Delivered && e.attempt == 1));
     assert_eq!(app.dead_len("primary").await, 0);
+    // A session that met a throttle pipelines no more: Postfix never ends one for its
+    // errors (the 503s it answers the rest of a pipelined batch with).
+    let log = postfix.log();
+    let ended_for_errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("too many errors"))
+        .collect();
+    assert!(
+        ended_for_errors.is_empty(),
+        "Postfix ended sessions for their errors: {ended_for_errors:?}"
+    );
 
     // Settled: from 10 s after the first acceptance to the last whole second.
     let first = accepted.first().expect("accepted").0.clone();
