@@ -460,6 +460,57 @@ async fn a_relay_greeting_server_busy_is_marked_down_and_its_failover_takes_over
     );
 }
 
+/// A relay's own rules override what a reply's code would mean: a temporary `451` its
+/// operator knows is final bounces at once (`action = "bounce"`), and a `550` known to
+/// pass is deferred to the retry ladder (`action = "defer"`) and delivered on retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_bounce_and_defer_rules_override_the_reply_code() {
+    let app = TestApp::builder("pushrules")
+        .relay(
+            "primary",
+            Behaviour::accept_all()
+                .with_rcpt_script(
+                    "gone-0@example.org",
+                    &["451 4.7.1 Recipient address permanently blocked"],
+                )
+                .with_rcpt_script(
+                    "grey-0@example.org",
+                    &["550 5.7.1 Greylisted, come back later", "250 2.1.5 Ok"],
+                ),
+            "[[relays.primary.rules]]\nmatch = '4\\.7\\.1 .*permanently blocked'\naction = \"bounce\"\n\
+             [[relays.primary.rules]]\nmatch = '5\\.7\\.1 greylisted'\naction = \"defer\"\n",
+        )
+        .retries(&["1s", "1s"])
+        .start()
+        .await;
+    let smtp = app.relay("primary");
+    let mut events = app.ns.events().await;
+    app.ns.publish_jobs("primary", "gone", 1).await;
+    app.ns.publish_jobs("primary", "grey", 1).await;
+    let finals = events
+        .wait_until(Duration::from_secs(30), |seen| {
+            seen.iter().filter(|e| e.outcome.is_final()).count() >= 2
+        })
+        .await;
+    assert!(finals, "not every job ended: {:?}", events.seen);
+    let outcomes: Vec<(String, EventOutcome, u32)> = events
+        .seen
+        .iter()
+        .map(|e| (e.id.clone(), e.outcome, e.attempt))
+        .collect();
+    assert!(
+        outcomes.contains(&("gone-0".into(), EventOutcome::Bounced, 1)),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&("grey-0".into(), EventOutcome::Deferred, 1))
+            && outcomes.contains(&("grey-0".into(), EventOutcome::Delivered, 2)),
+        "{outcomes:?}"
+    );
+    assert_eq!(smtp.rcpt_attempts("gone-0@example.org"), 1);
+    assert!(smtp.recipients().contains("grey-0@example.org"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_custom_suspend_rule_suspends_the_relay_fleet_wide_and_its_failover_takes_over() {
     const JOBS: usize = 200;
