@@ -164,11 +164,7 @@ async fn a_throttled_relay_s_cut_shows_in_metrics_logs_and_relay_status() {
         Some(4.0),
         "no session was refused, so no session cut"
     );
-    let run = sluice_tests::processes::Binary::new("sluice-producer")
-        .args(["relay", "status", "--json"])
-        .config(&app.config.path)
-        .output();
-    let status: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    let status = relay_status(&app, "primary");
     let throttled_to = status["throttled_to"].as_f64();
     assert!(
         throttled_to.is_some_and(|to| to > 0.0 && to < 400.0) && status["throttled_at"].is_string(),
@@ -322,17 +318,26 @@ async fn a_relay_s_session_cut_shows_in_metrics_and_relay_status() {
         "{counted:?} refused sessions counted, the relay refused {}",
         smtp.session_refusals().len()
     );
-    let run = sluice_tests::processes::Binary::new("sluice-producer")
-        .args(["relay", "status", "--json"])
-        .config(&app.config.path)
-        .output();
-    let status: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON line");
+    let status = relay_status(&app, "primary");
     assert!(
         status["session_limit"]
             .as_u64()
             .is_some_and(|n| (2..=3).contains(&n)),
         "relay status does not show the session cut: {status}"
     );
+}
+
+/// `relay`'s line of `sluice-producer relay status --json`.
+fn relay_status(app: &TestApp, relay: &str) -> serde_json::Value {
+    let run = sluice_tests::processes::Binary::new("sluice-producer")
+        .args(["relay", "status", "--json"])
+        .config(&app.config.path)
+        .output();
+    String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["relay"] == relay)
+        .unwrap_or_else(|| panic!("no line for {relay} in relay status: {run:?}"))
 }
 
 /// The worker's `/metrics` page.
@@ -442,15 +447,7 @@ async fn a_relay_greeting_server_busy_is_marked_down_and_its_failover_takes_over
     assert_eq!(backup.recipients().len(), JOBS);
     assert!(primary.accepted().is_empty());
 
-    let run = sluice_tests::processes::Binary::new("sluice-producer")
-        .args(["relay", "status", "--json"])
-        .config(&app.config.path)
-        .output();
-    let primary_status = String::from_utf8_lossy(&run.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["relay"] == "primary")
-        .expect("a line for the primary");
+    let primary_status = relay_status(&app, "primary");
     assert_eq!(primary_status["state"], "down", "{primary_status}");
     assert!(
         primary_status["reason"]
