@@ -134,29 +134,64 @@ maillog_file = {d}/maillog
             .collect()
     }
 
-    /// The second (`HH:MM:SS`) of each log line containing `what`.
-    pub fn seconds_of(&self, what: &str) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|line| line.contains(what))
-            .filter_map(|line| line.split_whitespace().nth(2).map(str::to_string))
-            .collect()
+    /// The second of each log line containing `what` (see [`seconds_in_log`]).
+    pub fn seconds_of(&self, what: &str) -> Vec<u64> {
+        seconds_in_log(&self.log(), what)
     }
 
     /// When (by second) it accepted a message (`cleanup` logs its message-id).
-    pub fn accepted_seconds(&self) -> Vec<String> {
+    pub fn accepted_seconds(&self) -> Vec<u64> {
         self.seconds_of("message-id=")
     }
 
     /// When anvil's message rate limit refused a MAIL FROM.
-    pub fn rate_refusals(&self) -> Vec<String> {
+    pub fn rate_refusals(&self) -> Vec<u64> {
         self.seconds_of("Message delivery request rate limit exceeded")
     }
 
     /// When anvil's connection count limit refused a session.
-    pub fn session_refusals(&self) -> Vec<String> {
+    pub fn session_refusals(&self) -> Vec<u64> {
         self.seconds_of("Connection concurrency limit exceeded")
     }
+}
+
+/// The second of each line of a Postfix log (`Dec  6 23:59:41 host postfix/...`) containing
+/// `what`, counted from the midnight before the log's first line: a run that passes midnight
+/// goes on counting (`00:00:01` after `23:59:59` is 86,401), so seconds compare and subtract
+/// in the order they happened.
+pub fn seconds_in_log(log: &str, what: &str) -> Vec<u64> {
+    const DAY: u64 = 86_400;
+    let mut day: u64 = 0;
+    let mut last: Option<u64> = None;
+    let mut seconds = Vec::new();
+    for line in log.lines() {
+        let Some(time) = line.split_whitespace().nth(2).and_then(time_of_day) else {
+            continue;
+        };
+        let mut line_day = day;
+        match last {
+            // Half a day back: the clock passed midnight.
+            Some(previous) if time + DAY / 2 < previous => {
+                day += 1;
+                line_day = day;
+                last = Some(time);
+            }
+            // Half a day ahead: a line of the day before, logged a little late.
+            Some(previous) if time > previous + DAY / 2 => line_day = day.saturating_sub(1),
+            _ => last = Some(time),
+        }
+        if line.contains(what) {
+            seconds.push(line_day * DAY + time);
+        }
+    }
+    seconds
+}
+
+/// `HH:MM:SS` in seconds.
+fn time_of_day(text: &str) -> Option<u64> {
+    let mut parts = text.split(':').map(|part| part.parse::<u64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    (parts.next().is_none() && h < 24 && m < 60 && s < 61).then_some(h * 3600 + m * 60 + s)
 }
 
 impl Drop for PrivatePostfix {
@@ -169,5 +204,26 @@ impl Drop for PrivatePostfix {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_go_on_counting_past_midnight() {
+        let log = "\
+Dec  6 23:59:58 sluice-test postfix/cleanup[1]: 1: message-id=<a>
+Dec  6 23:59:59 sluice-test postfix/cleanup[1]: 2: message-id=<b>
+Dec  7 00:00:00 sluice-test postfix/smtpd[2]: NOQUEUE: reject: too much mail
+Dec  6 23:59:59 sluice-test postfix/cleanup[1]: 3: message-id=<c>
+Dec  7 00:00:01 sluice-test postfix/cleanup[1]: 4: message-id=<d>
+";
+        assert_eq!(
+            seconds_in_log(log, "message-id="),
+            [86_398, 86_399, 86_399, 86_401]
+        );
+        assert_eq!(seconds_in_log(log, "too much mail"), [86_400]);
     }
 }

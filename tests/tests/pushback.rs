@@ -248,7 +248,7 @@ async fn a_cut_reaches_every_worker_within_2_seconds() {
                     line.contains("the fleet's rate is cut")
                         || line.contains("following the fleet's limits")
                 })
-                .find_map(second_of_day)
+                .find_map(logged_at)
         })
         .collect();
     let first = limited
@@ -273,12 +273,22 @@ async fn a_cut_reaches_every_worker_within_2_seconds() {
     }
 }
 
-/// The time of day of a log line (`2026-12-06T23:23:02.425282Z  WARN ...`), in seconds.
-fn second_of_day(line: &str) -> Option<f64> {
-    let time = line.split_whitespace().next()?.split('T').nth(1)?;
-    let mut parts = time.trim_end_matches('Z').split(':');
-    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
-    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+/// When a log line (`2026-12-06T23:23:02.425282Z  WARN ...`) was written, in seconds since
+/// the Julian day epoch (so that lines on both sides of midnight compare).
+fn logged_at(line: &str) -> Option<f64> {
+    let (date, time) = line.split_whitespace().next()?.split_once('T')?;
+    let mut ymd = date.split('-').map(|part| part.parse::<i32>().ok());
+    let (year, month, day) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, u8::try_from(day).ok()?).ok()?;
+    let mut hms = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (hms.next()?, hms.next()?, hms.next()?);
+    Some(
+        f64::from(date.to_julian_day()) * 86_400.0
+            + h.parse::<f64>().ok()? * 3600.0
+            + m.parse::<f64>().ok()? * 60.0
+            + s.parse::<f64>().ok()?,
+    )
 }
 
 /// A session cut shows the same way: the fleet's session limit as a gauge and in `relay
@@ -611,11 +621,12 @@ async fn a_session_ended_with_too_many_errors_sends_the_job_back_untouched() {
     assert_eq!(app.retry_len("primary", 1).await, 0);
 }
 
-/// How many of `seconds` (`HH:MM:SS`, as Postfix logs them) fall in each second, in order.
-fn counts_by_second(seconds: &[String]) -> Vec<(String, usize)> {
+/// How many of `seconds` (as [`PrivatePostfix::seconds_of`] counts them) fall in each
+/// second, in order.
+fn counts_by_second(seconds: &[u64]) -> Vec<(u64, usize)> {
     let mut counts = std::collections::BTreeMap::new();
     for s in seconds {
-        *counts.entry(s.clone()).or_insert(0) += 1;
+        *counts.entry(*s).or_insert(0) += 1;
     }
     counts.into_iter().collect()
 }
@@ -653,12 +664,9 @@ async fn a_real_postfix_limiting_two_connections_gets_two_and_every_job() {
     assert!(all, "only {} of {JOBS} arrived", postfix.arrived().len());
     // The refusals stop growing after the first seconds: after the first 10 s, at most
     // the probe for one more session every 10 s.
-    let first = accepted.first().expect("accepted").0.clone();
-    let late: Vec<&String> = refusals
-        .iter()
-        .filter(|s| seconds_between(&first, s) >= 10)
-        .collect();
-    let run = seconds_between(&first, &accepted.last().expect("accepted").0);
+    let first = accepted.first().expect("accepted").0;
+    let late: Vec<&u64> = refusals.iter().filter(|s| **s >= first + 10).collect();
+    let run = (accepted.last().expect("accepted").0 - first) as usize;
     let probes = run.saturating_sub(10) / 10 + 1;
     assert!(
         late.len() <= probes,
@@ -669,7 +677,7 @@ async fn a_real_postfix_limiting_two_connections_gets_two_and_every_job() {
 
 /// What a run against a Postfix limiting the message rate to 50 per time unit of 1 s saw.
 struct PostfixRateRun {
-    accepted: Vec<(String, usize)>,
+    accepted: Vec<(u64, usize)>,
     settled_accepted: usize,
     settled_refused: usize,
     settled_seconds: usize,
@@ -731,9 +739,9 @@ async fn run_against_postfix_rate_limit(tag: &str) -> PostfixRateRun {
     );
 
     // Settled: from 10 s after the first acceptance to the last whole second.
-    let first = accepted.first().expect("accepted").0.clone();
-    let last = accepted.last().expect("accepted").0.clone();
-    let in_settled = |s: &str| seconds_between(&first, s) >= 10 && s < last.as_str();
+    let first = accepted.first().expect("accepted").0;
+    let last = accepted.last().expect("accepted").0;
+    let in_settled = |s: &u64| *s >= first + 10 && *s < last;
     let settled_accepted = accepted
         .iter()
         .filter(|(s, _)| in_settled(s))
@@ -744,7 +752,7 @@ async fn run_against_postfix_rate_limit(tag: &str) -> PostfixRateRun {
         .filter(|(s, _)| in_settled(s))
         .map(|(_, c)| c)
         .sum();
-    let settled_seconds = seconds_between(&first, &last).saturating_sub(10);
+    let settled_seconds = (last - first).saturating_sub(10) as usize;
     PostfixRateRun {
         accepted,
         settled_accepted,
@@ -835,9 +843,9 @@ async fn postfix_itself_accepts_at_most_50_per_two_seconds_at_a_limit_of_50_per_
         "smtp-source was not refused often enough to test the ceiling: {runs} runs, {:?}",
         postfix.rate_refusals()
     );
-    let first = &accepted.first().expect("accepted").0;
-    let last = &accepted.last().expect("accepted").0;
-    let span = seconds_between(first, last) + 1;
+    let first = accepted.first().expect("accepted").0;
+    let last = accepted.last().expect("accepted").0;
+    let span = (last - first + 1) as usize;
     let total: usize = accepted.iter().map(|(_, c)| c).sum();
     // Two-second intervals back to back from anvil's first count, which may be up to a
     // second before `cleanup` logged the first message.
@@ -874,16 +882,6 @@ async fn hold_a_session(port: u16) -> tokio::io::BufReader<tokio::net::TcpStream
             return session;
         }
     }
-}
-
-/// Seconds from `a` to `b`, both `HH:MM:SS` of the same day.
-fn seconds_between(a: &str, b: &str) -> usize {
-    let secs = |t: &str| -> usize {
-        t.split(':')
-            .map(|p| p.parse::<usize>().unwrap_or(0))
-            .fold(0, |acc, n| acc * 60 + n)
-    };
-    secs(b).saturating_sub(secs(a))
 }
 
 #[tokio::test(flavor = "multi_thread")]
