@@ -162,7 +162,7 @@ impl ControlStream {
 
     /// Read every entry up to now (a marker written first tells where "now" is).
     pub async fn state(&self) -> anyhow::Result<ControlState> {
-        let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+        let marker = new_marker();
         self.tell(&Change::Marker { id: marker.clone() }).await?;
         let mut state = ControlState::default();
         read_stream(
@@ -197,6 +197,12 @@ pub fn rfc3339(ms: u64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| ms.to_string())
+}
+
+/// A marker id of this reader's own, to write before reading a small stream: reading up
+/// to it is reading up to "now".
+pub fn new_marker() -> String {
+    format!("{:032x}", uuid::Uuid::new_v4().as_u128())
 }
 
 /// Read `stream` from `offset` (`x-stream-offset`) on a channel of its own, handing each

@@ -18,7 +18,7 @@ use sluice_shared::heads::HeadsEntry;
 use sluice_shared::{Priority, Settings, Topology};
 
 use crate::cli::RelayStatusArgs;
-use crate::control::{read_stream, rfc3339, ControlState, ControlStream, SmallStream};
+use crate::control::{new_marker, read_stream, rfc3339, ControlState, ControlStream, SmallStream};
 use crate::exit::Status;
 use crate::queues::ready_jobs;
 
@@ -173,7 +173,7 @@ async fn fleet_heads(
     connection: &Connection,
 ) -> anyhow::Result<HashMap<(String, String), f64>> {
     let heads = SmallStream::open(connection, topology, &topology.heads_spec()).await?;
-    let marker = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let marker = new_marker();
     heads
         .write(&HeadsEntry::Marker { id: marker.clone() }.to_bytes())
         .await?;

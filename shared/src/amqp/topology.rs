@@ -421,8 +421,6 @@ impl TopologyError {
     }
 }
 
-/// Declare `spec`'s queue, durable with its arguments; a queue that exists with other
-/// arguments is a [`TopologyError::Mismatch`].
 /// A queue as the broker describes it (messages ready, consumers), `None` when it does not
 /// exist. A passive declaration: nothing is created or consumed. The broker closes the
 /// channel when the queue is missing, so each look has a channel of its own.
@@ -449,6 +447,8 @@ pub async fn inspect_queue(
     }
 }
 
+/// Declare `spec`'s queue, durable with its arguments; a queue that exists with other
+/// arguments is a [`TopologyError::Mismatch`].
 async fn declare_durable(channel: &Channel, spec: &QueueSpec) -> Result<(), TopologyError> {
     channel
         .queue_declare(
