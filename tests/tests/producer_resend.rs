@@ -238,8 +238,12 @@ async fn a_broker_lost_for_good_exits_1_and_start_line_sends_the_rest() {
     let mut args = vec!["--config".to_string(), via_proxy];
     args.extend(send(&file, campaign, &text, &["--json"]));
     let producer = tokio::task::spawn_blocking(move || run_producer_raw(&strs(&args)));
+    // A message reaches the queue before its confirm reaches the producer, which has up to
+    // a confirm window of them outstanding: with 1,000 + that window in the queue, at least
+    // 1,000 are confirmed.
+    let in_queue = 1000 + sluice_producer::send::CONFIRM_WINDOW as u32;
     assert!(
-        env.wait_for_messages(&env.jobs_queue(), 1000, Duration::from_secs(120))
+        env.wait_for_messages(&env.jobs_queue(), in_queue, Duration::from_secs(120))
             .await,
         "publishing did not start"
     );
